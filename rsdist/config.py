@@ -1,0 +1,245 @@
+"""Typed settings for a run: one dataclass per stage, YAML in, precise one-line errors out.
+
+Every field has a type and a help text (`field(metadata={"help": ...})`) and is checked in
+`__post_init__`; a bad value raises ConfigError naming the field and what is allowed, e.g.
+`select.method: 'best' is not one of: random, shift`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A setting has a value that is not allowed; the message names the field."""
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+def _choice(name: str, value: Any, allowed: typing.Iterable[str]) -> None:
+    allowed = list(allowed)
+    if value not in allowed:
+        raise ConfigError(f"{name}: {value!r} is not one of: {', '.join(allowed)}")
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value is None or (value < 0 if allow_zero else value <= 0):
+        raise ConfigError(f"{name}: {value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def _fraction(name: str, value: float, lo_open: bool = True) -> None:
+    if value is None or not (0.0 < value < 1.0 if lo_open else 0.0 <= value < 1.0):
+        raise ConfigError(f"{name}: {value!r} must be a fraction in {'(0, 1)' if lo_open else '[0, 1)'}")
+
+
+INGEST_FORMATS = ("auto", "captions-txt", "scene-folders", "captions-jsonl", "synthetic")
+ENCODERS = ("composite", "tiny")
+PERTURBATIONS = ("noise", "rotate", "crop", "flip", "blur", "jpeg")
+CLUSTER_SPACES = ("joint", "image", "text")
+SELECT_METHODS = ("shift", "random")
+QUOTA_RULES = ("proportional", "equal")
+KEEP_RULES = ("highest", "lowest")
+
+
+@dataclass
+class DataConfig:
+    source: str = _help("Where the input data is: a folder or fsspec URI. 'synthetic' generates the demo set.", default="synthetic")
+    format: str = _help(f"Input layout, one of {INGEST_FORMATS}; 'auto' detects it.", default="auto")
+    images: Optional[str] = _help("Images root when it is not inside `source` (default: <source>/images).", default=None)
+    test_fraction: float = _help("Share of samples held out for evaluation when the data has no test split (drawn by a hash of sample_id).", default=0.1)
+    shard_rows: int = _help("Rows per canonical parquet shard.", default=512)
+    max_image_bytes: int = _help("Images larger than this are quarantined as too-large.", default=32 * 1024 * 1024)
+    synthetic_per_class: int = _help("Unique scenes per class in the generated demo set.", default=40)
+
+    def __post_init__(self) -> None:
+        _choice("data.format", self.format, INGEST_FORMATS)
+        _fraction("data.test_fraction", self.test_fraction)
+        _positive("data.shard_rows", self.shard_rows)
+        _positive("data.max_image_bytes", self.max_image_bytes)
+        _positive("data.synthetic_per_class", self.synthetic_per_class)
+
+
+@dataclass
+class FeaturesConfig:
+    encoder: str = _help(f"Encoder, one of {ENCODERS}: 'composite' = EfficientNet-Lite0 + MiniLM (pretrained), 'tiny' = random weights for tests.", default="composite")
+    image_size: int = _help("Square side images are resized to before the image tower.", default=224)
+    batch_size: int = _help("Rows per model batch.", default=32)
+    perturbations: list[str] = _help(f"Image perturbations for the shift, any of {PERTURBATIONS}.", default_factory=lambda: ["noise", "rotate", "crop"])
+    num_actors: int = _help("Model actors in the pool; 0 = decide from the cluster's resources.", default=0)
+    seed: int = _help("Seed of the perturbations.", default=0)
+
+    def __post_init__(self) -> None:
+        _choice("features.encoder", self.encoder, ENCODERS)
+        _positive("features.image_size", self.image_size)
+        _positive("features.batch_size", self.batch_size)
+        if not self.perturbations:
+            raise ConfigError("features.perturbations: must name at least one of: " + ", ".join(PERTURBATIONS))
+        for p in self.perturbations:
+            _choice("features.perturbations", p, PERTURBATIONS)
+        _positive("features.num_actors", self.num_actors, allow_zero=True)
+
+
+@dataclass
+class ClusterConfig:
+    k: int = _help("Number of clusters; 0 = about sqrt(N / 2) of the training pool.", default=0)
+    space: str = _help(f"Which embedding to cluster, one of {CLUSTER_SPACES}.", default="joint")
+    batch_size: int = _help("Mini-batch rows per iteration (over all actors).", default=1024)
+    max_iter: int = _help("Maximum mini-batch iterations.", default=100)
+    tol: float = _help("Stop when the centroids move less than this (mean L2).", default=1e-4)
+    num_actors: int = _help("Actors owning embedding shards; 0 = decide from the cluster's resources.", default=0)
+    seed: int = _help("Seed of initialisation and mini-batch draws.", default=0)
+
+    def __post_init__(self) -> None:
+        _positive("cluster.k", self.k, allow_zero=True)
+        _choice("cluster.space", self.space, CLUSTER_SPACES)
+        _positive("cluster.batch_size", self.batch_size)
+        _positive("cluster.max_iter", self.max_iter)
+        _positive("cluster.tol", self.tol, allow_zero=True)
+        _positive("cluster.num_actors", self.num_actors, allow_zero=True)
+
+
+@dataclass
+class SelectConfig:
+    method: str = _help(f"Selection strategy, one of {SELECT_METHODS}.", default="shift")
+    budget: float = _help("Samples to keep: a fraction in (0, 1] of the training pool, or a count > 1.", default=1 / 3)
+    quota: str = _help(f"How the budget is split over clusters, one of {QUOTA_RULES}.", default="proportional")
+    keep: str = _help(f"Which end of the score each cluster keeps, one of {KEEP_RULES}.", default="highest")
+    seed: int = _help("Seed of random choices.", default=0)
+
+    def __post_init__(self) -> None:
+        _choice("select.method", self.method, SELECT_METHODS)
+        _positive("select.budget", self.budget)
+        if self.budget > 1 and float(self.budget) != int(self.budget):
+            raise ConfigError(f"select.budget: {self.budget!r} must be a fraction in (0, 1] or a whole count")
+        _choice("select.quota", self.quota, QUOTA_RULES)
+        _choice("select.keep", self.keep, KEEP_RULES)
+
+
+@dataclass
+class TrainConfig:
+    num_workers: int = _help("Ray Train workers (data-parallel).", default=2)
+    epochs: int = _help("Passes over the selected subset.", default=5)
+    batch_size: int = _help("Samples per step per worker.", default=64)
+    lr: float = _help("AdamW learning rate.", default=2e-3)
+    weight_decay: float = _help("AdamW weight decay.", default=0.01)
+    embed_dim: int = _help("Output size of the projection heads.", default=256)
+    lora_r: int = _help("LoRA rank.", default=8)
+    lora_alpha: int = _help("LoRA alpha.", default=16)
+    lora_dropout: float = _help("LoRA dropout.", default=0.0)
+    lora_targets: list[str] = _help("Text-tower modules that get LoRA adapters.", default_factory=lambda: ["query", "key", "value"])
+    max_text_tokens: int = _help("Captions are truncated to this many tokens.", default=48)
+    cpus_per_worker: float = _help("CPUs each worker asks Ray for (fractional keeps small hosts moving).", default=0.5)
+    seed: int = _help("Seed of initialisation and shuffling.", default=0)
+
+    def __post_init__(self) -> None:
+        for name in ("num_workers", "epochs", "batch_size", "embed_dim", "lora_r", "lora_alpha", "max_text_tokens"):
+            _positive(f"train.{name}", getattr(self, name))
+        _positive("train.lr", self.lr)
+        _positive("train.weight_decay", self.weight_decay, allow_zero=True)
+        _fraction("train.lora_dropout", self.lora_dropout, lo_open=False)
+        _positive("train.cpus_per_worker", self.cpus_per_worker)
+        if not self.lora_targets:
+            raise ConfigError("train.lora_targets: must name at least one module (e.g. query, key, value)")
+
+
+@dataclass
+class EvalConfig:
+    recall_ks: list[int] = _help("K values of Recall@K.", default_factory=lambda: [1, 5, 10])
+    batch_size: int = _help("Rows per encoding batch.", default=128)
+
+    def __post_init__(self) -> None:
+        if not self.recall_ks:
+            raise ConfigError("eval.recall_ks: must hold at least one K")
+        for k in self.recall_ks:
+            _positive("eval.recall_ks", k)
+        _positive("eval.batch_size", self.batch_size)
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = _help("Ray cluster address; None starts (or joins) a local Ray sized to the machine.", default=None)
+    num_cpus: Optional[int] = _help("CPUs of a local Ray (default: all).", default=None)
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = _help("Run directory (any fsspec URI); every stage writes its output here.", default="runs/demo")
+    data: DataConfig = _help("Input data.", default_factory=DataConfig)
+    features: FeaturesConfig = _help("Embedding and perturbation pass.", default_factory=FeaturesConfig)
+    cluster: ClusterConfig = _help("Mini-batch k-means.", default_factory=ClusterConfig)
+    select: SelectConfig = _help("Selection strategy and budget.", default_factory=SelectConfig)
+    train: TrainConfig = _help("LoRA fine-tuning.", default_factory=TrainConfig)
+    eval: EvalConfig = _help("Evaluation.", default_factory=EvalConfig)
+    ray: RayConfig = _help("Where to run.", default_factory=RayConfig)
+
+
+def _build(cls: type, values: Any, path: str) -> Any:
+    """Build dataclass `cls` from a plain mapping, naming the full path of any unknown field."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        where = f"{path}.{key}" if path else key
+        if key not in known:
+            raise ConfigError(f"{where}: unknown setting; known: {', '.join(known)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, where)
+        else:
+            kwargs[key] = _coerce(value, hint, where)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{path or 'config'}: {e}") from None
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union and type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, args[0] if args else Any, where) for v in value]
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if hint in (int, float, str, bool) and not isinstance(value, hint):
+        raise ConfigError(f"{where}: {value!r} is not a {hint.__name__}")
+    return value
+
+
+def config_from_dict(values: dict) -> RunConfig:
+    return _build(RunConfig, values, "")
+
+
+def load_config(path: str) -> RunConfig:
+    """Read a YAML config file into a RunConfig."""
+    import fsspec
+
+    with fsspec.open(path, "r") as f:
+        try:
+            values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}".splitlines()[0]) from None
+    return config_from_dict(values)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)

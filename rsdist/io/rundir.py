@@ -1,0 +1,122 @@
+"""The run directory: every stage reads its inputs from here and writes its outputs here.
+
+Any fsspec URI works (a local path, `memory://`, `s3://`, ...). Writes are atomic: a file is
+written under a temporary name and renamed into place, so a killed job never leaves a
+half-written shard that a later stage would take for complete.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import uuid
+from typing import Any, Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+class RunDir:
+    """A run directory addressed by an fsspec URI, with the small set of operations stages use."""
+
+    def __init__(self, uri: str):
+        self.uri = str(uri).rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+        self.fs.makedirs(self.root, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"RunDir({self.uri!r})"
+
+    def __reduce__(self):
+        # Ray ships RunDirs to workers: rebuild from the URI instead of pickling the filesystem.
+        return (RunDir, (self.uri,))
+
+    def path(self, *parts: str) -> str:
+        """The filesystem path (without protocol) of a file or folder inside the run."""
+        return posixpath.join(self.root, *parts)
+
+    def url(self, *parts: str) -> str:
+        """The full URI (with protocol) of a file or folder inside the run, for other libraries."""
+        return self.fs.unstrip_protocol(self.path(*parts))
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.path(*parts))
+
+    def makedirs(self, *parts: str) -> str:
+        p = self.path(*parts)
+        self.fs.makedirs(p, exist_ok=True)
+        return p
+
+    def remove(self, *parts: str) -> None:
+        p = self.path(*parts)
+        if self.fs.exists(p):
+            self.fs.rm(p, recursive=True)
+
+    def _commit(self, tmp: str, final: str) -> None:
+        if self.fs.exists(final):
+            self.fs.rm(final)
+        self.fs.mv(tmp, final)
+
+    def _tmp_name(self, final: str) -> str:
+        head, tail = posixpath.split(final)
+        return posixpath.join(head, f".tmp-{uuid.uuid4().hex[:8]}-{tail}")
+
+    def write_bytes(self, data: bytes, *parts: str) -> str:
+        final = self.path(*parts)
+        self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
+        tmp = self._tmp_name(final)
+        with self.fs.open(tmp, "wb") as f:
+            f.write(data)
+        self._commit(tmp, final)
+        return final
+
+    def write_json(self, obj: Any, *parts: str) -> str:
+        return self.write_bytes(json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), *parts)
+
+    def read_json(self, *parts: str) -> Any:
+        with self.fs.open(self.path(*parts), "rb") as f:
+            return json.loads(f.read())
+
+    def write_text(self, text: str, *parts: str) -> str:
+        return self.write_bytes(text.encode("utf-8"), *parts)
+
+    def write_table(self, table: pa.Table, *parts: str) -> str:
+        """Write one parquet file atomically."""
+        final = self.path(*parts)
+        self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
+        tmp = self._tmp_name(final)
+        with self.fs.open(tmp, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+        self._commit(tmp, final)
+        return final
+
+    def parquet_files(self, *parts: str) -> list[str]:
+        """Sorted parquet files of a stage folder, temporary files excluded."""
+        folder = self.path(*parts)
+        if not self.fs.exists(folder):
+            return []
+        names = [p for p in self.fs.ls(folder, detail=False) if p.endswith(".parquet")]
+        return sorted(p for p in names if not posixpath.basename(p).startswith(".tmp-"))
+
+    def read_table(self, *parts: str, columns: list[str] | None = None) -> pa.Table:
+        """Read one parquet file, or every parquet file of a folder, into one table."""
+        target = self.path(*parts)
+        files = [target] if target.endswith(".parquet") else self.parquet_files(*parts)
+        if not files:
+            raise FileNotFoundError(f"no parquet files under {self.fs.unstrip_protocol(target)}")
+        tables = [pq.read_table(f, columns=columns, filesystem=self.fs) for f in files]
+        return pa.concat_tables(tables, promote_options="default")
+
+    def iter_batches(self, *parts: str, columns: list[str] | None = None, batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
+        """Stream a stage folder's rows in record batches without loading it whole."""
+        for f in self.parquet_files(*parts):
+            with self.fs.open(f, "rb") as fh:
+                yield from pq.ParquetFile(fh).iter_batches(batch_size=batch_size, columns=columns)
+
+    def count_rows(self, *parts: str) -> int:
+        total = 0
+        for f in self.parquet_files(*parts):
+            with self.fs.open(f, "rb") as fh:
+                total += pq.ParquetFile(fh).metadata.num_rows
+        return total

@@ -1,0 +1,78 @@
+"""The canonical sample schema every stage after ingest consumes.
+
+One parquet row is one sample. In multi-caption data (RSICD: five captions per image) a sample is
+the image with all its captions (`captions`), and `text` holds the first one, so budgets count
+images. VQA and instruction data have one sample per question or conversation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+
+TASKS = ("caption", "vqa", "classification", "instruction")
+SPLITS = ("train", "val", "test")
+
+CONVERSATION_TYPE = pa.struct([("from", pa.string()), ("value", pa.string())])
+
+CANONICAL_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("image", pa.binary()),
+        ("image_format", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("task", pa.string()),
+        ("text", pa.string()),
+        ("captions", pa.list_(pa.string())),
+        ("answer", pa.string()),
+        ("conversations", pa.list_(CONVERSATION_TYPE)),
+        ("label", pa.string()),
+        ("split", pa.string()),
+        ("source", pa.string()),
+        ("meta", pa.string()),
+    ]
+)
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("key", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+
+# Columns a model pass needs; reading only these keeps the driver and workers light.
+MODEL_INPUT_COLUMNS = ["sample_id", "image", "text", "captions", "label", "split"]
+
+
+def make_sample_id(source: str, key: str) -> str:
+    """Stable id: the same source name and record key give the same id on any machine."""
+    return hashlib.sha1(f"{source}\x00{key}".encode("utf-8")).hexdigest()[:20]
+
+
+def hash_fraction(sample_id: str) -> float:
+    """A number in [0, 1) fixed by the sample id, used to draw held-out splits reproducibly."""
+    return int(hashlib.sha1(sample_id.encode("utf-8")).hexdigest()[:12], 16) / float(1 << 48)
+
+
+def empty_row() -> dict:
+    """A canonical row with every field present and empty, to be filled by a reader."""
+    return {
+        "sample_id": None,
+        "image": None,
+        "image_format": None,
+        "width": None,
+        "height": None,
+        "task": "caption",
+        "text": None,
+        "captions": None,
+        "answer": None,
+        "conversations": None,
+        "label": None,
+        "split": "train",
+        "source": None,
+        "meta": "{}",
+    }

@@ -1,0 +1,5 @@
+"""Model adapters. Every encoder implements the DualEncoder protocol of `rsdist.models.dual`."""
+
+from rsdist.models.dual import DualEncoder, build_encoder
+
+__all__ = ["DualEncoder", "build_encoder"]
