@@ -41,7 +41,8 @@ def _fraction(name: str, value: float, lo_open: bool = True) -> None:
 
 INGEST_FORMATS = ("auto", "captions-txt", "scene-folders", "captions-jsonl", "synthetic")
 ENCODERS = ("composite", "tiny")
-PERTURBATIONS = ("noise", "rotate", "crop", "flip", "blur", "jpeg")
+PERTURBATIONS = ("noise", "rotate", "crop", "flip", "blur", "jpeg", "token_dropout", "word_shuffle")
+FEATURE_DTYPES = ("float32", "float16")
 CLUSTER_SPACES = ("joint", "image", "text")
 CLUSTER_MODES = ("minibatch", "lloyd")
 CLUSTER_METRICS = ("euclidean", "cosine")
@@ -73,10 +74,13 @@ class DataConfig:
 @dataclass
 class FeaturesConfig:
     encoder: str = _help(f"Encoder, one of {ENCODERS}: 'composite' = EfficientNet-Lite0 + MiniLM (pretrained), 'tiny' = random weights for tests.", default="composite")
-    image_size: int = _help("Square side images are resized to before the image tower.", default=224)
-    batch_size: int = _help("Rows per model batch.", default=32)
-    perturbations: list[str] = _help(f"Image perturbations for the shift, any of {PERTURBATIONS}.", default_factory=lambda: ["noise", "rotate", "crop"])
+    image_size: int = _help("Square side images are resized to before the image tower (RSICD/AID images are 150 px, so 160 keeps their detail at a third of 224's cost).", default=160)
+    batch_size: int = _help("Rows per model batch (each row is 1 + K image forwards).", default=32)
+    perturbations: list[str] = _help(f"Perturbations for the shift, any of {PERTURBATIONS}; image ones move image_emb, text ones (token_dropout, word_shuffle) move text_emb.", default_factory=lambda: ["noise", "rotate", "crop"])
     num_actors: int = _help("Model actors in the pool; 0 = decide from the cluster's resources.", default=0)
+    threads_per_actor: int = _help("Torch threads of each CPU model actor; the pool then has about CPUs / threads actors.", default=1)
+    dtype: str = _help(f"Stored embedding precision, one of {FEATURE_DTYPES}.", default="float32")
+    max_text_tokens: int = _help("Captions are truncated to this many tokens.", default=48)
     seed: int = _help("Seed of the perturbations.", default=0)
 
     def __post_init__(self) -> None:
@@ -88,6 +92,11 @@ class FeaturesConfig:
         for p in self.perturbations:
             _choice("features.perturbations", p, PERTURBATIONS)
         _positive("features.num_actors", self.num_actors, allow_zero=True)
+        _positive("features.threads_per_actor", self.threads_per_actor)
+        _choice("features.dtype", self.dtype, FEATURE_DTYPES)
+        _positive("features.max_text_tokens", self.max_text_tokens)
+        if len(set(self.perturbations)) != len(self.perturbations):
+            raise ConfigError(f"features.perturbations: {self.perturbations!r} names one perturbation twice")
 
 
 @dataclass
@@ -162,14 +171,22 @@ class TrainConfig:
     max_text_tokens: int = _help("Captions are truncated to this many tokens.", default=48)
     cpus_per_worker: float = _help("CPUs each worker asks Ray for (fractional keeps small hosts moving).", default=0.5)
     seed: int = _help("Seed of initialisation and shuffling.", default=0)
+    warmup_fraction: float = _help("Share of all steps with a linear learning-rate warm-up; the rest decays linearly to 0.", default=0.1)
+    max_logit_scale: float = _help("Upper clamp of the learnable InfoNCE scale (CLIP uses 100).", default=100.0)
+    shuffle_buffer: int = _help("Rows in each worker's local shuffle buffer (0 = no shuffling).", default=1024)
+    max_failures: int = _help("Worker failures Ray Train recovers from (restarting at the last checkpoint).", default=0)
+    checkpoints_to_keep: int = _help("Epoch checkpoints kept under checkpoints/ray (oldest removed).", default=2)
 
     def __post_init__(self) -> None:
-        for name in ("num_workers", "epochs", "batch_size", "embed_dim", "lora_r", "lora_alpha", "max_text_tokens"):
+        for name in ("num_workers", "epochs", "batch_size", "embed_dim", "lora_r", "lora_alpha", "max_text_tokens", "max_logit_scale", "checkpoints_to_keep"):
             _positive(f"train.{name}", getattr(self, name))
         _positive("train.lr", self.lr)
         _positive("train.weight_decay", self.weight_decay, allow_zero=True)
         _fraction("train.lora_dropout", self.lora_dropout, lo_open=False)
+        _fraction("train.warmup_fraction", self.warmup_fraction, lo_open=False)
         _positive("train.cpus_per_worker", self.cpus_per_worker)
+        _positive("train.shuffle_buffer", self.shuffle_buffer, allow_zero=True)
+        _positive("train.max_failures", self.max_failures, allow_zero=True)
         if not self.lora_targets:
             raise ConfigError("train.lora_targets: must name at least one module (e.g. query, key, value)")
 
@@ -178,6 +195,9 @@ class TrainConfig:
 class EvalConfig:
     recall_ks: list[int] = _help("K values of Recall@K.", default_factory=lambda: [1, 5, 10])
     batch_size: int = _help("Rows per encoding batch.", default=128)
+    prompt: str = _help("Zero-shot class prompt; '{label}' is replaced by the class name in words.", default="an aerial photograph of {label}")
+    max_text_tokens: int = _help("Captions and prompts are truncated to this many tokens (match train.max_text_tokens).", default=48)
+    baseline: bool = _help("Also evaluate the untrained model (heads at initialisation, no adapter) for comparison.", default=True)
 
     def __post_init__(self) -> None:
         if not self.recall_ks:
@@ -185,6 +205,9 @@ class EvalConfig:
         for k in self.recall_ks:
             _positive("eval.recall_ks", k)
         _positive("eval.batch_size", self.batch_size)
+        if "{label}" not in self.prompt:
+            raise ConfigError(f"eval.prompt: {self.prompt!r} must contain '{{label}}'")
+        _positive("eval.max_text_tokens", self.max_text_tokens)
 
 
 @dataclass

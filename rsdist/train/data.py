@@ -1,0 +1,111 @@
+"""The rows training and evaluation read: features joined with captions, filtered by split or selection.
+
+Training never decodes images: the image tower is frozen, so the tower features the features
+stage stored (`image_emb`) are exactly what the image tower would produce again; training and
+evaluation feed them straight to the image head. Captions come from the canonical shards.
+Only the needed columns are read, in record batches, and only the wanted rows are kept, so the
+driver holds the selected (or held-out) rows and never the whole pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from rsdist.io.rundir import RunDir
+
+log = logging.getLogger("rsdist")
+
+MANIFEST = ("selection", "manifest.parquet")
+
+
+def selected_ids(run: RunDir) -> pa.Array:
+    """Sample ids of the manifest rows with selected == True."""
+    if not run.exists(*MANIFEST):
+        raise FileNotFoundError(f"{run.url(*MANIFEST)}: selection manifest not found (run the select stage first)")
+    table = run.read_table(*MANIFEST, columns=["sample_id", "selected"])
+    if table.column("selected").null_count:
+        raise ValueError(f"{run.url(*MANIFEST)}: column 'selected' has null values")
+    return pc.filter(table.column("sample_id"), table.column("selected")).combine_chunks()
+
+
+def _filtered(run: RunDir, folder: str, columns: list[str], keep) -> pa.Table:
+    """Stream `folder`'s parquet files and keep the rows for which `keep(batch)` is True."""
+    if not run.parquet_files(folder):
+        raise FileNotFoundError(f"{run.url(folder)}: no parquet files (run the {folder} stage first)")
+    parts = []
+    for batch in run.iter_batches(folder, columns=columns, batch_size=4096):
+        missing = [c for c in columns if c not in batch.schema.names]
+        if missing:
+            raise ValueError(f"{run.url(folder)}: missing column(s) {', '.join(missing)}")
+        mask = keep(batch)
+        parts.append(pa.Table.from_batches([batch]).filter(mask))
+    return pa.concat_tables(parts).combine_chunks() if parts else pa.table({c: [] for c in columns})
+
+
+def feature_rows(run: RunDir, ids: pa.Array | None = None, split: str | None = None, exclude_split: str | None = None) -> pa.Table:
+    """Features rows (sample_id, split, label, image_emb) with the given ids and/or split."""
+
+    def keep(batch: pa.RecordBatch):
+        mask = pa.array(np.ones(batch.num_rows, dtype=bool))
+        if ids is not None:
+            mask = pc.and_(mask, pc.is_in(batch.column("sample_id"), value_set=ids))
+        if split is not None:
+            mask = pc.and_(mask, pc.equal(batch.column("split"), split))
+        if exclude_split is not None:
+            mask = pc.and_(mask, pc.fill_null(pc.not_equal(batch.column("split"), exclude_split), True))
+        return pc.fill_null(mask, False)
+
+    return _filtered(run, "features", ["sample_id", "split", "label", "image_emb"], keep)
+
+
+def caption_rows(run: RunDir, ids: pa.Array) -> pa.Table:
+    """Shard rows (sample_id, captions) for the given ids; `text` stands in for empty caption lists."""
+    table = _filtered(run, "shards", ["sample_id", "captions", "text"], lambda b: pc.is_in(b.column("sample_id"), value_set=ids))
+    captions = []
+    for sid, caps, text in zip(table.column("sample_id").to_pylist(), table.column("captions").to_pylist(), table.column("text").to_pylist()):
+        caps = [c for c in (caps or []) if c and c.strip()]
+        if not caps and text and text.strip():
+            caps = [text]
+        if not caps:
+            raise ValueError(f"{run.url('shards')}: sample {sid} has no caption (captions and text are empty)")
+        captions.append(caps)
+    return pa.table({"sample_id": table.column("sample_id"), "captions": pa.array(captions, type=pa.list_(pa.string()))})
+
+
+def join_captions(run: RunDir, features: pa.Table) -> pa.Table:
+    """Features rows with a `captions` column added, in the features' row order."""
+    caps = caption_rows(run, features.column("sample_id"))
+    pos = pc.index_in(features.column("sample_id"), value_set=caps.column("sample_id"))
+    if pos.null_count:
+        missing = pc.filter(features.column("sample_id"), pc.is_null(pos))[0].as_py()
+        raise ValueError(f"{run.url('shards')}: sample {missing} is in features but not in the shards")
+    return features.append_column("captions", caps.column("captions").take(pos))
+
+
+def training_rows(run: RunDir) -> tuple[pa.Table, int]:
+    """The selected, non-test rows with image_emb and captions; also how many selected rows there were."""
+    ids = selected_ids(run)
+    feats = feature_rows(run, ids=ids)
+    if feats.num_rows < len(ids):
+        have = set(feats.column("sample_id").to_pylist())
+        missing = next(s for s in ids.to_pylist() if s not in have)
+        raise ValueError(f"{run.url(*MANIFEST)}: selected sample {missing} has no row in {run.url('features')}")
+    is_test = pc.fill_null(pc.equal(feats.column("split"), "test"), False)
+    n_test = pc.sum(is_test).as_py() or 0
+    if n_test:
+        log.warning("train: %d selected rows are in the test split; they are held out and not trained on", n_test)
+        feats = feats.filter(pc.invert(is_test))
+    rows = join_captions(run, feats.select(["sample_id", "image_emb"]))
+    return rows, len(ids)
+
+
+def pick_caption(captions, seed: int, epoch: int, sample_id: str) -> str:
+    """One caption per image per epoch, fixed by (seed, epoch, sample_id): independent of which
+    worker sees the row and in which order, so a resumed run draws the same captions."""
+    h = int(hashlib.sha1(f"{seed}:{epoch}:{sample_id}".encode()).hexdigest()[:8], 16)
+    return str(captions[h % len(captions)])

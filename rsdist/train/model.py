@@ -1,0 +1,98 @@
+"""The trainable dual encoder: LoRA on the text tower, trainable heads and temperature, the rest frozen.
+
+Also saving and loading what training produces (a checkpoint folder):
+- `text_adapter/`: the peft LoRA adapter of the text tower (`save_pretrained`),
+- `heads.pt`: both projection heads and logit_scale (plus, in epoch checkpoints, optimizer state).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import nn
+
+from rsdist.models.dual import DualEncoder, build_encoder
+
+ADAPTER_DIR = "text_adapter"
+HEADS_FILE = "heads.pt"
+
+
+class ContrastivePair(nn.Module):
+    """Cached image-tower features + tokenized captions -> normalised embeddings and the scale.
+
+    A module with a forward so DDP can wrap it (DualEncoder has none); the image tower is not
+    called here because training reuses the stored tower features.
+    """
+
+    def __init__(self, encoder: DualEncoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, image_features: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        image = self.encoder.project_image(image_features)
+        text = self.encoder.project_text(self.encoder.encode_text_features(input_ids, attention_mask))
+        return image, text, self.encoder.logit_scale
+
+
+def lora_config(r: int, alpha: int, dropout: float, targets: list[str]):
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none")
+
+
+def make_trainable(encoder: DualEncoder, r: int, alpha: int, dropout: float, targets: list[str]) -> DualEncoder:
+    """Freeze everything, put LoRA on the text tower's `targets`, unfreeze heads and logit_scale."""
+    from peft import get_peft_model
+
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    missing = [t for t in targets if not any(name.split(".")[-1] == t for name, _ in encoder.text_tower.named_modules())]
+    if missing:
+        raise ValueError(f"train.lora_targets: {', '.join(missing)} not found among the text tower's modules")
+    encoder.text_tower = get_peft_model(encoder.text_tower, lora_config(r, alpha, dropout, targets))
+    for module in (encoder.image_head, encoder.text_head):
+        for p in module.parameters():
+            p.requires_grad_(True)
+    encoder.logit_scale.requires_grad_(True)
+    return encoder
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def clamp_logit_scale(encoder: DualEncoder, max_scale: float) -> None:
+    """Keep exp(logit_scale) within [1, max_scale], as CLIP does, so the loss cannot blow up."""
+    with torch.no_grad():
+        encoder.logit_scale.clamp_(0.0, math.log(max_scale))
+
+
+def save_trained(encoder: DualEncoder, folder: str, extra: dict | None = None) -> None:
+    """Write the adapter and heads (plus `extra`, e.g. optimizer state) into a local folder."""
+    os.makedirs(folder, exist_ok=True)
+    encoder.text_tower.save_pretrained(os.path.join(folder, ADAPTER_DIR))
+    torch.save({"heads": encoder.head_state(), **(extra or {})}, os.path.join(folder, HEADS_FILE))
+
+
+def load_heads_file(folder: str) -> dict:
+    return torch.load(os.path.join(folder, HEADS_FILE), map_location="cpu", weights_only=False)
+
+
+def load_trained(encoder_name: str, embed_dim: int, folder: str | None, seed: int = 0) -> DualEncoder:
+    """An encoder with the adapter and heads of checkpoint `folder`; None gives the untrained model
+    (heads at their seeded initialisation, no adapter)."""
+    from peft import PeftModel
+
+    encoder = build_encoder(encoder_name, embed_dim=embed_dim, seed=seed)
+    if folder is not None:
+        if not os.path.exists(os.path.join(folder, HEADS_FILE)):
+            raise FileNotFoundError(f"{folder}: not a checkpoint (no {HEADS_FILE})")
+        encoder.text_tower = PeftModel.from_pretrained(encoder.text_tower, os.path.join(folder, ADAPTER_DIR))
+        encoder.load_head_state(load_heads_file(folder)["heads"])
+    encoder.eval()
+    return encoder

@@ -1,0 +1,32 @@
+import subprocess
+import sys
+
+import pytest
+
+from rsdist.cli import build_config, main
+
+
+def test_set_overrides_and_flags_are_validated():
+    cfg = build_config(None, {"select.budget": 0.2, "run_dir": "/tmp/r"}, ["train.epochs=3", "features.perturbations=[noise, flip]"])
+    assert cfg.select.budget == 0.2 and cfg.train.epochs == 3 and cfg.features.perturbations == ["noise", "flip"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["demo", "--budget", "2.5"], "select.budget: 2.5"),
+        (["demo", "--method", "best"], "select.method: 'best' is not one of"),
+        (["demo", "--set", "train.epochs=0"], "train.epochs: 0 must be > 0"),
+        (["run", "/nonexistent/config.yaml"], "/nonexistent/config.yaml"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rsdist: error:") and message in err and "\n" not in err
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "rsdist.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    for cmd in ("demo", "run", "ingest", "features", "cluster", "select", "train", "eval", "bench"):
+        assert cmd in out
