@@ -1,0 +1,270 @@
+"""Features stage: tower embeddings and perturbation shift of every sample, one Ray Data pass.
+
+Input: `<run>/shards/part-*.parquet` (canonical schema; reads sample_id, image, text, captions,
+label, split).
+Output: `<run>/features/<shard name>.parquet`, one file per input shard, rows in the shard's order:
+`sample_id, split, label` (string), `image_emb` (fixed_size_list<float32|float16>[image_dim],
+image-tower features before the projection head), `text_emb` (fixed_size_list[text_dim], mean of
+the L2-normalised tower features of the sample's captions), `shift` (float32, mean of the
+per-perturbation shifts) and `shift_<name>` (float32) per configured perturbation; plus
+`<run>/features/features_meta.json` (encoder, dims, image_size, perturbations, seed, dtype).
+
+The pass: read (Ray Data, a filesystem wrapping the run's fsspec one) -> streaming repartition into
+batch-sized blocks so every actor gets work -> CPU map_batches (decode, resize, perturb; a quarter CPU
+per task) -> model actor pool (`EmbedModel`, ActorPoolStrategy of fixed size, fractional CPUs, one
+GPU each when the cluster has GPUs) -> the driver streams results and writes each shard's output
+as soon as all its rows have arrived.
+
+Resumable per shard: a shard whose output file exists is not read again. Exactly once: rows are
+keyed by sample_id per shard (a retried block after an actor death cannot add a second copy), and
+a shard is only written when every one of its sample_ids is present; the stage fails loudly if a
+shard comes back incomplete.
+
+Resources (`plan_pool`): decided from `ray.cluster_resources()`. With GPUs: one actor per GPU
+(`num_gpus=1`). Without: about CPUs / threads_per_actor actors sharing CPUs minus a reserve (half a
+CPU on small hosts), so reads and decodes always find a slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rsdist.config import FeaturesConfig
+from rsdist.features.embed import EmbedModel
+from rsdist.features.preprocess import preprocess_batch, split_perturbations
+from rsdist.io.rundir import RunDir
+from rsdist.stage import Resources, StageResult
+
+log = logging.getLogger("rsdist")
+
+NAME = "features"
+META = "features_meta.json"
+CPU_STAGE = Resources(num_cpus=0.25)
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """How many model actors, what each asks Ray for, and how many torch threads each runs."""
+
+    size: int
+    resources: Resources
+    threads: int
+    use_gpu: bool
+
+
+def plan_pool(cfg: FeaturesConfig, cluster: dict[str, float]) -> PoolPlan:
+    """Size the actor pool from the cluster's resources (never from the driver's machine)."""
+    cpus = float(cluster.get("CPU", 1.0))
+    gpus = int(cluster.get("GPU", 0.0))
+    if gpus >= 1:
+        size = min(cfg.num_actors or gpus, gpus)
+        per_cpu = max(0.25, min(2.0, (cpus - 1.0) / size))
+        return PoolPlan(size, Resources(num_cpus=per_cpu, num_gpus=1.0), threads=2, use_gpu=True)
+    threads = cfg.threads_per_actor
+    size = cfg.num_actors or max(1, int(round(cpus / threads)))
+    reserve = max(0.5, cpus / 8)  # kept free for read and decode tasks
+    per_cpu = max(0.1, min(float(threads), (cpus - reserve) / size))
+    return PoolPlan(size, Resources(num_cpus=round(per_cpu, 3)), threads=threads, use_gpu=False)
+
+
+def arrow_filesystem(run: RunDir):
+    """A pyarrow filesystem over the run's fsspec filesystem, so Ray Data reads any URI the run uses."""
+    from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem
+
+    if "file" in (run.fs.protocol if isinstance(run.fs.protocol, tuple) else (run.fs.protocol,)):
+        return LocalFileSystem()
+    return PyFileSystem(FSSpecHandler(run.fs))
+
+
+def shard_ids(run: RunDir, path: str) -> list[str]:
+    """The unique sample_ids of one input shard, in file order."""
+    with run.fs.open(path, "rb") as fh:
+        ids = pq.read_table(fh, columns=["sample_id"]).column("sample_id").to_pylist()
+    for i, sid in enumerate(ids):
+        if not sid:
+            raise ValueError(f"{path}: row {i}: sample_id is empty")
+    return list(dict.fromkeys(ids))
+
+
+def output_schema(image_dim: int, text_dim: int, shift_names: list[str], dtype: str) -> pa.Schema:
+    value = pa.float16() if dtype == "float16" else pa.float32()
+    fields = [
+        ("sample_id", pa.string()),
+        ("split", pa.string()),
+        ("label", pa.string()),
+        ("image_emb", pa.list_(value, image_dim)),
+        ("text_emb", pa.list_(value, text_dim)),
+        ("shift", pa.float32()),
+    ]
+    fields += [(f"shift_{n}", pa.float32()) for n in shift_names]
+    return pa.schema(fields)
+
+
+def _fixed_list(matrix: np.ndarray, dtype: str) -> pa.FixedSizeListArray:
+    matrix = np.ascontiguousarray(matrix, dtype=np.float16 if dtype == "float16" else np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+
+
+class ShardCollector:
+    """Gathers result rows per input shard (keyed by sample_id) and hands back each completed shard."""
+
+    def __init__(self, expected: dict[str, list[str]]):
+        self.expected = expected
+        self.rows: dict[str, dict[str, dict]] = {name: {} for name in expected}
+
+    def add(self, batch: dict[str, np.ndarray]) -> list[str]:
+        """Add a result batch; returns the shards that are now complete."""
+        done = []
+        columns = [c for c in batch if c != "shard"]
+        for i, shard in enumerate(batch["shard"]):
+            shard = str(shard)
+            bucket = self.rows.get(shard)
+            if bucket is None:
+                raise RuntimeError(f"features: result row from unexpected shard {shard!r}")
+            sid = str(batch["sample_id"][i])
+            if sid in bucket:
+                continue  # a retried block delivered this row again
+            bucket[sid] = {c: batch[c][i] for c in columns}
+            if len(bucket) == len(self.expected[shard]):
+                done.append(shard)
+        return done
+
+    def pop_table(self, shard: str, schema: pa.Schema, dtype: str) -> pa.Table:
+        bucket = self.rows.pop(shard)
+        rows = [bucket[sid] for sid in self.expected[shard]]
+        cols = {}
+        for f in schema:
+            values = [r[f.name] for r in rows]
+            if f.name in ("image_emb", "text_emb"):
+                cols[f.name] = _fixed_list(np.stack(values), dtype)
+            elif pa.types.is_floating(f.type):
+                cols[f.name] = pa.array(np.asarray(values, dtype=np.float32))
+            else:
+                cols[f.name] = pa.array([None if v is None else str(v) for v in values], type=f.type)
+        return pa.table(cols, schema=schema)
+
+    def incomplete(self) -> dict[str, int]:
+        return {s: len(self.expected[s]) - len(b) for s, b in self.rows.items()}
+
+
+def build_dataset(run: RunDir, paths: list[str], cfg: FeaturesConfig, plan: PoolPlan):
+    """The lazy Ray Data pipeline over `paths`: read -> repartition -> preprocess -> actor pool."""
+    import ray
+
+    from rsdist.io.schema import MODEL_INPUT_COLUMNS
+
+    image_names, text_names = split_perturbations(cfg.perturbations)
+    ds = ray.data.read_parquet(
+        paths,
+        filesystem=arrow_filesystem(run),
+        columns=MODEL_INPUT_COLUMNS,
+        include_paths=True,
+        num_cpus=CPU_STAGE.num_cpus,
+    )
+    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
+    ds = ds.map_batches(
+        preprocess_batch,
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        fn_kwargs={"image_size": cfg.image_size, "perturbations": list(cfg.perturbations), "seed": cfg.seed},
+        num_cpus=CPU_STAGE.num_cpus,
+    )
+    return ds.map_batches(
+        EmbedModel,
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        fn_constructor_kwargs={
+            "encoder": cfg.encoder,
+            "image_perturbations": image_names,
+            "text_perturbations": text_names,
+            "threads": plan.threads,
+            "use_gpu": plan.use_gpu,
+            "max_tokens": cfg.max_text_tokens,
+        },
+        compute=ray.data.ActorPoolStrategy(size=plan.size),
+        num_cpus=plan.resources.num_cpus,
+        num_gpus=plan.resources.num_gpus or None,
+    )
+
+
+def _progress(total: int) -> "Iterator":
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="features", unit="row", mininterval=2.0)
+
+
+def run(run: RunDir, cfg: FeaturesConfig) -> StageResult:
+    import ray
+
+    inputs = run.parquet_files("shards")
+    if not inputs:
+        raise FileNotFoundError(f"features: no parquet shards under {run.url('shards')}")
+    out_name = {p: posixpath.basename(p) for p in inputs}
+    pending = [p for p in inputs if not run.exists(NAME, out_name[p])]
+    rows_in = run.count_rows("shards")
+    image_names, text_names = split_perturbations(cfg.perturbations)
+    shift_names = image_names + text_names
+    plan = plan_pool(cfg, ray.cluster_resources())
+    log.info(
+        "features: %d of %d shards to do; %d actor(s) x %s CPU, %s GPU, %d thread(s)",
+        len(pending), len(inputs), plan.size, plan.resources.num_cpus, plan.resources.num_gpus, plan.threads,
+    )
+    done_rows = 0
+    image_dim = text_dim = None
+    start = time.perf_counter()
+    if pending:
+        collector = ShardCollector({out_name[p]: shard_ids(run, p) for p in pending})
+        todo = sum(len(v) for v in collector.expected.values())
+        schema = None
+        bar = _progress(todo)
+        for batch in build_dataset(run, pending, cfg, plan).iter_batches(batch_size=None, batch_format="numpy"):
+            if schema is None:
+                image_dim, text_dim = batch["image_emb"].shape[1], batch["text_emb"].shape[1]
+                schema = output_schema(image_dim, text_dim, shift_names, cfg.dtype)
+            for shard in collector.add(batch):
+                table = collector.pop_table(shard, schema, cfg.dtype)
+                run.write_table(table, NAME, shard)
+                done_rows += table.num_rows
+            bar.update(len(batch["sample_id"]))
+        bar.close()
+        missing = {s: n for s, n in collector.incomplete().items() if n}
+        if missing:
+            raise RuntimeError(f"features: shards came back incomplete (missing rows per shard): {missing}")
+    seconds = time.perf_counter() - start
+    if image_dim is None:  # everything was already written by an earlier run
+        first = pq.read_schema(run.fs.open(run.path(NAME, out_name[inputs[0]]), "rb"))
+        image_dim, text_dim = first.field("image_emb").type.list_size, first.field("text_emb").type.list_size
+    meta = {
+        "encoder": cfg.encoder,
+        "image_dim": int(image_dim),
+        "text_dim": int(text_dim),
+        "image_size": cfg.image_size,
+        "perturbations": list(cfg.perturbations),
+        "image_perturbations": image_names,
+        "text_perturbations": text_names,
+        "seed": cfg.seed,
+        "dtype": cfg.dtype,
+        "shift": "1 - cos(e(x), e(x~_p)), mean over p",
+    }
+    run.write_json(meta, NAME, META)
+    rows_out = run.count_rows(NAME)
+    rate = done_rows / seconds if done_rows and seconds > 0 else 0.0
+    return StageResult(
+        rows_in=rows_in,
+        rows_out=rows_out,
+        extra={
+            "encoder": cfg.encoder,
+            "perturbations": list(cfg.perturbations),
+            "rows_per_second": round(rate, 2),
+            "actors": plan.size,
+            "shards_resumed": len(inputs) - len(pending),
+        },
+    )
