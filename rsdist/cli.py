@@ -3,6 +3,7 @@
     rsdist demo [--data URI] [--budget F] [--method M] [--out DIR]
     rsdist run CONFIG.yaml [--out DIR] [--set section.field=value ...]
     rsdist ingest|features|cluster|select|train|eval [CONFIG.yaml] --out DIR [stage flags]
+    rsdist experiment CONFIG.yaml [--out DIR]
     rsdist report --out DIR
     rsdist bench ingest|features|kmeans [flags]
 
@@ -99,6 +100,10 @@ def make_parser() -> argparse.ArgumentParser:
             p.add_argument("--method", help="selection strategy")
             p.add_argument("--budget", type=float, help="fraction (0, 1] or count")
 
+    exp = sub.add_parser("experiment", help="full data vs strategies at several budgets and seeds")
+    exp.add_argument("config", help="YAML run config with an `experiment:` section")
+    exp.add_argument("--out", help="experiment directory; overrides run_dir")
+
     rep = sub.add_parser("report", help="rewrite report.md from a run's summary.json")
     rep.add_argument("--out", required=True, help="run directory")
 
@@ -127,6 +132,13 @@ def main(argv: list[str] | None = None) -> int:
             module = importlib.import_module(BENCHES[args.name])
             figures = module.bench(args.args)
             print(json.dumps(figures, sort_keys=True, default=float))
+            return 0
+        if args.command == "experiment":
+            from rsdist.experiment import load_experiment, run_experiment
+
+            cfg, exp = load_experiment(args.config, args.out)
+            report = run_experiment(cfg, exp)
+            print(json.dumps({"table": report["table"]}, default=float))
             return 0
         if args.command == "report":
             from rsdist.io.rundir import RunDir

@@ -48,7 +48,9 @@ CLUSTER_MODES = ("minibatch", "lloyd")
 CLUSTER_METRICS = ("euclidean", "cosine")
 CLUSTER_INITS = ("auto", "k-means++", "k-means||", "random")
 CLUSTER_BACKENDS = ("auto", "torch", "cupy", "cuml")
-SELECT_METHODS = ("shift", "random")
+SELECT_METHODS = ("shift", "random", "cluster-random", "coincide", "scalselect", "semdedup", "error-driven")
+SELECT_SPACES = ("joint", "image", "text")
+DEDUP_KEEP_RULES = ("farthest", "nearest", "first")
 QUOTA_RULES = ("proportional", "equal")
 KEEP_RULES = ("highest", "lowest")
 
@@ -146,6 +148,17 @@ class SelectConfig:
     quota: str = _help(f"How the budget is split over clusters, one of {QUOTA_RULES}.", default="proportional")
     keep: str = _help(f"Which end of the score each cluster keeps, one of {KEEP_RULES}.", default="highest")
     seed: int = _help("Seed of random choices.", default=0)
+    shift_column: str = _help("Features column the 'shift' method ranks by: 'shift' (mean over perturbations) or one 'shift_<perturbation>'.", default="shift")
+    space: str = _help(f"Embedding the geometric methods (coincide, scalselect, semdedup, error-driven) work in: one of {SELECT_SPACES}, or the name of any '*_emb' column of features/ (e.g. VLM-internal features).", default="joint")
+    tau: float = _help("coincide: temperature of P = softmax(S / (tau D)).", default=0.1)
+    max_cosine: float = _help("coincide: centroid pairs with a cosine above this are left out of the transferability S.", default=0.9)
+    density_rows: int = _help("coincide: at most this many members of a cluster estimate its density D.", default=512)
+    energy: float = _help("scalselect: share of the spectral energy (sum of sigma^2) the kept directions must hold.", default=0.9)
+    dedup_threshold: Optional[float] = _help("Near-duplicate filter before any method: rows with a cosine above this to a row kept before them in their cluster are dropped; None = no filter.", default=None)
+    dedup_keep: str = _help(f"Which row of a near-duplicate group stays (semdedup and the filter), one of {DEDUP_KEEP_RULES}: farthest from / nearest to the cluster centroid, or first by sample_id.", default="farthest")
+    failures: Optional[str] = _help("error-driven: parquet file (any fsspec URI) of failing validation samples: sample_id plus the embedding columns, or sample_ids found in features/; optional 'weight'. Default: <run>/eval/failures.parquet.", default=None)
+    teacher: Optional[str] = _help("error-driven: optional 'package.module:function' that turns failures into retrieval queries and weights.", default=None)
+    num_tasks: int = _help("coincide: Ray tasks the clusters are spread over; 0 = twice the cluster's CPUs.", default=0)
 
     def __post_init__(self) -> None:
         _choice("select.method", self.method, SELECT_METHODS)
@@ -154,6 +167,22 @@ class SelectConfig:
             raise ConfigError(f"select.budget: {self.budget!r} must be a fraction in (0, 1] or a whole count")
         _choice("select.quota", self.quota, QUOTA_RULES)
         _choice("select.keep", self.keep, KEEP_RULES)
+        if self.shift_column != "shift" and not self.shift_column.startswith("shift_"):
+            raise ConfigError(f"select.shift_column: {self.shift_column!r} must be 'shift' or 'shift_<perturbation>'")
+        if self.space not in SELECT_SPACES and not self.space.endswith("_emb"):
+            raise ConfigError(f"select.space: {self.space!r} is not one of: {', '.join(SELECT_SPACES)}, or a '*_emb' column name")
+        _positive("select.tau", self.tau)
+        if not -1.0 <= self.max_cosine <= 1.0:
+            raise ConfigError(f"select.max_cosine: {self.max_cosine!r} must be a cosine in [-1, 1]")
+        _positive("select.density_rows", self.density_rows)
+        if not 0.0 < self.energy <= 1.0:
+            raise ConfigError(f"select.energy: {self.energy!r} must be a fraction in (0, 1]")
+        if self.dedup_threshold is not None and not -1.0 < self.dedup_threshold <= 1.0:
+            raise ConfigError(f"select.dedup_threshold: {self.dedup_threshold!r} must be a cosine in (-1, 1] or None")
+        _choice("select.dedup_keep", self.dedup_keep, DEDUP_KEEP_RULES)
+        if self.teacher is not None and ":" not in self.teacher:
+            raise ConfigError(f"select.teacher: {self.teacher!r} must look like 'package.module:function'")
+        _positive("select.num_tasks", self.num_tasks, allow_zero=True)
 
 
 @dataclass

@@ -73,10 +73,11 @@ def stage_specs(cfg: RunConfig, data: DataConfig) -> list[StageSpec]:
 STAGE_NAMES = ("ingest", "features", "cluster", "select", "train", "eval")
 
 
-def run_pipeline(cfg: RunConfig, only: list[str] | None = None, force: bool = False) -> dict:
+def run_pipeline(cfg: RunConfig, only: list[str] | None = None, force: bool = False, run: RunDir | None = None) -> dict:
     """Run the stages (all, or only those named, whose upstream output must then be complete).
 
-    Returns the summary written to <run>/summary.json.
+    `run` overrides the run directory built from cfg.run_dir (an experiment passes a cell that
+    inherits the upstream folders of a base run). Returns the summary written to <run>/summary.json.
     """
     from rsdist.raycluster import init_ray
     from rsdist.report import build_summary, write_report
@@ -84,7 +85,7 @@ def run_pipeline(cfg: RunConfig, only: list[str] | None = None, force: bool = Fa
     for name in only or []:
         if name not in STAGE_NAMES:
             raise ValueError(f"stage: {name!r} is not one of: {', '.join(STAGE_NAMES)}")
-    run = RunDir(cfg.run_dir)
+    run = run or RunDir(cfg.run_dir)
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     data = resolve_data(run, cfg.data)
     run.write_json({"rsdist": rsdist.__version__, **config_to_dict(cfg)}, "config.json")

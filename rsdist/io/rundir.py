@@ -20,20 +20,26 @@ import pyarrow.parquet as pq
 class RunDir:
     """A run directory addressed by an fsspec URI, with the small set of operations stages use."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, base: str | None = None, inherited: tuple[str, ...] = ()):
+        """`base` + `inherited`: stage folders read from another run (an experiment's cells share
+        the shards, features and clusters of one base run and write only their own folders)."""
         self.uri = str(uri).rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.uri)
         self.fs.makedirs(self.root, exist_ok=True)
+        self.base = RunDir(base) if base else None
+        self.inherited = tuple(inherited)
 
     def __repr__(self) -> str:
         return f"RunDir({self.uri!r})"
 
     def __reduce__(self):
         # Ray ships RunDirs to workers: rebuild from the URI instead of pickling the filesystem.
-        return (RunDir, (self.uri,))
+        return (RunDir, (self.uri, self.base.uri if self.base else None, self.inherited))
 
     def path(self, *parts: str) -> str:
         """The filesystem path (without protocol) of a file or folder inside the run."""
+        if self.base is not None and parts and parts[0].split("/")[0] in self.inherited:
+            return self.base.path(*parts)
         return posixpath.join(self.root, *parts)
 
     def url(self, *parts: str) -> str:

@@ -1,0 +1,143 @@
+"""Nearest-centroid arithmetic behind one small interface: `assign(x, centroids) -> (labels, dists)`.
+
+Every backend takes and returns torch tensors (on the actor's device), so the shard actors stay
+backend-agnostic; CuPy and cuML receive the same memory through DLPack without a copy.
+
+- `dists` is the squared Euclidean distance for metric "euclidean", and 1 - cos for "cosine"
+  (rows and centroids are unit vectors there, so the nearest centroid is the largest dot product).
+- The batch is processed in row chunks so that one rows-by-k distance block (and its temporary)
+  stays within `chunk_bytes`, whatever k is.
+
+torch runs on CPU and CUDA; CuPy and cuML need a GPU actor and `rsdist[gpu]` (not exercised by
+the CPU test suite). `make_backend` picks from what the actor was given and falls back to torch
+with a warning when a GPU library or device is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger("rsdist")
+
+METRICS = ("euclidean", "cosine")
+
+
+def rows_per_chunk(k: int, chunk_bytes: int) -> int:
+    """Rows whose distance block to k centroids (float32, plus one temporary) fits `chunk_bytes`."""
+    return max(1, int(chunk_bytes // (8 * max(1, k))))
+
+
+class TorchBackend:
+    """Distances with torch matmuls on the tensors' own device (CPU or CUDA)."""
+
+    def __init__(self, metric: str = "euclidean", chunk_bytes: int = 64 << 20, device: str = "cpu"):
+        if metric not in METRICS:
+            raise ValueError(f"metric: {metric!r} is not one of: {', '.join(METRICS)}")
+        self.metric = metric
+        self.chunk_bytes = int(chunk_bytes)
+        self.device = torch.device(device)
+        self.name = f"torch-{self.device.type}"
+
+    def assign(self, x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = centroids.shape[0]
+        step = rows_per_chunk(k, self.chunk_bytes)
+        labels = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+        dists = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+        c_t = centroids.t().contiguous()
+        c_sq = (centroids * centroids).sum(1) if self.metric == "euclidean" else None
+        for lo in range(0, x.shape[0], step):
+            xb = x[lo : lo + step]
+            prod = xb @ c_t
+            if self.metric == "cosine":
+                best, idx = prod.max(1)
+                dists[lo : lo + step] = (1.0 - best).clamp_(min=0.0)
+            else:
+                # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; the ||x||^2 term does not change the argmin.
+                prod.mul_(-2.0).add_(c_sq)
+                best, idx = prod.min(1)
+                dists[lo : lo + step] = (best + (xb * xb).sum(1)).clamp_(min=0.0)
+            labels[lo : lo + step] = idx
+        return labels, dists
+
+
+class CupyBackend(TorchBackend):
+    """The same arithmetic in CuPy on the actor's GPU; tensors cross over through DLPack."""
+
+    def __init__(self, metric: str = "euclidean", chunk_bytes: int = 64 << 20, device: str = "cuda"):
+        import cupy  # noqa: F401  (fail early when rsdist[gpu] is missing)
+
+        super().__init__(metric, chunk_bytes, device)
+        self.name = "cupy"
+
+    def assign(self, x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        import cupy as cp
+
+        xc = cp.from_dlpack(x.contiguous())
+        cc = cp.from_dlpack(centroids.contiguous())
+        k = cc.shape[0]
+        step = rows_per_chunk(k, self.chunk_bytes)
+        labels = cp.empty(xc.shape[0], dtype=cp.int64)
+        dists = cp.empty(xc.shape[0], dtype=cp.float32)
+        c_sq = (cc * cc).sum(1)
+        for lo in range(0, xc.shape[0], step):
+            xb = xc[lo : lo + step]
+            prod = xb @ cc.T
+            if self.metric == "cosine":
+                idx = prod.argmax(1)
+                best = cp.take_along_axis(prod, idx[:, None], 1)[:, 0]
+                dists[lo : lo + step] = cp.maximum(1.0 - best, 0.0)
+            else:
+                prod = c_sq[None, :] - 2.0 * prod
+                idx = prod.argmin(1)
+                best = cp.take_along_axis(prod, idx[:, None], 1)[:, 0]
+                dists[lo : lo + step] = cp.maximum(best + (xb * xb).sum(1), 0.0)
+            labels[lo : lo + step] = idx
+        return torch.from_dlpack(labels), torch.from_dlpack(dists)
+
+
+class CumlBackend(TorchBackend):
+    """cuML's brute-force nearest neighbours (one neighbour among the centroids) on the actor's GPU."""
+
+    def __init__(self, metric: str = "euclidean", chunk_bytes: int = 64 << 20, device: str = "cuda"):
+        import cuml  # noqa: F401
+
+        super().__init__(metric, chunk_bytes, device)
+        self.name = "cuml"
+
+    def assign(self, x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        import cupy as cp
+        from cuml.neighbors import NearestNeighbors
+
+        nn = NearestNeighbors(n_neighbors=1, algorithm="brute", metric=self.metric)
+        nn.fit(cp.from_dlpack(centroids.contiguous()))
+        step = rows_per_chunk(centroids.shape[0], self.chunk_bytes)
+        labels, dists = [], []
+        for lo in range(0, x.shape[0], step):
+            d, i = nn.kneighbors(cp.from_dlpack(x[lo : lo + step].contiguous()), return_distance=True)
+            d = cp.asarray(d, dtype=cp.float32)[:, 0]
+            labels.append(torch.from_dlpack(cp.asarray(i, dtype=cp.int64)[:, 0]))
+            # cuML returns the Euclidean distance (not squared) and, for cosine, 1 - cos already.
+            dists.append(torch.from_dlpack(d * d if self.metric == "euclidean" else d))
+        return torch.cat(labels), torch.cat(dists)
+
+
+BACKENDS = ("auto", "torch", "cupy", "cuml")
+
+
+def make_backend(name: str, metric: str, chunk_bytes: int, has_gpu: bool) -> TorchBackend:
+    """The backend `name` on this actor's device; GPU libraries without a GPU fall back to torch-cpu."""
+    if name not in BACKENDS:
+        raise ValueError(f"cluster.backend: {name!r} is not one of: {', '.join(BACKENDS)}")
+    device = "cuda" if has_gpu and torch.cuda.is_available() else "cpu"
+    if name in ("cupy", "cuml"):
+        if device != "cuda":
+            log.warning("cluster backend %s needs a GPU actor; using torch on cpu", name)
+        else:
+            try:
+                return (CupyBackend if name == "cupy" else CumlBackend)(metric, chunk_bytes, device)
+            except ImportError:
+                log.warning("cluster backend %s is not installed (pip install rsdist[gpu]); using torch on cuda", name)
+    return TorchBackend(metric, chunk_bytes, device)
+

@@ -1,0 +1,198 @@
+"""The experiment: full data vs each strategy at several budgets over several seeds.
+
+    rsdist experiment CONFIG.yaml [--out DIR]
+
+The config is a run config plus an `experiment:` section (ExperimentConfig). Ingest, features
+and clusters are computed once in `<out>/base`; each cell (method, budget, seed) is a run
+directory `<out>/cells/<method>_b<budget>_s<seed>` that inherits those folders and writes its own
+selection, checkpoints and eval, so finished cells are skipped when the experiment is run again.
+
+Two training protocols: `epochs` (every cell trains the same number of epochs: the cost-saving
+view, time falls with the budget) and `steps` (epochs scaled by 1 / budget so every cell takes
+about as many optimiser steps as full data: the data-quality view).
+
+Output: results.json (every cell), table.md (mean and sd per method and budget, relative to full
+data, selection and training seconds), budget_curve.png (metric against budget per method).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import yaml
+
+from rsdist.config import SELECT_METHODS, ConfigError, RunConfig, _choice, _help, config_from_dict
+from rsdist.io.rundir import RunDir
+
+log = logging.getLogger("rsdist")
+
+INHERITED = ("synthetic_source", "shards", "features", "clusters")
+PROTOCOLS = ("epochs", "steps")
+
+
+@dataclass
+class ExperimentConfig:
+    methods: list[str] = _help("Strategies to compare.", default_factory=lambda: ["random", "shift"])
+    budgets: list[float] = _help("Budgets as fractions of the training pool.", default_factory=lambda: [0.1, 0.2, 0.33])
+    seeds: list[int] = _help("Seeds; each seeds both selection and training.", default_factory=lambda: [0, 1, 2])
+    protocol: str = _help(f"Training protocol, one of {PROTOCOLS}.", default="epochs")
+    include_full: bool = _help("Also train on the full pool (the reference every cell is compared with).", default=True)
+    metrics: list[str] = _help("Metrics the table and plot show.", default_factory=lambda: ["mR", "zero_shot_accuracy"])
+
+    def __post_init__(self) -> None:
+        for m in self.methods:
+            _choice("experiment.methods", m, SELECT_METHODS)
+        for b in self.budgets:
+            if not 0 < b <= 1:
+                raise ConfigError(f"experiment.budgets: {b!r} must be a fraction in (0, 1]")
+        if not self.seeds:
+            raise ConfigError("experiment.seeds: must hold at least one seed")
+        _choice("experiment.protocol", self.protocol, PROTOCOLS)
+        if not self.metrics:
+            raise ConfigError("experiment.metrics: must name at least one metric")
+
+
+def load_experiment(path: str, out: str | None = None) -> tuple[RunConfig, ExperimentConfig]:
+    with fsspec.open(path, "r") as f:
+        try:
+            values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}".splitlines()[0]) from None
+    exp_values = values.pop("experiment", {}) or {}
+    if out:
+        values["run_dir"] = out
+    unknown = set(exp_values) - {f.name for f in dataclasses.fields(ExperimentConfig)}
+    if unknown:
+        raise ConfigError(f"experiment.{sorted(unknown)[0]}: unknown setting")
+    return config_from_dict(values), ExperimentConfig(**exp_values)
+
+
+def cell_name(method: str, budget: float, seed: int) -> str:
+    return f"{method}_b{budget:g}_s{seed}"
+
+
+def cell_config(cfg: RunConfig, exp: ExperimentConfig, label: str, budget: float, seed: int) -> RunConfig:
+    """The run config of one cell; `label` 'full' trains on the whole pool (random at budget 1)."""
+    method = "random" if label == "full" else label
+    epochs = cfg.train.epochs
+    if exp.protocol == "steps":
+        epochs = max(1, math.ceil(cfg.train.epochs / budget))
+    return dataclasses.replace(
+        cfg,
+        run_dir=f"{cfg.run_dir}/cells/{cell_name(label, budget, seed)}",
+        select=dataclasses.replace(cfg.select, method=method, budget=budget, seed=seed),
+        train=dataclasses.replace(cfg.train, seed=seed, epochs=epochs),
+    )
+
+
+def run_experiment(cfg: RunConfig, exp: ExperimentConfig) -> dict:
+    """Run every cell (skipping finished ones) and write the table, the plot and the raw results."""
+    from rsdist.pipeline import run_pipeline
+
+    out = RunDir(cfg.run_dir)
+    base_dir = f"{cfg.run_dir}/base"
+    base_cfg = dataclasses.replace(cfg, run_dir=base_dir)
+    run_pipeline(base_cfg, only=["ingest", "features", "cluster"])
+    cells = [(m, b, s) for m in exp.methods for b in exp.budgets for s in exp.seeds]
+    if exp.include_full:
+        cells = [("full", 1.0, s) for s in exp.seeds] + cells
+    results = []
+    for i, (method, budget, seed) in enumerate(cells, 1):
+        log.info("experiment cell %d/%d: %s", i, len(cells), cell_name(method, budget, seed))
+        ccfg = cell_config(cfg, exp, method, budget, seed)
+        run = RunDir(ccfg.run_dir, base=base_dir, inherited=INHERITED)
+        summary = run_pipeline(ccfg, only=["select", "train", "eval"], run=run)
+        results.append({
+            "method": method, "budget": budget, "seed": seed, "epochs": ccfg.train.epochs,
+            "selected": summary["selection"]["selected"], "pool": summary["selection"]["pool"],
+            "select_seconds": summary["stages"]["select"]["seconds"],
+            "train_seconds": summary["stages"]["train"]["seconds"],
+            "metrics": summary.get("metrics", {}),
+        })
+    table = aggregate(results, exp.metrics)
+    report = {"protocol": exp.protocol, "settings": dataclasses.asdict(exp), "cells": results, "table": table}
+    out.write_json(report, "results.json")
+    plot = plot_budget_curves(out, table, exp.metrics[0])
+    out.write_text(render_table(table, exp, plot), "experiment.md")
+    return report
+
+
+def _metric(cell: dict, name: str) -> float | None:
+    value = cell["metrics"].get(name)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def aggregate(results: list[dict], metrics: list[str]) -> list[dict]:
+    """Mean and sd per (method, budget) of each metric, relative to the full-data mean."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["method"], r["budget"]), []).append(r)
+    full = groups.get(("full", 1.0), [])
+    rows = []
+    for (method, budget), cells in sorted(groups.items(), key=lambda kv: (kv[0][0] != "full", kv[0][0], kv[0][1])):
+        row: dict[str, Any] = {"method": method, "budget": budget, "seeds": len(cells),
+                               "select_seconds": statistics.mean(c["select_seconds"] for c in cells),
+                               "train_seconds": statistics.mean(c["train_seconds"] for c in cells)}
+        for m in metrics:
+            values = [v for v in (_metric(c, m) for c in cells) if v is not None]
+            if not values:
+                continue
+            row[f"{m}_mean"] = statistics.mean(values)
+            row[f"{m}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            ref = [v for v in (_metric(c, m) for c in full) if v is not None]
+            if ref and statistics.mean(ref):
+                row[f"{m}_rel_full"] = row[f"{m}_mean"] / statistics.mean(ref)
+        rows.append(row)
+    return rows
+
+
+def render_table(table: list[dict], exp: ExperimentConfig, plot: str | None) -> str:
+    lines = [f"# Experiment ({exp.protocol} protocol, seeds {exp.seeds})", ""]
+    head = ["method", "budget", "seeds"]
+    for m in exp.metrics:
+        head += [f"{m} mean", f"{m} sd", f"{m} / full"]
+    head += ["select s", "train s"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in table:
+        cells = [row["method"], f"{row['budget']:g}", str(row["seeds"])]
+        for m in exp.metrics:
+            cells += [f"{row.get(m + '_mean', float('nan')):.2f}", f"{row.get(m + '_sd', float('nan')):.2f}", f"{row.get(m + '_rel_full', float('nan')):.3f}"]
+        cells += [f"{row['select_seconds']:.1f}", f"{row['train_seconds']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if plot:
+        lines += ["", f"![{plot}]({plot})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_budget_curves(out: RunDir, table: list[dict], metric: str) -> str | None:
+    """Metric against budget per method, with one-sd error bars and the full-data band."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row in (r for r in table if r["method"] == "full" and f"{metric}_mean" in r):
+        m, sd = row[f"{metric}_mean"], row[f"{metric}_sd"]
+        ax.axhspan(m - sd, m + sd, color="#dddddd")
+        ax.axhline(m, color="#555555", label="full data")
+    for method in sorted({r["method"] for r in table} - {"full"}):
+        rows = sorted((r for r in table if r["method"] == method and f"{metric}_mean" in r), key=lambda r: r["budget"])
+        if rows:
+            ax.errorbar([r["budget"] for r in rows], [r[f"{metric}_mean"] for r in rows], yerr=[r[f"{metric}_sd"] for r in rows], marker="o", capsize=3, label=method)
+    ax.set_xlabel("budget (fraction of the training pool)")
+    ax.set_ylabel(metric)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    out.write_bytes(buf.getvalue(), "budget_curve.png")
+    return "budget_curve.png"

@@ -1,0 +1,141 @@
+"""The Ray Train loop each worker runs: LoRA + heads on the selected rows, one checkpoint per epoch.
+
+Each worker streams its part of the dataset with `ray.train.get_dataset_shard("train")` (the
+split is equal, so every worker takes the same number of steps, which DDP needs). Per step it
+draws one caption per image (seeded by seed, epoch and sample id, so the several captions of an
+image are all used across epochs), and minimises symmetric InfoNCE within its local batch.
+After each epoch every worker calls `ray.train.report` once; only rank 0 attaches a checkpoint:
+`text_adapter/`, `heads.pt` (heads, logit_scale, optimizer and schedule state, epoch, history)
+and `state.json` (the same, minus tensors). On start, `ray.train.get_checkpoint()` gives the last
+finished epoch of an earlier run with the same storage path and name; training continues after it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from rsdist.models.dual import build_encoder
+from rsdist.train.data import pick_caption
+from rsdist.train.loss import info_nce
+from rsdist.train.model import ContrastivePair, clamp_logit_scale, count_parameters, load_heads_file, make_trainable, save_trained, ADAPTER_DIR
+
+STATE_FILE = "state.json"
+
+
+def warmup_then_linear(total_steps: int, warmup_steps: int):
+    """LambdaLR factor: linear warm-up over `warmup_steps`, then linear decay to 0 at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+def _all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum numbers over all workers (identity when not distributed)."""
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _restore(encoder, optimizer, scheduler, checkpoint) -> tuple[int, list[dict]]:
+    """Load an epoch checkpoint into the model and optimizer; return (epochs done, history)."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    with checkpoint.as_directory() as folder:
+        state = load_heads_file(folder)
+        set_peft_model_state_dict(encoder.text_tower, load_peft_weights(os.path.join(folder, ADAPTER_DIR), device="cpu"))
+    encoder.load_head_state(state["heads"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["epoch"]), list(state["history"])
+
+
+def _batch_tensors(batch: dict, encoder, seed: int, epoch: int, max_tokens: int, device) -> tuple[torch.Tensor, dict]:
+    feats = torch.from_numpy(np.stack(batch["image_emb"]).astype(np.float32, copy=False))
+    texts = [pick_caption(caps, seed, epoch, sid) for caps, sid in zip(batch["captions"], batch["sample_id"])]
+    tokens = encoder.tokenize(texts, max_tokens)
+    return feats.to(device), {k: v.to(device) for k, v in tokens.items()}
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(config["seed"] + 1000 * rank)
+
+    encoder = build_encoder(config["encoder"], embed_dim=config["embed_dim"], seed=config["seed"])
+    make_trainable(encoder, config["lora_r"], config["lora_alpha"], config["lora_dropout"], config["lora_targets"])
+    trainable, total = count_parameters(encoder)
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config["lr"], weight_decay=config["weight_decay"])
+    total_steps = config["steps_per_epoch"] * config["epochs"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear(total_steps, int(config["warmup_fraction"] * total_steps)))
+
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        start_epoch, history = _restore(encoder, optimizer, scheduler, checkpoint)
+        if rank == 0:
+            print(f"train: resuming after epoch {start_epoch}/{config['epochs']}", flush=True)
+    # DDP wraps after the restore, so all ranks start from the same (restored) weights.
+    model = ray.train.torch.prepare_model(ContrastivePair(encoder))
+
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start_epoch, config["epochs"]):
+        model.train()
+        started = time.perf_counter()
+        loss_sum, rows, steps = 0.0, 0, 0
+        batches = shard.iter_batches(
+            batch_size=config["batch_size"],
+            batch_format="numpy",
+            local_shuffle_buffer_size=config["shuffle_buffer"] or None,
+            local_shuffle_seed=config["seed"] * 7919 + epoch if config["shuffle_buffer"] else None,
+        )
+        for batch in batches:
+            feats, tokens = _batch_tensors(batch, encoder, config["seed"], epoch, config["max_text_tokens"], device)
+            image, text, scale = model(feats, tokens["input_ids"], tokens["attention_mask"])
+            loss = info_nce(image, text, scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            clamp_logit_scale(encoder, config["max_logit_scale"])
+            loss_sum += float(loss.detach()) * len(feats)
+            rows += len(feats)
+            steps += 1
+        loss_total, rows_total = _all_reduce_sum([loss_sum, rows])
+        record = {
+            "epoch": epoch + 1,
+            "loss": loss_total / max(rows_total, 1),
+            "rows": int(rows_total),
+            "steps": steps,
+            "seconds": round(time.perf_counter() - started, 3),
+            "logit_scale": float(encoder.logit_scale.exp()),
+        }
+        history.append(record)
+        metrics = {**record, "trainable_params": trainable, "total_params": total}
+        if rank == 0:
+            print(f"train: epoch {epoch + 1}/{config['epochs']} loss {record['loss']:.4f} on {record['rows']} rows, {record['seconds']:.1f}s", flush=True)
+            with tempfile.TemporaryDirectory() as folder:
+                state = {"epoch": epoch + 1, "history": history, "trainable_params": trainable, "total_params": total}
+                save_trained(encoder, folder, {**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
+                with open(os.path.join(folder, STATE_FILE), "w") as f:
+                    json.dump(state, f, indent=2)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
+        else:
+            ray.train.report(metrics)

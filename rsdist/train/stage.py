@@ -1,0 +1,151 @@
+"""Train stage: LoRA-tune the dual encoder on the selected rows with Ray Train (TorchTrainer, DDP).
+
+Input:
+- `<run>/selection/manifest.parquet`: the rows with selected == True (test-split rows are never
+  trained on, even if selected),
+- `<run>/features/part-*.parquet`: `image_emb`, the image-tower features. The image tower is frozen,
+  so training reuses these instead of decoding and encoding the images again,
+- `<run>/shards/part-*.parquet`: `captions` (all captions of each image; `text` when empty).
+Output, `<run>/checkpoints/`:
+- `ray/train/`: Ray Train's run folder, one checkpoint per epoch (running the stage again with the
+  same run directory resumes after the last finished epoch),
+- `final/`: `text_adapter/` (peft LoRA adapter), `heads.pt` (heads + logit_scale), `train_meta.json`
+  (encoder, embed_dim, LoRA settings, per-epoch loss, parameter counts, rows, seconds).
+Resources: `num_workers` Ray Train workers of `cpus_per_worker` CPUs each (fractional by default, so
+a 2-CPU machine never waits for a slot) and one GPU each when the cluster has GPUs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+
+import torch
+
+from rsdist.config import TrainConfig
+from rsdist.io.rundir import RunDir
+from rsdist.raycluster import cluster_gpus
+from rsdist.stage import Resources, StageResult
+from rsdist.train.data import training_rows
+from rsdist.train.loop import STATE_FILE, train_loop_per_worker
+from rsdist.train.model import ADAPTER_DIR, HEADS_FILE
+
+log = logging.getLogger("rsdist")
+
+STAGE = "checkpoints"
+FINAL = "final"
+META_FILE = "train_meta.json"
+
+
+def resources(cfg: TrainConfig) -> Resources:
+    """What each training worker asks for."""
+    return Resources(num_cpus=cfg.cpus_per_worker, num_gpus=1.0 if cluster_gpus() > 0 else 0.0)
+
+
+def storage_path(run: RunDir) -> str:
+    """Where Ray Train keeps its run: an absolute local path, or the run directory's URI on cloud storage."""
+    protocol = run.fs.protocol if isinstance(run.fs.protocol, str) else run.fs.protocol[0]
+    if protocol in ("file", "local"):
+        return os.path.abspath(run.path(STAGE, "ray"))
+    return run.url(STAGE, "ray")
+
+
+def loop_config(cfg: TrainConfig, encoder: str, train_rows: int) -> dict:
+    """The settings every worker gets; steps per epoch follow from the equal split over workers."""
+    per_worker = train_rows // cfg.num_workers
+    return {**dataclasses.asdict(cfg), "encoder": encoder, "steps_per_epoch": max(1, math.ceil(per_worker / cfg.batch_size))}
+
+
+def make_trainer(run: RunDir, cfg: TrainConfig, encoder: str, dataset, train_rows: int):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    res = resources(cfg)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config(cfg, encoder, train_rows),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=res.num_gpus > 0, resources_per_worker={"CPU": res.num_cpus}),
+        run_config=RunConfig(
+            storage_path=storage_path(run),
+            name="train",
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep),
+        ),
+        datasets={"train": dataset},
+    )
+
+
+def write_final(run: RunDir, checkpoint_dir: str, meta: dict) -> None:
+    """Copy the last epoch checkpoint's adapter and heads (without optimizer state) to `final/`."""
+    run.remove(STAGE, FINAL)
+    adapter = os.path.join(checkpoint_dir, ADAPTER_DIR)
+    for name in sorted(os.listdir(adapter)):
+        with open(os.path.join(adapter, name), "rb") as f:
+            run.write_bytes(f.read(), STAGE, FINAL, ADAPTER_DIR, name)
+    state = torch.load(os.path.join(checkpoint_dir, HEADS_FILE), map_location="cpu", weights_only=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, HEADS_FILE)
+        torch.save({"heads": state["heads"], "epoch": state["epoch"]}, path)
+        with open(path, "rb") as f:
+            run.write_bytes(f.read(), STAGE, FINAL, HEADS_FILE)
+    run.write_json(meta, STAGE, FINAL, META_FILE)
+
+
+def run(run: RunDir, cfg: TrainConfig, encoder: str) -> StageResult:
+    """Train on the selected rows; resume from `<run>/checkpoints/ray` when an earlier run stopped."""
+    import ray.data
+
+    rows, n_selected = training_rows(run)
+    if rows.num_rows < cfg.num_workers:
+        raise ValueError(f"train: {rows.num_rows} selected training rows, fewer than train.num_workers={cfg.num_workers}")
+    log.info("train: %d selected rows, %d workers, %d epochs", rows.num_rows, cfg.num_workers, cfg.epochs)
+    dataset = ray.data.from_arrow(rows)
+    trainer = make_trainer(run, cfg, encoder, dataset, rows.num_rows)
+    started = time.perf_counter()
+    result = trainer.fit()
+    seconds = time.perf_counter() - started
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"train: Ray Train finished without a checkpoint under {storage_path(run)}")
+    with result.checkpoint.as_directory() as folder:
+        with open(os.path.join(folder, STATE_FILE)) as f:
+            state = json.load(f)
+        history = state["history"]
+        meta = {
+            "encoder": encoder,
+            "embed_dim": cfg.embed_dim,
+            "seed": cfg.seed,
+            "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "targets": list(cfg.lora_targets)},
+            "epochs": state["epoch"],
+            "history": history,
+            "epoch_loss": [h["loss"] for h in history],
+            "trainable_params": state["trainable_params"],
+            "total_params": state["total_params"],
+            "selected_rows": n_selected,
+            "train_rows": history[-1]["rows"],
+            "num_workers": cfg.num_workers,
+            "batch_size": cfg.batch_size,
+            "lr": cfg.lr,
+            "seconds": round(seconds, 3),
+            "train_seconds": round(sum(h["seconds"] for h in history), 3),
+            "settings": dataclasses.asdict(cfg),
+        }
+        write_final(run, folder, meta)
+    log.info("train: %d epochs, final loss %.4f, %d/%d trainable parameters", meta["epochs"], meta["epoch_loss"][-1], meta["trainable_params"], meta["total_params"])
+    return StageResult(
+        rows_in=n_selected,
+        rows_out=meta["train_rows"],
+        extra={
+            "epochs": meta["epochs"],
+            "final_loss": meta["epoch_loss"][-1],
+            "trainable_params": meta["trainable_params"],
+            "total_params": meta["total_params"],
+            "train_seconds": meta["train_seconds"],
+        },
+    )
