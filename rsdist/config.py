@@ -39,7 +39,12 @@ def _fraction(name: str, value: float, lo_open: bool = True) -> None:
         raise ConfigError(f"{name}: {value!r} must be a fraction in {'(0, 1)' if lo_open else '[0, 1)'}")
 
 
-INGEST_FORMATS = ("auto", "captions-txt", "scene-folders", "captions-jsonl", "synthetic")
+INGEST_FORMATS = (
+    "auto", "captions-txt", "scene-folders", "captions-jsonl", "karpathy-json", "coco-captions",
+    "llava-json", "rsvqa", "webdataset", "parquet", "synthetic",
+)
+INGEST_ENGINES = ("auto", "ray", "local")
+PARQUET_ROLES = ("image", "text", "captions", "label", "key", "split", "answer", "task")
 ENCODERS = ("composite", "tiny")
 PERTURBATIONS = ("noise", "rotate", "crop", "flip", "blur", "jpeg", "token_dropout", "word_shuffle")
 FEATURE_DTYPES = ("float32", "float16")
@@ -64,6 +69,9 @@ class DataConfig:
     shard_rows: int = _help("Rows per canonical parquet shard.", default=512)
     max_image_bytes: int = _help("Images larger than this are quarantined as too-large.", default=32 * 1024 * 1024)
     synthetic_per_class: int = _help("Unique scenes per class in the generated demo set.", default=40)
+    engine: str = _help(f"How ingest reads images, one of {INGEST_ENGINES}: 'ray' = Ray Data tasks, 'local' = this process, 'auto' = Ray when it is up and a window holds at least `parallel_min_records` records.", default="auto")
+    parallel_min_records: int = _help("With engine 'auto', the fewest records worth a Ray Data pass.", default=2000)
+    columns: dict = _help(f"parquet format: source column per role ({', '.join(PARQUET_ROLES)}); a role left out uses the column of its own name.", default_factory=dict)
 
     def __post_init__(self) -> None:
         _choice("data.format", self.format, INGEST_FORMATS)
@@ -71,6 +79,14 @@ class DataConfig:
         _positive("data.shard_rows", self.shard_rows)
         _positive("data.max_image_bytes", self.max_image_bytes)
         _positive("data.synthetic_per_class", self.synthetic_per_class)
+        _choice("data.engine", self.engine, INGEST_ENGINES)
+        _positive("data.parallel_min_records", self.parallel_min_records)
+        if not isinstance(self.columns, dict):
+            raise ConfigError(f"data.columns: expected a mapping of role -> column name, got {type(self.columns).__name__}")
+        for role, column in self.columns.items():
+            _choice("data.columns", role, PARQUET_ROLES)
+            if not isinstance(column, str) or not column:
+                raise ConfigError(f"data.columns.{role}: {column!r} must be a column name")
 
 
 @dataclass

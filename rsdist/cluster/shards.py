@@ -149,7 +149,7 @@ class ShardActor:
         return table, space_vectors(table, self.space, where)
 
     def _centroids(self, centroids: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(centroids, dtype=np.float32), device=self.device)
+        return torch.tensor(np.asarray(centroids, dtype=np.float32), device=self.device)
 
     def info(self) -> dict:
         return {"rows": int(self.x.shape[0]), "dim": int(self.x.shape[1]) if self.x.ndim == 2 else 0, "backend": self.backend.name}
@@ -204,9 +204,8 @@ class ShardActor:
     def kpar_sample(self, oversampling: float, phi: float, seed: list[int]) -> np.ndarray:
         """k-means||: keep each row with probability min(1, l * d(x) / phi)."""
         p = (oversampling * self.d2.double() / max(phi, 1e-30)).clamp_(max=1.0).cpu().numpy()
-        keep = np.random.default_rng(seed).random(len(p)) < p
-        self_keep = torch.from_numpy(np.flatnonzero(keep))
-        return self.x[self_keep.to(self.device)].cpu().numpy()
+        keep = np.flatnonzero(np.random.default_rng(seed).random(len(p)) < p)
+        return self.x[torch.from_numpy(keep).to(self.device)].cpu().numpy()
 
     def nearest_counts(self, centers: np.ndarray) -> np.ndarray:
         """How many owned rows have each center as their nearest (the k-means|| weights)."""

@@ -21,8 +21,8 @@ a shard is only written when every one of its sample_ids is present; the stage f
 shard comes back incomplete.
 
 Resources (`plan_pool`): decided from `ray.cluster_resources()`. With GPUs: one actor per GPU
-(`num_gpus=1`). Without: about CPUs / threads_per_actor actors sharing CPUs minus a reserve (half a
-CPU on small hosts), so reads and decodes always find a slot.
+(`num_gpus=1`). Without: about CPUs / threads_per_actor actors sharing CPUs minus a reserve (one
+CPU on small hosts: Ray Data's file listing asks a whole one), so reads and decodes always find a slot.
 """
 
 from __future__ import annotations
@@ -70,7 +70,9 @@ def plan_pool(cfg: FeaturesConfig, cluster: dict[str, float]) -> PoolPlan:
         return PoolPlan(size, Resources(num_cpus=per_cpu, num_gpus=1.0), threads=2, use_gpu=True)
     threads = cfg.threads_per_actor
     size = cfg.num_actors or max(1, int(round(cpus / threads)))
-    reserve = max(0.5, cpus / 8)  # kept free for read and decode tasks
+    # Kept free for the read's file-listing task (Ray Data asks a whole CPU for it) and then for
+    # read and decode tasks; without it a 2-CPU host stalls before the first row is read.
+    reserve = max(1.0, cpus / 8)
     per_cpu = max(0.1, min(float(threads), (cpus - reserve) / size))
     return PoolPlan(size, Resources(num_cpus=round(per_cpu, 3)), threads=threads, use_gpu=False)
 

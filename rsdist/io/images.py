@@ -15,6 +15,7 @@ The original dtype, band count and scaling are recorded in the row's `meta`.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -65,7 +66,7 @@ def inspect_image(data: bytes) -> ImageInfo:
     except Exception as e:  # Pillow raises many types for bad bytes (OSError, SyntaxError, ValueError...)
         if _looks_like_tiff(data):
             return _tiff_to_png(data)
-        raise UnreadableImage(f"{type(e).__name__}: {e}") from None
+        raise UnreadableImage(re.sub(r"<[^>]* at 0x[0-9a-f]+>", "the bytes", f"{type(e).__name__}: {e}")) from None
     return ImageInfo(data=data, format=fmt or "unknown", width=int(width), height=int(height))
 
 

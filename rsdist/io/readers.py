@@ -30,7 +30,7 @@ TEXT_EXTS = (".txt", ".caption", ".text")
 FORMATS = ("scene-folders", "captions-txt", "karpathy-json", "captions-jsonl", "coco-captions", "llava-json", "rsvqa", "webdataset", "parquet")
 # Formats whose images live under an images root (the others carry their image bytes inline).
 NEEDS_IMAGES_ROOT = ("scene-folders", "captions-txt", "karpathy-json", "captions-jsonl", "coco-captions", "rsvqa")
-PARQUET_ROLES = ("image", "text", "captions", "label", "key", "split", "answer", "task")
+from rsdist.config import PARQUET_ROLES  # noqa: E402  (roles of data.columns)
 
 
 class IngestError(ValueError):

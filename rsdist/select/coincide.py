@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from rsdist.select.strategies import Selection
+from rsdist.select.strategies import Selection, members_of
 
 log = logging.getLogger("rsdist")
 
@@ -158,7 +158,7 @@ def coincide_select(
 ) -> Selection:
     """COINCIDE over unit rows `x` with cluster indices `groups` (0..k-1)."""
     sizes = np.bincount(groups, minlength=k)
-    members = [np.flatnonzero(groups == g) for g in range(k)]
+    members = members_of(groups, k)
     chunks = _chunks(sizes, parts)
     blocks = [[x[members[g]] for g in chunk] for chunk in chunks]
     if use_ray:

@@ -15,10 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import logging
+
 import numpy as np
 
 from rsdist.select.budget import top_global
-from rsdist.select.strategies import Selection
+from rsdist.select.strategies import Selection, members_of
+
+log = logging.getLogger("rsdist")
 
 DEDUP_KEEP_RULES = ("farthest", "nearest", "first")
 
@@ -77,11 +81,13 @@ def redundancy(x: np.ndarray, groups: np.ndarray, rule: str) -> Redundancy:
     n = len(groups)
     max_cos = np.full(n, -1.0, dtype=np.float32)
     dup = np.full(n, -1, dtype=np.int64)
-    for g in np.unique(groups):
-        rows = np.flatnonzero(groups == g)
+    for rows in members_of(groups, int(groups.max()) + 1 if n else 0):
+        if len(rows) == 0:
+            continue
         mc, d = cluster_redundancy(x[rows], rule)
         max_cos[rows] = mc
         dup[rows[d >= 0]] = rows[d[d >= 0]]
+    log.info("semdedup: redundancy of %d rows over %d clusters (keep %s)", n, len(np.unique(groups)), rule)
     return Redundancy(max_cos, dup)
 
 

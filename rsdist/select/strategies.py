@@ -36,6 +36,12 @@ def group_index(clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return labels, groups.astype(np.int64)
 
 
+def members_of(groups: np.ndarray, k: int) -> list[np.ndarray]:
+    """Row positions of each cluster 0..k-1, in row order (one sort, not one scan per cluster)."""
+    order = np.argsort(groups, kind="stable")
+    return np.split(order, np.cumsum(np.bincount(groups, minlength=k))[:-1])
+
+
 def cluster_quotas(groups: np.ndarray, k: int, budget: int, rule: str) -> np.ndarray:
     """Per-cluster quotas summing to `budget`: 'proportional' to size or 'equal', capped by size."""
     sizes = np.bincount(groups, minlength=k)

@@ -1,0 +1,306 @@
+"""The k-means driver: initialise, then iterate over shard actors until the centroids settle.
+
+The driver holds only the centroids (k x d), their running counts and small samples; every pass
+over the data happens inside the `ShardActor`s that own it.
+
+- Mini-batch (Sculley 2010): each iteration the centroids go out once (`ray.put`), every actor
+  assigns its share of the batch and returns sums and counts of the centroids it touched; the
+  driver merges them and moves centroid j by eta_j = n_j / v_j towards the batch mean, v_j the
+  count it has absorbed so far (a per-centroid learning rate). Stops on mean centroid movement
+  below `tol` or after `max_no_improvement` iterations without a better smoothed batch inertia
+  (the same rule as scikit-learn's MiniBatchKMeans).
+- Lloyd: the same plumbing with full passes and dense sums; stops on movement or a relative
+  inertia change below `tol`.
+- Re-seeding: in mini-batch mode every 10k rows seen (and whenever a centroid is still empty),
+  centroids whose count is below `reassign_ratio` x the largest move to rows of the current
+  batch; in Lloyd mode empty centroids move to the rows farthest from their centroid.
+- Initialisation: greedy k-means++ on a uniform sample, or k-means|| (Bahmani et al. 2012:
+  5 rounds oversampling 2k rows by distance, then weighted k-means++ on the candidates).
+- Spherical mode (metric "cosine"): rows are unit vectors and centroids are renormalised after
+  every update. Every random draw is keyed by (seed, actor, iteration): a seed fixes the result.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+log = logging.getLogger("rsdist")
+
+KMEANS_PAR_ROUNDS = 5
+KMEANS_PP_MAX_K = 1000
+
+
+@dataclass
+class FitResult:
+    centroids: np.ndarray
+    iterations: int
+    inertia: float  # last batch (mini-batch) or last full pass (Lloyd) inertia
+    reseeded: int = 0
+    init: str = ""
+    seconds: float = 0.0
+    history: list[float] = field(default_factory=list)
+
+
+def auto_k(n: int) -> int:
+    """About sqrt(N / 2), clamped to [2, N]."""
+    return int(min(max(2, round(math.sqrt(n / 2))), n))
+
+
+def normalise_rows(c: np.ndarray) -> np.ndarray:
+    return c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+
+
+def share(total: int, sizes: list[int]) -> list[int]:
+    """Split `total` draws over actors in proportion to their rows (largest remainder, exact sum)."""
+    n = sum(sizes)
+    raw = [total * s / n for s in sizes]
+    out = [int(r) for r in raw]
+    for i in sorted(range(len(sizes)), key=lambda i: (out[i] - raw[i], i))[: total - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def pair_dists(x: torch.Tensor, c: torch.Tensor, metric: str) -> torch.Tensor:
+    """Every row's distance to every row of `c` (squared Euclidean, or 1 - cos)."""
+    prod = x @ c.t()
+    if metric == "cosine":
+        return (1.0 - prod).clamp_(min=0.0)
+    return ((x * x).sum(1, keepdim=True) - 2.0 * prod + (c * c).sum(1)).clamp_(min=0.0)
+
+
+def kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator, metric: str, weights: np.ndarray | None = None, trials: int | None = None) -> np.ndarray:
+    """Greedy k-means++ (Arthur & Vassilvitskii; local trials as in scikit-learn) on rows `x`,
+    optionally weighted; O(k x trials x n x d)."""
+    n = len(x)
+    if n < k:
+        raise ValueError(f"k-means++ needs at least k = {k} rows, got {n}")
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    w = np.ones(n) if weights is None else np.asarray(weights, np.float64)
+    trials = trials or 2 + int(math.log(k))
+    chosen = [int(rng.choice(n, p=w / w.sum()))]
+    best = pair_dists(xt, xt[chosen], metric)[:, 0].double().numpy()
+    for _ in range(1, k):
+        pot = w * best
+        total = pot.sum()
+        if total <= 0:  # fewer distinct rows than k: take the first unchosen row
+            taken = set(chosen)
+            cand = np.array([next(i for i in range(n) if i not in taken)])
+        else:
+            cand = np.minimum(np.searchsorted(np.cumsum(pot), rng.random(trials) * total), n - 1)
+        # keep the candidate that lowers the weighted potential the most
+        new = np.minimum(best[:, None], pair_dists(xt, xt[torch.from_numpy(cand)], metric).double().numpy())
+        j = int(np.argmin(w @ new))
+        chosen.append(int(cand[j]))
+        best = new[:, j]
+    return x[chosen].astype(np.float32)
+
+
+class KMeansDriver:
+    """Fits centroids over a list of ShardActor handles whose row counts are `sizes`."""
+
+    def __init__(self, actors: list, sizes: list[int], k: int, cfg):
+        self.actors = [a for a, s in zip(actors, sizes) if s > 0]
+        self.sizes = [s for s in sizes if s > 0]
+        self.n = sum(self.sizes)
+        self.k = k
+        self.cfg = cfg
+        self.rng = np.random.default_rng([cfg.seed, 7919])
+
+    def _get(self, refs):
+        import ray
+
+        return ray.get(refs)
+
+    def _key(self, actor: int, it: int, what: int) -> list[int]:
+        return [self.cfg.seed, actor, it, what]
+
+    # ----- initialisation -------------------------------------------------------------------
+    def init_method(self) -> str:
+        init = self.cfg.init
+        if init == "auto":
+            init = "k-means++" if self.k <= KMEANS_PP_MAX_K else "k-means||"
+        return init
+
+    def sample(self, m: int, what: int = 0) -> np.ndarray:
+        m = min(m, self.n)
+        parts = self._get([a.sample.remote(s, self._key(i, 0, what)) for i, (a, s) in enumerate(zip(self.actors, share(m, self.sizes)))])
+        return np.concatenate(parts)
+
+    def initial_centroids(self) -> np.ndarray:
+        init = self.init_method()
+        metric = self.cfg.metric
+        if init == "random":
+            c = self.sample(self.k, what=1)
+        elif init == "k-means++":
+            m = self.cfg.init_sample or max(3 * self.cfg.batch_size, 3 * self.k)
+            c = kmeans_pp(self.sample(max(m, self.k)), self.k, self.rng, metric)
+        else:
+            c = self.kmeans_parallel()
+        return normalise_rows(c) if metric == "cosine" else c
+
+    def kmeans_parallel(self) -> np.ndarray:
+        """k-means||: oversample ~2k rows per round by distance to the candidates, weight, recluster."""
+        import ray
+
+        first = self.sample(1, what=2)
+        cands = [first]
+        new = first
+        oversampling = 2.0 * self.k
+        for r in range(KMEANS_PAR_ROUNDS):
+            ref = ray.put(new)
+            phi = sum(self._get([a.kpar_update.remote(ref) for a in self.actors]))
+            if phi <= 0:
+                break
+            new = np.concatenate(self._get([a.kpar_sample.remote(oversampling, phi, self._key(i, r, 3)) for i, a in enumerate(self.actors)]))
+            cands.append(new)
+            log.info("k-means|| round %d: %d candidates", r + 1, sum(len(c) for c in cands))
+        cands = np.concatenate(cands)
+        if len(cands) < self.k:  # too few distinct candidates: top up with a uniform sample
+            cands = np.concatenate([cands, self.sample(self.k - len(cands), what=4)])
+        ref = ray.put(cands)
+        weights = np.sum(self._get([a.nearest_counts.remote(ref) for a in self.actors]), axis=0).astype(np.float64)
+        weights = np.maximum(weights, 1e-3)
+        trials = 1 if self.k > KMEANS_PP_MAX_K else None
+        return kmeans_pp(cands, self.k, self.rng, self.cfg.metric, weights=weights, trials=trials)
+
+    # ----- iterations -------------------------------------------------------------------------
+    def fit(self, init: np.ndarray | None = None) -> FitResult:
+        start = time.perf_counter()
+        c = np.ascontiguousarray(init if init is not None else self.initial_centroids(), dtype=np.float32)
+        if self.cfg.metric == "cosine":
+            c = normalise_rows(c)
+        method = "given" if init is not None else self.init_method()
+        res = self._lloyd(c) if self.cfg.mode == "lloyd" else self._minibatch(c)
+        res.init = method
+        res.seconds = time.perf_counter() - start
+        return res
+
+    def _update_sculley(self, c: np.ndarray, v: np.ndarray, results: list[dict]) -> float:
+        idx = np.concatenate([r["idx"] for r in results])
+        sums = np.concatenate([r["sums"] for r in results])
+        counts = np.concatenate([r["counts"] for r in results]).astype(np.float64)
+        touched, inverse = np.unique(idx, return_inverse=True)
+        s = np.zeros((len(touched), c.shape[1]), np.float64)
+        np.add.at(s, inverse, sums)
+        n = np.bincount(inverse, weights=counts, minlength=len(touched))
+        v[touched] += n
+        eta = (n / v[touched])[:, None]
+        old = c[touched].astype(np.float64)
+        upd = old + eta * (s / n[:, None] - old)
+        if self.cfg.metric == "cosine":
+            upd = normalise_rows(upd)
+        c[touched] = upd
+        return float(np.linalg.norm(upd - old, axis=1).sum() / self.k)
+
+    def _reseed_minibatch(self, c: np.ndarray, v: np.ndarray, pool: np.ndarray, batch: int) -> int:
+        """Move starved centroids (count < ratio x max, or zero) onto random rows of this batch."""
+        ratio = self.cfg.reassign_ratio
+        starved = (v == 0) | (v < ratio * v.max())
+        if starved.sum() > 0.5 * batch:  # as scikit-learn: never more than half a batch at once
+            keep = np.argsort(v)[int(0.5 * batch) :]
+            starved[keep] = False
+        n = int(starved.sum())
+        if n == 0 or len(pool) == 0:
+            return 0
+        n = min(n, len(pool))
+        where = np.flatnonzero(starved)[:n]
+        c[where] = pool[self.rng.choice(len(pool), size=n, replace=False)]
+        if self.cfg.metric == "cosine":
+            c[where] = normalise_rows(c[where])
+        rest = v[~starved]
+        v[where] = rest.min() if len(rest) else 1.0
+        return n
+
+    def _minibatch(self, c: np.ndarray) -> FitResult:
+        import ray
+
+        cfg = self.cfg
+        batch = min(cfg.batch_size, self.n)
+        shares = share(batch, self.sizes)
+        v = np.zeros(self.k, np.float64)
+        alpha = min(1.0, batch * 2.0 / (self.n + 1))
+        ewa = ewa_min = None
+        no_improvement = 0
+        since_reseed = 0
+        reseeded = 0
+        history = []
+        it = 0
+        for it in range(1, cfg.max_iter + 1):
+            since_reseed += batch
+            reseed_due = cfg.reassign_ratio >= 0 and ((v == 0).any() or since_reseed >= 10 * self.k)
+            ref = ray.put(c)
+            results = self._get(
+                [a.minibatch_step.remote(ref, m, self._key(i, it, 5), (m + 1) // 2 if reseed_due else 0) for i, (a, m) in enumerate(zip(self.actors, shares)) if m > 0]
+            )
+            batch_inertia = sum(r["inertia"] for r in results) / batch
+            history.append(batch_inertia)
+            movement = self._update_sculley(c, v, results)
+            if reseed_due:
+                since_reseed = 0
+                reseeded += self._reseed_minibatch(c, v, np.concatenate([r["pool"] for r in results]), batch)
+            if it % max(1, cfg.max_iter // 10) == 0:
+                log.info("k-means mini-batch %d/%d: batch inertia %.5g, movement %.3g", it, cfg.max_iter, batch_inertia, movement)
+            if it == 1:  # the first batch measures the initialisation, not progress
+                continue
+            ewa = batch_inertia if ewa is None else ewa * (1 - alpha) + batch_inertia * alpha
+            if cfg.tol > 0 and movement < cfg.tol:
+                log.info("k-means converged: centroid movement %.3g < tol at iteration %d", movement, it)
+                break
+            if ewa_min is None or ewa < ewa_min:
+                ewa_min, no_improvement = ewa, 0
+            else:
+                no_improvement += 1
+            if cfg.max_no_improvement and no_improvement >= cfg.max_no_improvement:
+                log.info("k-means converged: no inertia improvement for %d iterations at %d", no_improvement, it)
+                break
+        return FitResult(c, it, float(history[-1] * self.n) if history else 0.0, reseeded, history=history)
+
+    def _lloyd(self, c: np.ndarray) -> FitResult:
+        import ray
+
+        cfg = self.cfg
+        history = []
+        reseeded = 0
+        it = 0
+        for it in range(1, cfg.max_iter + 1):
+            ref = ray.put(c)
+            results = self._get([a.lloyd_step.remote(ref) for a in self.actors])
+            sums = np.sum([r["sums"] for r in results], axis=0, dtype=np.float64)
+            counts = np.sum([r["counts"] for r in results], axis=0).astype(np.float64)
+            inertia = float(sum(r["inertia"] for r in results))
+            history.append(inertia)
+            new = c.astype(np.float64).copy()
+            full = counts > 0
+            new[full] = sums[full] / counts[full, None]
+            if self.cfg.metric == "cosine":
+                new[full] = normalise_rows(new[full])
+            empty = np.flatnonzero(~full)
+            if len(empty):
+                reseeded += len(empty)
+                new[empty] = self._farthest_rows(c, len(empty))
+            movement = float(np.linalg.norm(new - c, axis=1).mean())
+            c = new.astype(np.float32)
+            log.info("k-means lloyd %d/%d: inertia %.6g, movement %.3g, empty %d", it, cfg.max_iter, inertia, movement, len(empty))
+            if len(empty):
+                continue
+            if cfg.tol > 0 and movement < cfg.tol:
+                break
+            if cfg.tol > 0 and len(history) > 1 and abs(history[-2] - inertia) <= cfg.tol * max(abs(history[-2]), 1e-30):
+                break
+        return FitResult(c, it, history[-1] if history else 0.0, reseeded, history=history)
+
+    def _farthest_rows(self, c: np.ndarray, m: int) -> np.ndarray:
+        import ray
+
+        ref = ray.put(c)
+        parts = self._get([a.farthest.remote(ref, m) for a in self.actors])
+        rows = np.concatenate([p[0] for p in parts])
+        dists = np.concatenate([p[1] for p in parts])
+        rows = rows[np.argsort(-dists, kind="stable")[:m]]
+        return normalise_rows(rows) if self.cfg.metric == "cosine" else rows

@@ -1,0 +1,146 @@
+"""Cluster stage: distributed k-means over the training rows' embeddings.
+
+Input:  `<run>/features/part-*.parquet` with sample_id (string), split (string), image_emb and
+        text_emb (lists of float32). Only rows with split == "train" are clustered or labelled.
+        Space per `cluster.space`: "joint" = concat(l2norm(image_emb), l2norm(text_emb)) / sqrt(2),
+        "image" or "text" (l2-normalised).
+Output: `<run>/clusters/part-*.parquet` (sample_id string, cluster int32, dist float32: Euclidean
+        distance to its centroid, or 1 - cos in spherical mode), one file per input unit;
+        `centroids.npy` (k x d float32); `sizes.json` (cluster id -> rows, plus k, inertia,
+        iterations, backend, init, mode, metric); `fit.json` (the fitted run's record).
+Resources: `num_actors` ShardActors with `cpus_per_actor` CPUs (fractional, 0.5 by default, so a
+        2-CPU local Ray keeps running) and, on clusters with GPUs, `gpus_per_actor` GPUs each.
+Resume: call through `run_stage(..., resumable=True)`. Centroids are saved before labelling; a
+        resumed run with the same fingerprint reuses them and labels only the missing units.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+
+import numpy as np
+
+from rsdist.cluster.engine import FitResult, KMeansDriver, auto_k
+from rsdist.cluster.shards import ShardActor, Unit, plan_units, split_units
+from rsdist.config import ClusterConfig
+from rsdist.io.rundir import RunDir
+from rsdist.stage import Resources, StageResult
+
+log = logging.getLogger("rsdist")
+
+NAME = "clusters"
+
+
+def actor_resources(cfg: ClusterConfig) -> Resources:
+    """Per-actor resources from the cluster's resources: a GPU each when the cluster has GPUs."""
+    from rsdist.raycluster import cluster_gpus
+
+    gpus = cfg.gpus_per_actor
+    if gpus < 0:
+        gpus = 1.0 if cluster_gpus() >= 1 else 0.0
+    return Resources(num_cpus=cfg.cpus_per_actor, num_gpus=gpus)
+
+
+def actor_count(cfg: ClusterConfig, res: Resources, units: int) -> int:
+    from rsdist.raycluster import cluster_cpus, cluster_gpus
+
+    if cfg.num_actors:
+        n = cfg.num_actors
+    elif res.num_gpus > 0:
+        n = int(cluster_gpus() // res.num_gpus)
+    else:
+        n = int(cluster_cpus())
+    return max(1, min(n, units))
+
+
+def start_actors(run: RunDir, owners: list[list[Unit]], cfg: ClusterConfig, res: Resources) -> list:
+    """One ShardActor per owner list; each reads its own units' training rows."""
+    import ray
+
+    remote = ray.remote(ShardActor).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus)
+    threads = max(1, math.ceil(res.num_cpus))
+    log.info("cluster: %d shard actors (%s CPU, %s GPU each) over %d units", len(owners), res.num_cpus, res.num_gpus, sum(map(len, owners)))
+    return [remote.remote(run.uri, own, cfg.space, cfg.metric, cfg.backend, cfg.chunk_mb << 20, threads) for own in owners]
+
+
+def save_fit(run: RunDir, fit: FitResult, k: int, backend: str) -> dict:
+    buf = io.BytesIO()
+    np.save(buf, fit.centroids.astype(np.float32))
+    run.write_bytes(buf.getvalue(), NAME, "centroids.npy")
+    record = {"k": k, "iterations": fit.iterations, "fit_inertia": fit.inertia, "reseeded": fit.reseeded, "init": fit.init, "fit_seconds": round(fit.seconds, 3), "backend": backend}
+    run.write_json(record, NAME, "fit.json")
+    return record
+
+
+def load_centroids(run: RunDir) -> np.ndarray:
+    with run.fs.open(run.path(NAME, "centroids.npy"), "rb") as f:
+        return np.load(io.BytesIO(f.read()))
+
+
+def label_all(run: RunDir, actors: list, owners: list[list[Unit]], centroids: np.ndarray) -> dict:
+    """Every actor labels its own units, one call per unit (progress per unit); merged stats back."""
+    import ray
+    from tqdm import tqdm
+
+    ref = ray.put(centroids)
+    pending = [a.label_unit.remote(u, ref, NAME) for a, own in zip(actors, owners) for u in own]
+    counts = np.zeros(len(centroids), np.int64)
+    rows, inertia, skipped = 0, 0.0, 0
+    with tqdm(total=len(pending), desc="cluster labels", unit="unit", leave=False) as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            r = ray.get(done[0])
+            counts += r["counts"]
+            rows += r["rows"]
+            inertia += r["inertia"]
+            skipped += r["skipped"]
+            bar.update(1)
+    return {"rows": rows, "counts": counts, "inertia": inertia, "skipped_units": skipped}
+
+
+def run(run: RunDir, cfg: ClusterConfig) -> StageResult:
+    import ray
+
+    units = plan_units(run, "features")
+    res = actor_resources(cfg)
+    owners = split_units(units, actor_count(cfg, res, len(units)))
+    actors = start_actors(run, owners, cfg, res)
+    try:
+        infos = ray.get([a.info.remote() for a in actors])
+        sizes = [i["rows"] for i in infos]
+        n = sum(sizes)
+        if n == 0:
+            raise ValueError(f"{run.url('features')}: no rows with split == 'train' to cluster")
+        k = cfg.k if cfg.k else auto_k(n)
+        if k > n:
+            log.warning("cluster.k = %d is more than the %d training rows; using k = %d", k, n, n)
+            k = n
+        backend = ",".join(sorted({i["backend"] for i in infos}))
+        if run.exists(NAME, "fit.json") and run.exists(NAME, "centroids.npy"):
+            record = run.read_json(NAME, "fit.json")
+            centroids = load_centroids(run)
+            log.info("cluster: reusing the centroids of the interrupted run (k = %d)", len(centroids))
+        else:
+            fit = KMeansDriver(actors, sizes, k, cfg).fit()
+            record = save_fit(run, fit, k, backend)
+            centroids = fit.centroids
+        labels = label_all(run, actors, owners, centroids)
+    finally:
+        for a in actors:
+            ray.kill(a)
+    summary = {
+        "k": int(record["k"]),
+        "inertia": labels["inertia"],
+        "iterations": int(record["iterations"]),
+        "backend": record["backend"],
+        "init": record["init"],
+        "mode": cfg.mode,
+        "metric": cfg.metric,
+        "reseeded": int(record["reseeded"]),
+        "fit_seconds": record["fit_seconds"],
+        "empty_clusters": int((labels["counts"] == 0).sum()),
+    }
+    run.write_json({**{str(c): int(v) for c, v in enumerate(labels["counts"])}, **summary}, NAME, "sizes.json")
+    return StageResult(rows_in=n, rows_out=labels["rows"], extra={**summary, "resumed_units": labels["skipped_units"]})

@@ -1,0 +1,124 @@
+"""The ingest stage contract on the captions-txt layout (the demo's and rsicd-aid's), local and memory://."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from rsdist.config import ConfigError, DataConfig
+from rsdist.io import ingest
+from rsdist.io.readers import IngestError
+from rsdist.io.rundir import RunDir
+from rsdist.io.schema import CANONICAL_SCHEMA, QUARANTINE_SCHEMA, make_sample_id
+from rsdist.stage import fingerprint, run_stage
+from tests.io.conftest import put, write_captions_txt
+
+
+def _ingest(run: RunDir, **kw):
+    data = DataConfig(engine="local", **kw)
+    return run_stage(run, "shards", fingerprint(data), lambda: ingest.run(run, data), resumable=True), data
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_captions_txt_rows_quarantine_and_report(where, tmp_path, memory_root):
+    root = str(tmp_path / "ds") if where == "local" else f"{memory_root}/ds"
+    run = RunDir(str(tmp_path / "run") if where == "local" else f"{memory_root}/run")
+    expected = write_captions_txt(root, broken=True)
+
+    record, _ = _ingest(run, source=root, shard_rows=4)
+
+    table = run.read_table("shards")
+    assert table.schema.equals(CANONICAL_SCHEMA)
+    assert table.num_rows == expected["written"] == record["rows_out"]
+    assert [pq.ParquetFile(run.fs.open(f, "rb")).metadata.num_rows for f in run.parquet_files("shards")] == [4, 2]
+    rows = table.to_pylist()
+    first = rows[0]
+    assert first["sample_id"] == make_sample_id("ds:captions-txt", "forest_0.png")
+    assert first["label"] == "Forest" and first["task"] == "caption" and first["image_format"] == "png"
+    assert (first["width"], first["height"]) == (24, 16)
+    assert first["captions"] == ["a forest scene number 0"] * 5 and first["text"] == first["captions"][0]
+    assert {r["split"] for r in rows} <= {"train", "test"}
+
+    quarantine = run.read_table("shards", "quarantine")
+    assert quarantine.schema.equals(QUARANTINE_SCHEMA)
+    reasons = {}
+    for q in quarantine.to_pylist():
+        reasons[q["reason"]] = reasons.get(q["reason"], 0) + 1
+        assert q["source"] == "captions/train_caps.txt" and q["detail"].startswith("line ")
+    assert reasons == expected["bad"]
+
+    report = run.read_json("shards", "ingest_report.json")
+    assert report["read"] == report["written"] + report["quarantined"] == record["rows_in"] == 12
+    assert report["quarantined_by_reason"] == expected["bad"] == record["quarantined_by_reason"]
+    assert report["format"] == "captions-txt" and report["notes"]["captions_txt_layouts"] == {"captions/train_filename.txt": "per-image"}
+    assert sum(record["splits"].values()) == report["written"]
+
+
+def test_ids_do_not_depend_on_location(tmp_path):
+    write_captions_txt(str(tmp_path / "a" / "ds"))
+    write_captions_txt(str(tmp_path / "b" / "ds"))
+    ids = []
+    for side in "ab":
+        run = RunDir(str(tmp_path / f"run-{side}"))
+        _ingest(run, source=str(tmp_path / side / "ds"))
+        ids.append(run.read_table("shards", columns=["sample_id", "split"]).to_pylist())
+    assert ids[0] == ids[1]
+
+
+def test_test_files_give_the_split_and_the_per_caption_layout(tmp_path):
+    root = str(tmp_path / "ds")
+    write_captions_txt(root, n_per_class=2)
+    put(f"{root}/images/Forest/t1.png", open(f"{root}/images/Forest/forest_0.png", "rb").read())
+    put(f"{root}/images/Harbor/t2.png", open(f"{root}/images/Harbor/harbor_0.png", "rb").read())
+    put(f"{root}/captions/test_filename.txt", "t1.png\nt1.png\nt2.png\nt2.png\nt2.png\n")
+    put(f"{root}/captions/test_caps.txt", "one\ntwo\nthree\nfour\nfour\n")
+    run = RunDir(str(tmp_path / "run"))
+    record, _ = _ingest(run, source=root)
+    rows = {json.loads(r["meta"])["key"]: r for r in run.read_table("shards").to_pylist()}
+    assert rows["t1.png"]["captions"] == ["one", "two"] and rows["t2.png"]["captions"] == ["three", "four", "four"]
+    assert rows["t1.png"]["split"] == "test" and rows["forest_0.png"]["split"] == "train"
+    assert record["splits"]["test"] == 2 and record["splits"]["train"] == 4
+    layouts = run.read_json("shards", "ingest_report.json")["notes"]["captions_txt_layouts"]
+    assert layouts == {"captions/test_filename.txt": "per-caption", "captions/train_filename.txt": "per-image"}
+    # t1/t2 repeat the bytes of forest_0/harbor_0 but not their text: not exact duplicates
+    assert record["duplicates"] == 0
+
+
+def test_exact_duplicates_are_flagged_not_dropped(tmp_path):
+    root = str(tmp_path / "ds")
+    write_captions_txt(root, n_per_class=1, classes=("Forest",))
+    put(f"{root}/images/Forest/copy.png", open(f"{root}/images/Forest/forest_0.png", "rb").read())
+    put(f"{root}/captions/train_filename.txt", "forest_0.png\ncopy.png\n")
+    put(f"{root}/captions/train_caps.txt", "same words\n" * 10)
+    run = RunDir(str(tmp_path / "run"))
+    record, _ = _ingest(run, source=root)
+    rows = run.read_table("shards").to_pylist()
+    assert record["duplicates"] == 1 and len(rows) == 2
+    assert json.loads(rows[1]["meta"])["duplicate_of"] == rows[0]["sample_id"]
+
+
+def test_missing_images_root_is_one_clear_error_before_any_work(tmp_path):
+    root = tmp_path / "ds"
+    put(f"{root}/captions/train_filename.txt", "a.png\n")
+    put(f"{root}/captions/train_caps.txt", "x\n")
+    run = RunDir(str(tmp_path / "run"))
+    with pytest.raises(IngestError, match=r"data.images: images root .*ds/images does not exist"):
+        ingest.run(run, DataConfig(source=str(root)))
+    assert not run.parquet_files("shards")
+
+
+def test_bad_settings_name_the_field():
+    with pytest.raises(ConfigError, match="data.engine"):
+        DataConfig(engine="spark")
+    with pytest.raises(ConfigError, match="data.columns"):
+        DataConfig(columns={"picture": "img"})
+
+
+def test_mismatched_caption_counts_name_both_files(tmp_path):
+    root = str(tmp_path / "ds")
+    write_captions_txt(root, n_per_class=2, classes=("Forest",))
+    put(f"{root}/captions/train_caps.txt", "a\nb\nc\n")
+    with pytest.raises(IngestError, match="train_caps.txt: 3 caption lines do not match 2 names"):
+        ingest.run(RunDir(str(tmp_path / "run")), DataConfig(source=root))

@@ -1,0 +1,87 @@
+"""COINCIDE: exact sequential quotas, a dense cluster under-sampled, greedy MMD, Ray == local."""
+
+import itertools
+
+import numpy as np
+
+from rsdist.select.coincide import (
+    cluster_probabilities,
+    coincide_select,
+    density,
+    greedy_mmd,
+    sequential_quotas,
+    transferability,
+)
+
+
+def unit(m):
+    return m / np.linalg.norm(m, axis=1, keepdims=True)
+
+
+def two_clusters(seed=0):
+    """Cluster 0: 60 near-identical rows (dense). Cluster 1: 20 spread-out rows. Centres alike (S > 0)."""
+    rng = np.random.default_rng(seed)
+    common = 2.0 * np.eye(16)[0]
+    dense = common + np.eye(16)[1] + 0.05 * rng.normal(size=(60, 16))
+    spread = common + np.eye(16)[2] + 0.5 * rng.normal(size=(20, 16))
+    x = unit(np.vstack([dense, spread]))
+    return x, np.array([0] * 60 + [1] * 20)
+
+
+def test_sequential_quotas_are_exact_and_capped():
+    p = np.array([0.7, 0.2, 0.1])
+    sizes = np.array([3, 50, 50])
+    for budget in range(0, 104):
+        q, order = sequential_quotas(p, sizes, budget)
+        assert q.sum() == budget and np.all(q <= sizes)
+    q, order = sequential_quotas(p, sizes, 10)
+    assert order.tolist() == [0, 1, 2] and q[0] == 3  # the top cluster is taken whole
+
+
+def test_transferability_ignores_near_identical_pairs():
+    c = unit(np.array([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0]]))
+    s = transferability(c, 0.9)
+    assert abs(s[0] - c[0] @ c[2]) < 1e-12  # the pair (0, 1) is left out
+
+
+def test_dense_cluster_is_under_sampled():
+    x, groups = two_clusters()
+    d0, d1 = density(x[:60], 512, 0), density(x[60:], 512, 0)
+    assert d0 > d1
+    sel = coincide_select(x, groups, 2, 20, tau=0.1)
+    taken = np.bincount(groups[sel.selected], minlength=2)
+    assert sel.count == 20
+    assert taken[0] / 60 < taken[1] / 20  # denser cluster gets the smaller share of its rows
+
+
+def test_greedy_mmd_matches_brute_force_first_steps():
+    rng = np.random.default_rng(5)
+    x = unit(rng.normal(size=(9, 4)))
+    kern = np.exp(-((x[:, None] - x[None]) ** 2).sum(-1) / 2)
+
+    def mmd(idx):
+        idx = list(idx)
+        return kern[np.ix_(idx, idx)].mean() - 2 * kern[idx].mean()
+
+    picks = greedy_mmd(x, 3)
+    chosen = []
+    for _ in range(3):
+        best = min((j for j in range(9) if j not in chosen), key=lambda j: mmd(chosen + [j]))
+        chosen.append(best)
+    assert picks.tolist() == chosen
+    # greedy is close to the best 3-subset
+    best3 = min(mmd(c) for c in itertools.combinations(range(9), 3))
+    assert mmd(picks) <= best3 + 0.05
+
+
+def test_probabilities_sum_to_one():
+    p = cluster_probabilities(np.array([0.1, 0.5, 0.3]), np.array([0.5, 0.9, 0.2]), 0.1)
+    assert abs(p.sum() - 1) < 1e-12 and np.all(p > 0)
+
+
+def test_ray_tasks_give_the_same_selection_as_local(ray_session):
+    x, groups = two_clusters(1)
+    local = coincide_select(x, groups, 2, 25, use_ray=False, parts=2)
+    remote = coincide_select(x, groups, 2, 25, use_ray=True, parts=2)
+    assert np.array_equal(local.selected, remote.selected)
+    assert list(local.reason) == list(remote.reason)

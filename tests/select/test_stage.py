@@ -1,0 +1,136 @@
+"""The select stage on a constructed run directory: every method, the manifest, determinism, errors."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rsdist.config import ConfigError, SelectConfig, config_from_dict
+from rsdist.io.schema import make_sample_id
+from rsdist.select import stage as select
+from rsdist.stage import fingerprint, run_stage
+
+DIM = 8
+METHODS = ["shift", "random", "cluster-random", "scalselect", "semdedup", "coincide", "error-driven"]
+
+
+def emb_array(m):
+    return pa.FixedSizeListArray.from_arrays(pa.array(m.ravel(), type=pa.float32()), m.shape[1])
+
+
+def write_inputs(run, n=60, k=4, n_test=6, seed=0):
+    """clusters/ (two part files) and features/ for n pool rows plus n_test test rows; rows 50-54 duplicate row 0."""
+    rng = np.random.default_rng(seed)
+    ids = [make_sample_id("constructed", f"img{i}") for i in range(n + n_test)]
+    centres = rng.normal(size=(k, DIM)) * 3
+    cluster = np.arange(n + n_test) % k
+    img = centres[cluster] + rng.normal(size=(n + n_test, DIM))
+    img[50:55] = img[0]
+    cluster[50:55] = cluster[0]
+    txt = img + 0.1 * rng.normal(size=img.shape)
+    shift = rng.random(n + n_test).astype(np.float32)
+    split = ["train"] * n + ["test"] * n_test
+    feats = pa.table(
+        {
+            "sample_id": ids,
+            "split": split,
+            "label": [f"c{c}" for c in cluster],
+            "image_emb": emb_array(img.astype(np.float32)),
+            "text_emb": emb_array(txt.astype(np.float32)),
+            "shift": shift,
+            "shift_noise": shift[::-1].copy(),
+        }
+    )
+    order = rng.permutation(n + n_test)  # file order must not matter
+    run.write_table(feats.take(pa.array(order[: (n + n_test) // 2])), "features", "part-00000.parquet")
+    run.write_table(feats.take(pa.array(order[(n + n_test) // 2:])), "features", "part-00001.parquet")
+    clusters = pa.table({"sample_id": ids[:n], "cluster": pa.array(cluster[:n], pa.int32()), "dist": pa.array(rng.random(n), pa.float32())})
+    run.write_table(clusters.slice(0, 25), "clusters", "part-00000.parquet")
+    run.write_table(clusters.slice(25), "clusters", "part-00001.parquet")
+    np.save(run.path("clusters", "centroids.npy"), centres)
+    return ids
+
+
+def write_failures(run, ids):
+    pq.write_table(pa.table({"sample_id": ids[60:63], "weight": [1.0, 2.0, 1.0]}), run.path("failures.parquet"))
+    return run.url("failures.parquet")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_writes_an_exact_manifest(run_dir, ray_session, method):
+    ids = write_inputs(run_dir)
+    cfg = SelectConfig(method=method, budget=0.25, failures=write_failures(run_dir, ids))
+    result = select.run(run_dir, cfg)
+    assert (result.rows_in, result.rows_out) == (60, 15)
+    assert result.extra == {"method": method, "budget": 0.25, "budget_count": 15, "selected": 15, "pool": 60}
+    manifest = run_dir.read_table("selection", "manifest.parquet")
+    assert manifest.schema.equals(select.MANIFEST_SCHEMA)
+    assert manifest.num_rows == 60 and sum(manifest.column("selected").to_pylist()) == 15
+    assert manifest.column("sample_id").to_pylist() == sorted(ids[:60])
+    assert all(r.startswith(("kept:", "dropped:")) for r in manifest.column("reason").to_pylist())
+    info = run_dir.read_json("selection", "selection.json")
+    assert info["method"] == method and info["pool"] == 60 and info["selected"] == 15
+    assert sum(c["selected"] for c in info["clusters"].values()) == 15
+    if method in ("shift", "cluster-random"):
+        assert sum(c["quota"] for c in info["clusters"].values()) == 15
+    if method == "semdedup":
+        dup_ids = {ids[i] for i in range(51, 55)}
+        kept = set(manifest.filter(manifest.column("selected")).column("sample_id").to_pylist())
+        assert len(kept & (dup_ids | {ids[0], ids[50]})) <= 1
+
+
+def test_same_inputs_give_the_same_manifest(tmp_path):
+    from rsdist.io.rundir import RunDir
+
+    tables = []
+    for name in ("a", "b"):
+        run = RunDir(str(tmp_path / name))
+        write_inputs(run, seed=3)
+        select.run(run, SelectConfig(method="cluster-random", budget=20, quota="equal", seed=7))
+        tables.append(run.read_table("selection", "manifest.parquet"))
+    assert tables[0].equals(tables[1])
+
+
+def test_dedup_filter_composes_with_shift_and_a_shift_column(run_dir):
+    write_inputs(run_dir)
+    cfg = SelectConfig(method="shift", budget=30, dedup_threshold=0.99, dedup_keep="first", shift_column="shift_noise")
+    select.run(run_dir, cfg)
+    manifest = run_dir.read_table("selection", "manifest.parquet").to_pylist()
+    dropped = [r for r in manifest if "near-duplicate" in r["reason"]]
+    assert len(dropped) == 5 and not any(r["selected"] for r in dropped)
+    assert sum(r["selected"] for r in manifest) == 30
+
+
+def test_run_stage_skips_a_complete_selection(run_dir):
+    write_inputs(run_dir)
+    cfg = SelectConfig(method="random", budget=0.5)
+    fp = fingerprint(cfg)
+    first = run_stage(run_dir, "selection", fp, lambda: select.run(run_dir, cfg))
+    again = run_stage(run_dir, "selection", fp, lambda: select.run(run_dir, cfg))
+    assert not first["skipped"] and again["skipped"] and again["rows_out"] == 30
+
+
+def test_bad_inputs_name_the_file_and_the_row(run_dir):
+    ids = write_inputs(run_dir)
+    run_dir.write_table(pa.table({"sample_id": [ids[0]], "cluster": pa.array([0], pa.int32()), "dist": pa.array([0.0], pa.float32())}), "clusters", "part-00002.parquet")
+    with pytest.raises(ValueError, match=f"clusters: sample_id '{ids[0]}' appears more than once"):
+        select.run(run_dir, SelectConfig(method="random"))
+    run_dir.remove("clusters", "part-00002.parquet")
+    run_dir.write_table(pa.table({"sample_id": ["not-in-features"], "cluster": pa.array([0], pa.int32()), "dist": pa.array([0.0], pa.float32())}), "clusters", "part-00002.parquet")
+    with pytest.raises(ValueError, match="features: no row for sample_id 'not-in-features'"):
+        select.run(run_dir, SelectConfig(method="shift"))
+    run_dir.remove("clusters", "part-00002.parquet")
+    with pytest.raises(ValueError, match="select.failures: .* does not exist"):
+        select.run(run_dir, SelectConfig(method="error-driven"))
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="select.method: 'best' is not one of: shift, random, cluster-random"):
+        SelectConfig(method="best")
+    with pytest.raises(ConfigError, match="select.energy"):
+        config_from_dict({"select": {"energy": 1.5}})
+    with pytest.raises(ConfigError, match="select.space"):
+        SelectConfig(space="pixels")
+    with pytest.raises(ConfigError, match="select.dedup_keep"):
+        SelectConfig(dedup_keep="random")
+    assert SelectConfig(space="vlm_emb").space == "vlm_emb"
