@@ -41,7 +41,7 @@ def _fraction(name: str, value: float, lo_open: bool = True) -> None:
 
 INGEST_FORMATS = (
     "auto", "captions-txt", "scene-folders", "captions-jsonl", "karpathy-json", "coco-captions",
-    "llava-json", "rsvqa", "webdataset", "parquet", "synthetic",
+    "llava-json", "rsvqa", "webdataset", "parquet",
 )
 INGEST_ENGINES = ("auto", "ray", "local")
 PARQUET_ROLES = ("image", "text", "captions", "label", "key", "split", "answer", "task")

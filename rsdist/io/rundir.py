@@ -8,11 +8,13 @@ half-written shard that a later stage would take for complete.
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import uuid
 from typing import Any, Iterator
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -60,6 +62,9 @@ class RunDir:
             self.fs.rm(p, recursive=True)
 
     def _commit(self, tmp: str, final: str) -> None:
+        if isinstance(self.fs, LocalFileSystem):
+            os.replace(tmp, final)  # atomic, and no glob expansion of names holding [ or ]
+            return
         if self.fs.exists(final):
             self.fs.rm(final)
         self.fs.mv(tmp, final)
