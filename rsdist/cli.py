@@ -5,7 +5,7 @@
     rsdist ingest|features|cluster|select|train|eval [CONFIG.yaml] --out DIR [stage flags]
     rsdist experiment CONFIG.yaml [--out DIR]
     rsdist report --out DIR
-    rsdist bench ingest|features|kmeans|select [flags]
+    rsdist bench ingest|features|kmeans|select|train [flags]
 
 Every stage reads and writes the run directory given by --out (any fsspec URI). A bad setting
 or a bad input ends with one line naming the field, file or row.
@@ -25,7 +25,7 @@ import yaml
 from rsdist.config import ConfigError, RunConfig, config_from_dict, config_to_dict, load_config
 from rsdist.pipeline import STAGE_NAMES
 
-BENCHES = {"ingest": "rsdist.io.bench", "features": "rsdist.features.bench", "kmeans": "rsdist.cluster.bench", "select": "rsdist.select.bench"}
+BENCHES = {"ingest": "rsdist.io.bench", "features": "rsdist.features.bench", "kmeans": "rsdist.cluster.bench", "select": "rsdist.select.bench", "train": "rsdist.train.bench"}
 
 
 def _set(values: dict, dotted: str, raw: str) -> None:

@@ -43,7 +43,7 @@ class ExperimentConfig:
     seeds: list[int] = _help("Seeds; each seeds both selection and training.", default_factory=lambda: [0, 1, 2])
     protocol: str = _help(f"Training protocol, one of {PROTOCOLS}.", default="epochs")
     include_full: bool = _help("Also train on the full pool (the reference every cell is compared with).", default=True)
-    metrics: list[str] = _help("Metrics the table and plot show.", default_factory=lambda: ["mR", "zero_shot_accuracy"])
+    metrics: list[str] = _help("Metrics the table and plot show.", default_factory=lambda: ["mR", "zero_shot_acc"])
 
     def __post_init__(self) -> None:
         for m in self.methods:

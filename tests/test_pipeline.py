@@ -41,7 +41,7 @@ def test_whole_pipeline_counts_add_up(ray_session, tmp_path):
     assert summary["selection"]["pool"] == pool
     assert summary["selection"]["selected"] == round(0.34 * pool) == st["train"]["rows_in"]
     metrics = summary["metrics"]
-    for key in ("i2t_R@1", "t2i_R@10", "mR"):
+    for key in ("i2t_r1", "t2i_r10", "mR"):
         assert 0.0 <= metrics[key] <= 100.0, key
     assert run.exists("report.md") and run.exists("summary.json")
     # test rows are never selected

@@ -66,12 +66,14 @@ def share(total: int, sizes: list[int]) -> list[int]:
     return out
 
 
-def pair_dists(x: torch.Tensor, c: torch.Tensor, metric: str) -> torch.Tensor:
-    """Every row's distance to every row of `c` (squared Euclidean, or 1 - cos)."""
+def pair_dists(x: torch.Tensor, c: torch.Tensor, metric: str, x_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """Every row's distance to every row of `c` (squared Euclidean, or 1 - cos); `x_sq` = the rows'
+    squared norms (n, 1), when the caller has them."""
     prod = x @ c.t()
     if metric == "cosine":
         return (1.0 - prod).clamp_(min=0.0)
-    return ((x * x).sum(1, keepdim=True) - 2.0 * prod + (c * c).sum(1)).clamp_(min=0.0)
+    x_sq = (x * x).sum(1, keepdim=True) if x_sq is None else x_sq
+    return (x_sq - 2.0 * prod + (c * c).sum(1)).clamp_(min=0.0)
 
 
 def kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator, metric: str, weights: np.ndarray | None = None, trials: int | None = None) -> np.ndarray:
@@ -83,8 +85,9 @@ def kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator, metric: str, weig
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     w = np.ones(n) if weights is None else np.asarray(weights, np.float64)
     trials = trials or 2 + int(math.log(k))
+    x_sq = (xt * xt).sum(1, keepdim=True)
     chosen = [int(rng.choice(n, p=w / w.sum()))]
-    best = pair_dists(xt, xt[chosen], metric)[:, 0].double().numpy()
+    best = pair_dists(xt, xt[chosen], metric, x_sq)[:, 0].double().numpy()
     for _ in range(1, k):
         pot = w * best
         total = pot.sum()
@@ -94,7 +97,7 @@ def kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator, metric: str, weig
         else:
             cand = np.minimum(np.searchsorted(np.cumsum(pot), rng.random(trials) * total), n - 1)
         # keep the candidate that lowers the weighted potential the most
-        new = np.minimum(best[:, None], pair_dists(xt, xt[torch.from_numpy(cand)], metric).double().numpy())
+        new = np.minimum(best[:, None], pair_dists(xt, xt[torch.from_numpy(cand)], metric, x_sq).double().numpy())
         j = int(np.argmin(w @ new))
         chosen.append(int(cand[j]))
         best = new[:, j]

@@ -9,7 +9,8 @@ the L2-normalised tower features of the sample's captions), `shift` (float32, me
 per-perturbation shifts) and `shift_<name>` (float32) per configured perturbation; plus
 `<run>/features/features_meta.json` (encoder, dims, image_size, perturbations, seed, dtype).
 
-The pass: read (Ray Data, a filesystem wrapping the run's fsspec one) -> streaming repartition into
+The pass: read (Ray Data tasks streaming each shard through the run's fsspec filesystem, so any
+run URI works) -> streaming repartition into
 batch-sized blocks so every actor gets work -> CPU map_batches (decode, resize, perturb; a quarter CPU
 per task) -> model actor pool (`EmbedModel`, ActorPoolStrategy of fixed size, fractional CPUs, one
 GPU each when the cluster has GPUs) -> the driver streams results and writes each shard's output
@@ -21,8 +22,8 @@ a shard is only written when every one of its sample_ids is present; the stage f
 shard comes back incomplete.
 
 Resources (`plan_pool`): decided from `ray.cluster_resources()`. With GPUs: one actor per GPU
-(`num_gpus=1`). Without: about CPUs / threads_per_actor actors sharing CPUs minus a reserve (one
-CPU on small hosts: Ray Data's file listing asks a whole one), so reads and decodes always find a slot.
+(`num_gpus=1`). Without: about CPUs / threads_per_actor actors sharing CPUs minus a reserve (half a
+CPU on small hosts), so reads and decodes always find a slot.
 """
 
 from __future__ import annotations
@@ -70,20 +71,25 @@ def plan_pool(cfg: FeaturesConfig, cluster: dict[str, float]) -> PoolPlan:
         return PoolPlan(size, Resources(num_cpus=per_cpu, num_gpus=1.0), threads=2, use_gpu=True)
     threads = cfg.threads_per_actor
     size = cfg.num_actors or max(1, int(round(cpus / threads)))
-    # Kept free for the read's file-listing task (Ray Data asks a whole CPU for it) and then for
-    # read and decode tasks; without it a 2-CPU host stalls before the first row is read.
-    reserve = max(1.0, cpus / 8)
+    reserve = max(0.5, cpus / 8)  # kept free for read and decode tasks
     per_cpu = max(0.1, min(float(threads), (cpus - reserve) / size))
     return PoolPlan(size, Resources(num_cpus=round(per_cpu, 3)), threads=threads, use_gpu=False)
 
 
-def arrow_filesystem(run: RunDir):
-    """A pyarrow filesystem over the run's fsspec filesystem, so Ray Data reads any URI the run uses."""
-    from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem
+def read_shard_batches(batch: dict[str, np.ndarray], run: RunDir, batch_size: int) -> Iterator[pa.Table]:
+    """Ray Data read step: stream the model-input columns of the given shard files in row batches.
 
-    if "file" in (run.fs.protocol if isinstance(run.fs.protocol, tuple) else (run.fs.protocol,)):
-        return LocalFileSystem()
-    return PyFileSystem(FSSpecHandler(run.fs))
+    Reading through the run's own fsspec filesystem (shipped as its URI) works for any URI the
+    run uses, and needs no file-listing task (Ray's parquet reader asks a whole CPU for one).
+    """
+    from rsdist.io.schema import MODEL_INPUT_COLUMNS
+
+    for path in batch["path"]:
+        path = str(path)
+        with run.fs.open(path, "rb") as fh:
+            for rb in pq.ParquetFile(fh).iter_batches(batch_size=batch_size, columns=MODEL_INPUT_COLUMNS):
+                table = pa.Table.from_batches([rb])
+                yield table.append_column("path", pa.array([path] * rb.num_rows, pa.string()))
 
 
 def shard_ids(run: RunDir, path: str) -> list[str]:
@@ -161,14 +167,13 @@ def build_dataset(run: RunDir, paths: list[str], cfg: FeaturesConfig, plan: Pool
     """The lazy Ray Data pipeline over `paths`: read -> repartition -> preprocess -> actor pool."""
     import ray
 
-    from rsdist.io.schema import MODEL_INPUT_COLUMNS
-
     image_names, text_names = split_perturbations(cfg.perturbations)
-    ds = ray.data.read_parquet(
-        paths,
-        filesystem=arrow_filesystem(run),
-        columns=MODEL_INPUT_COLUMNS,
-        include_paths=True,
+    ds = ray.data.from_items([{"path": p} for p in paths])
+    ds = ds.map_batches(
+        read_shard_batches,
+        batch_size=1,
+        batch_format="numpy",
+        fn_kwargs={"run": run, "batch_size": cfg.batch_size},
         num_cpus=CPU_STAGE.num_cpus,
     )
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)

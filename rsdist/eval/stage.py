@@ -1,0 +1,140 @@
+"""Eval stage: retrieval R@1/5/10 both ways, mR, and zero-shot scene accuracy on the held-out rows.
+
+Input:
+- `<run>/features/part-*.parquet`: rows with split == "test" (never selected or trained on):
+  `image_emb` (image-tower features; the tower is frozen, so they go straight to the image head)
+  and `label`; the set of classes is every label in the features,
+- `<run>/shards/part-*.parquet`: all captions of each test image,
+- `<run>/checkpoints/final/`: the trained adapter and heads (`train_meta.json` gives embed_dim).
+Output: `<run>/eval/metrics.json`: the metrics of the trained model, those of the untrained model
+(heads at initialisation, no adapter) when `eval.baseline`, and the settings that produced them.
+Resources: the driver process, CPU; encoding is batched (`eval.batch_size`) under no_grad.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from rsdist.config import EvalConfig
+from rsdist.eval.metrics import class_prompts, classification_accuracy, retrieval_metrics
+from rsdist.io.rundir import RunDir
+from rsdist.stage import Resources, StageResult
+from rsdist.train.data import feature_rows, join_captions
+from rsdist.train.model import load_trained
+
+log = logging.getLogger("rsdist")
+
+STAGE = "eval"
+FINAL = ("checkpoints", "final")
+
+RESOURCES = Resources(num_cpus=1.0)
+
+
+def held_out_rows(run: RunDir) -> pa.Table:
+    """Held-out rows: sample_id, label, image_emb, captions."""
+    rows = feature_rows(run, split="test")
+    if rows.num_rows == 0:
+        raise ValueError(f"{run.url('features')}: no rows with split == 'test' to evaluate on")
+    return join_captions(run, rows)
+
+
+def class_names(run: RunDir) -> list[str]:
+    """Every label present in the features (the zero-shot candidates), sorted."""
+    labels = set()
+    for batch in run.iter_batches("features", columns=["label"], batch_size=8192):
+        labels.update(v for v in batch.column("label").to_pylist() if v)
+    return sorted(labels)
+
+
+@torch.no_grad()
+def encode_texts(encoder, texts: list[str], batch_size: int, max_tokens: int) -> torch.Tensor:
+    out = []
+    for start in range(0, len(texts), batch_size):
+        tokens = encoder.tokenize(texts[start:start + batch_size], max_tokens)
+        out.append(encoder.project_text(encoder.encode_text_features(**tokens)))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_images(encoder, image_emb: np.ndarray, batch_size: int) -> torch.Tensor:
+    feats = torch.from_numpy(image_emb)
+    return torch.cat([encoder.project_image(feats[s:s + batch_size]) for s in range(0, len(feats), batch_size)])
+
+
+def image_matrix(rows: pa.Table) -> np.ndarray:
+    emb = rows.column("image_emb").combine_chunks()
+    return np.array(emb.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(emb), -1)
+
+
+def evaluate_model(encoder, rows: pa.Table, classes: list[str], cfg: EvalConfig) -> dict:
+    """Retrieval and zero-shot metrics of `encoder` on `rows` (sample_id, label, image_emb, captions)."""
+    captions = rows.column("captions").to_pylist()
+    texts = [c for caps in captions for c in caps]
+    text_image = np.repeat(np.arange(len(captions)), [len(c) for c in captions])
+    images = encode_images(encoder, image_matrix(rows), cfg.batch_size)
+    text = encode_texts(encoder, texts, cfg.batch_size, cfg.max_text_tokens)
+    metrics = retrieval_metrics((images @ text.t()).numpy(), text_image, cfg.recall_ks)
+    metrics.update(images=int(len(captions)), texts=len(texts))
+
+    labels = rows.column("label").to_pylist()
+    known = [i for i, label in enumerate(labels) if label in classes]
+    if classes and known:
+        prompts = encode_texts(encoder, class_prompts(classes, cfg.prompt), cfg.batch_size, cfg.max_text_tokens)
+        scores = (images[known] @ prompts.t()).numpy()
+        index = {c: i for i, c in enumerate(classes)}
+        zs = classification_accuracy(scores, np.array([index[labels[i]] for i in known]), classes)
+        metrics.update(zero_shot_acc=zs["accuracy"], zero_shot_per_class=zs["per_class"], zero_shot_count=zs["count"])
+    return metrics
+
+
+def local_checkpoint(run: RunDir, tmp: str) -> str:
+    """A local path of `<run>/checkpoints/final` (downloaded first when the run is remote)."""
+    protocol = run.fs.protocol if isinstance(run.fs.protocol, str) else run.fs.protocol[0]
+    if protocol in ("file", "local"):
+        return run.path(*FINAL)
+    target = os.path.join(tmp, "final")
+    run.fs.get(run.path(*FINAL), target, recursive=True)
+    return target
+
+
+def evaluate_checkpoint(run: RunDir, cfg: EvalConfig, encoder: str, checkpoint: str | None, embed_dim: int, seed: int = 0) -> dict:
+    """Metrics on the run's held-out rows of a local checkpoint folder, or of the untrained model
+    (heads at their seeded initialisation, no adapter) when `checkpoint` is None."""
+    model = load_trained(encoder, embed_dim, checkpoint, seed=seed)
+    return evaluate_model(model, held_out_rows(run), class_names(run), cfg)
+
+
+def run(run: RunDir, cfg: EvalConfig, encoder: str) -> StageResult:
+    """Evaluate `<run>/checkpoints/final` (and the untrained model) on the held-out rows."""
+    if not run.exists(*FINAL, "train_meta.json"):
+        raise FileNotFoundError(f"{run.url(*FINAL)}: no trained checkpoint (run the train stage first)")
+    meta = run.read_json(*FINAL, "train_meta.json")
+    if meta.get("encoder", encoder) != encoder:
+        raise ValueError(f"features.encoder: {encoder!r} but the checkpoint was trained with {meta['encoder']!r}")
+    rows, classes = held_out_rows(run), class_names(run)
+    log.info("eval: %d held-out images, %d captions, %d classes", rows.num_rows, sum(len(c) for c in rows.column("captions").to_pylist()), len(classes))
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        trained = evaluate_model(load_trained(encoder, meta["embed_dim"], local_checkpoint(run, tmp), seed=meta.get("seed", 0)), rows, classes, cfg)
+    log.info("eval: trained mR %.2f, zero-shot %.2f%%", trained["mR"], trained.get("zero_shot_acc", float("nan")))
+    report = {"trained": trained, "settings": {**dataclasses.asdict(cfg), "encoder": encoder, "embed_dim": meta["embed_dim"], "checkpoint": run.url(*FINAL), "trained_epochs": meta.get("epochs")}}
+    if cfg.baseline:
+        report["untrained"] = evaluate_model(load_trained(encoder, meta["embed_dim"], None, seed=meta.get("seed", 0)), rows, classes, cfg)
+        log.info("eval: untrained mR %.2f, zero-shot %.2f%%", report["untrained"]["mR"], report["untrained"].get("zero_shot_acc", float("nan")))
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    run.write_json(report, STAGE, "metrics.json")
+    flat = {k: v for k, v in trained.items() if not isinstance(v, dict)}
+    if cfg.baseline:
+        flat["untrained_mR"] = report["untrained"]["mR"]
+        if "zero_shot_acc" in report["untrained"]:
+            flat["untrained_zero_shot_acc"] = report["untrained"]["zero_shot_acc"]
+    return StageResult(rows_in=rows.num_rows, rows_out=rows.num_rows, extra={"metrics": flat})

@@ -1,0 +1,127 @@
+"""The features stage on Ray: output contract, per-shard resume, and exactly-once after an actor dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from rsdist.config import ConfigError, FeaturesConfig
+from rsdist.features import stage as features
+from rsdist.stage import fingerprint, run_stage
+
+from .conftest import write_shards
+
+
+def _cfg(**kw) -> FeaturesConfig:
+    base = dict(encoder="tiny", image_size=32, batch_size=8, perturbations=["noise", "rotate", "crop", "token_dropout"])
+    base.update(kw)
+    return FeaturesConfig(**base)
+
+
+def test_pass_writes_the_contract(ray_session, run_dir):
+    ids = write_shards(run_dir, n_shards=3, rows_per_shard=12)
+    cfg = _cfg()
+    record = run_stage(run_dir, "features", fingerprint(cfg), lambda: features.run(run_dir, cfg), resumable=True)
+    assert (record["rows_in"], record["rows_out"], record["skipped"]) == (36, 36, False)
+    assert record["encoder"] == "tiny" and record["perturbations"] == cfg.perturbations
+    assert record["rows_per_second"] > 0
+
+    assert [p.rsplit("/", 1)[1] for p in run_dir.parquet_files("features")] == [f"part-{i:05d}.parquet" for i in range(3)]
+    table = run_dir.read_table("features")
+    assert table.column("sample_id").to_pylist() == ids  # every input row once, in shard order
+    assert table.schema.field("image_emb").type == pa.list_(pa.float32(), 32)
+    assert table.schema.field("text_emb").type == pa.list_(pa.float32(), 32)
+    shifts = {n: table.column(f"shift_{n}").to_numpy() for n in cfg.perturbations}
+    for n, s in shifts.items():
+        assert s.dtype == np.float32 and np.all(np.isfinite(s)) and np.all((s >= -1e-5) & (s <= 2)), n
+        assert s.std() > 0, n  # the shift tells samples apart
+    np.testing.assert_allclose(table.column("shift").to_numpy(), np.mean(list(shifts.values()), axis=0), rtol=1e-5, atol=1e-6)
+    assert set(table.column("split").to_pylist()) == {"train", "test"}
+    assert table.column("label").to_pylist()[:3] == ["class0", "class1", "class2"]
+
+    meta = run_dir.read_json("features", "features_meta.json")
+    assert meta["image_dim"] == 32 and meta["text_dim"] == 32 and meta["perturbations"] == cfg.perturbations
+    assert meta["image_perturbations"] == ["noise", "rotate", "crop"] and meta["text_perturbations"] == ["token_dropout"]
+
+    again = run_stage(run_dir, "features", fingerprint(cfg), lambda: pytest.fail("a complete stage ran again"), resumable=True)
+    assert again["skipped"]
+
+
+def test_resumes_per_shard_in_float16(ray_session, run_dir):
+    write_shards(run_dir, n_shards=3, rows_per_shard=8, seed=1, with_captions=False)
+    cfg = _cfg(dtype="float16", perturbations=["flip", "blur", "jpeg"])
+    features.run(run_dir, cfg)
+    first = run_dir.read_table("features", "part-00001.parquet")
+    assert first.schema.field("image_emb").type == pa.list_(pa.float16(), 32)
+
+    run_dir.remove("features", "part-00001.parquet")  # as if the job died before this shard was written
+    result = features.run(run_dir, cfg)
+    assert result.extra["shards_resumed"] == 2 and result.rows_out == result.rows_in == 24
+    again = run_dir.read_table("features", "part-00001.parquet")
+    assert again.column("sample_id").equals(first.column("sample_id"))
+    # same seeds, same model: the redone shard matches (up to float16 rounding of the image tower)
+    np.testing.assert_allclose(again.column("shift").to_numpy(), first.column("shift").to_numpy(), atol=1e-3)
+
+
+def _embed_actor_pids() -> list[int]:
+    import psutil
+
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "MapBatches(EmbedModel)" in cmd and "MapWorker" in cmd:
+            pids.append(proc.info["pid"])
+    return pids
+
+
+def test_exactly_once_when_an_actor_dies_mid_pass(ray_session, run_dir):
+    n_shards = 8
+    ids = write_shards(run_dir, n_shards=n_shards, rows_per_shard=16, seed=2)
+    cfg = _cfg(batch_size=4, image_size=96)
+    killed: dict = {}
+
+    def kill_one_actor_after_first_shard():
+        deadline = time.time() + 240
+        while time.time() < deadline and not run_dir.parquet_files("features"):
+            time.sleep(0.05)
+        pids = _embed_actor_pids()
+        if pids:
+            killed["shards_done"] = len(run_dir.parquet_files("features"))
+            os.kill(pids[0], signal.SIGKILL)
+            killed["pid"] = pids[0]
+
+    killer = threading.Thread(target=kill_one_actor_after_first_shard, daemon=True)
+    killer.start()
+    result = features.run(run_dir, cfg)
+    killer.join(timeout=5)
+    assert "pid" in killed, "no model actor process was found to kill"
+    assert killed["shards_done"] < n_shards, "the pass finished before the actor was killed"
+    table = run_dir.read_table("features")
+    assert table.column("sample_id").to_pylist() == ids
+    assert result.rows_out == result.rows_in == len(ids)
+
+
+def test_pool_is_sized_from_cluster_resources():
+    two_cpus = features.plan_pool(_cfg(), {"CPU": 2.0})
+    assert (two_cpus.size, two_cpus.threads, two_cpus.use_gpu) == (2, 1, False)
+    assert two_cpus.size * two_cpus.resources.num_cpus <= 1.5  # CPU stays free for reading and decoding
+    big = features.plan_pool(_cfg(threads_per_actor=4), {"CPU": 64.0})
+    assert big.size == 16 and big.size * big.resources.num_cpus <= 56
+    gpus = features.plan_pool(_cfg(), {"CPU": 16.0, "GPU": 4.0})
+    assert (gpus.size, gpus.resources.num_gpus, gpus.use_gpu) == (4, 1.0, True)
+    assert features.plan_pool(_cfg(num_actors=3), {"CPU": 2.0}).size == 3
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="features.perturbations: 'swirl' is not one of"):
+        _cfg(perturbations=["swirl"])
+    with pytest.raises(ConfigError, match="features.dtype: 'int8' is not one of: float32, float16"):
+        _cfg(dtype="int8")
+    with pytest.raises(ConfigError, match="names one perturbation twice"):
+        _cfg(perturbations=["noise", "noise"])
