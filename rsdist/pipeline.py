@@ -63,7 +63,7 @@ def stage_specs(cfg: RunConfig, data: DataConfig) -> list[StageSpec]:
     return [
         StageSpec("ingest", "shards", data, lambda run: ingest.run(run, data), resumable=True),
         StageSpec("features", "features", cfg.features, lambda run: features.run(run, cfg.features), resumable=True),
-        StageSpec("cluster", "clusters", cfg.cluster, lambda run: cluster.run(run, cfg.cluster)),
+        StageSpec("cluster", "clusters", cfg.cluster, lambda run: cluster.run(run, cfg.cluster), resumable=True),
         StageSpec("select", "selection", cfg.select, lambda run: select.run(run, cfg.select)),
         StageSpec("train", "checkpoints", cfg.train, lambda run: train.run(run, cfg.train, encoder), resumable=True),
         StageSpec("eval", "eval", cfg.eval, lambda run: evaluate.run(run, cfg.eval, encoder)),

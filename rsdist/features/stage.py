@@ -9,12 +9,11 @@ the L2-normalised tower features of the sample's captions), `shift` (float32, me
 per-perturbation shifts) and `shift_<name>` (float32) per configured perturbation; plus
 `<run>/features/features_meta.json` (encoder, dims, image_size, perturbations, seed, dtype).
 
-The pass: read (Ray Data tasks streaming each shard through the run's fsspec filesystem, so any
-run URI works) -> streaming repartition into
-batch-sized blocks so every actor gets work -> CPU map_batches (decode, resize, perturb; a quarter CPU
-per task) -> model actor pool (`EmbedModel`, ActorPoolStrategy of fixed size, fractional CPUs, one
-GPU each when the cluster has GPUs) -> the driver streams results and writes each shard's output
-as soon as all its rows have arrived.
+The pass: shards cut into row slices (one block each, so every actor gets blocks) -> read through
+the run's fsspec filesystem (so any run URI works), fused with the CPU stage (decode, resize,
+perturb; a quarter CPU per task) -> model actor pool (`EmbedModel`, ActorPoolStrategy of fixed
+size, fractional CPUs, one GPU each when the cluster has GPUs) -> the driver streams the results
+and writes each shard's output as soon as all its rows have arrived.
 
 Resumable per shard: a shard whose output file exists is not read again. Exactly once: rows are
 keyed by sample_id per shard (a retried block after an actor death cannot add a second copy), and
@@ -28,7 +27,9 @@ CPU on small hosts), so reads and decodes always find a slot.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import posixpath
 import time
 from dataclasses import dataclass
@@ -76,20 +77,43 @@ def plan_pool(cfg: FeaturesConfig, cluster: dict[str, float]) -> PoolPlan:
     return PoolPlan(size, Resources(num_cpus=round(per_cpu, 3)), threads=threads, use_gpu=False)
 
 
-def read_shard_batches(batch: dict[str, np.ndarray], run: RunDir, batch_size: int) -> Iterator[pa.Table]:
-    """Ray Data read step: stream the model-input columns of the given shard files in row batches.
+def plan_slices(shard_rows: dict[str, int], batch_size: int, pool_size: int) -> list[dict]:
+    """Cut the shards into row slices, one Ray Data block each, so every actor gets blocks.
 
-    Reading through the run's own fsspec filesystem (shipped as its URI) works for any URI the
-    run uses, and needs no file-listing task (Ray's parquet reader asks a whole CPU for one).
+    A slice is a whole number of model batches, sized for about four slices per actor (a shard is
+    not cut finer than that, so it is not read many times over).
+    """
+    total = sum(shard_rows.values())
+    batches_per_slice = max(1, math.ceil(total / (pool_size * 4 * batch_size)))
+    rows = batches_per_slice * batch_size
+    return [
+        {"path": path, "start": start, "stop": min(start + rows, n)}
+        for path, n in shard_rows.items()
+        for start in range(0, n, rows)
+    ]
+
+
+def read_shard_slice(batch: dict[str, np.ndarray], run: RunDir) -> pa.Table:
+    """Ray Data read step: the model-input columns of one row slice of a shard, plus its `path`.
+
+    Reading through the run's own fsspec filesystem (shipped as its URI) works for any URI the run
+    uses, and asks no whole CPU (Ray's own parquet reader and repartition do, which stalls a
+    2-CPU host next to the model actors).
     """
     from rsdist.io.schema import MODEL_INPUT_COLUMNS
 
-    for path in batch["path"]:
+    tables = []
+    for path, start, stop in zip(batch["path"], batch["start"], batch["stop"]):
         path = str(path)
         with run.fs.open(path, "rb") as fh:
-            for rb in pq.ParquetFile(fh).iter_batches(batch_size=batch_size, columns=MODEL_INPUT_COLUMNS):
-                table = pa.Table.from_batches([rb])
-                yield table.append_column("path", pa.array([path] * rb.num_rows, pa.string()))
+            table = pq.read_table(fh, columns=MODEL_INPUT_COLUMNS).slice(int(start), int(stop) - int(start))
+        tables.append(table.append_column("path", pa.array([path] * table.num_rows, pa.string())))
+    return pa.concat_tables(tables)
+
+
+def pq_rows(run: RunDir, path: str) -> int:
+    with run.fs.open(path, "rb") as fh:
+        return pq.ParquetFile(fh).metadata.num_rows
 
 
 def shard_ids(run: RunDir, path: str) -> list[str]:
@@ -163,20 +187,13 @@ class ShardCollector:
         return {s: len(self.expected[s]) - len(b) for s, b in self.rows.items()}
 
 
-def build_dataset(run: RunDir, paths: list[str], cfg: FeaturesConfig, plan: PoolPlan):
-    """The lazy Ray Data pipeline over `paths`: read -> repartition -> preprocess -> actor pool."""
+def build_dataset(run: RunDir, slices: list[dict], cfg: FeaturesConfig, plan: PoolPlan):
+    """The lazy Ray Data pipeline over shard slices: read + preprocess (fused tasks) -> actor pool."""
     import ray
 
     image_names, text_names = split_perturbations(cfg.perturbations)
-    ds = ray.data.from_items([{"path": p} for p in paths])
-    ds = ds.map_batches(
-        read_shard_batches,
-        batch_size=1,
-        batch_format="numpy",
-        fn_kwargs={"run": run, "batch_size": cfg.batch_size},
-        num_cpus=CPU_STAGE.num_cpus,
-    )
-    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
+    ds = ray.data.from_items(slices, override_num_blocks=len(slices))
+    ds = ds.map_batches(read_shard_slice, batch_size=1, batch_format="numpy", fn_kwargs={"run": run}, num_cpus=CPU_STAGE.num_cpus)
     ds = ds.map_batches(
         preprocess_batch,
         batch_size=cfg.batch_size,
@@ -224,23 +241,33 @@ def run(run: RunDir, cfg: FeaturesConfig) -> StageResult:
         "features: %d of %d shards to do; %d actor(s) x %s CPU, %s GPU, %d thread(s)",
         len(pending), len(inputs), plan.size, plan.resources.num_cpus, plan.resources.num_gpus, plan.threads,
     )
-    done_rows = 0
+    done_rows = rows_after_first = 0
+    first_at = last_at = None
     image_dim = text_dim = None
     start = time.perf_counter()
     if pending:
-        collector = ShardCollector({out_name[p]: shard_ids(run, p) for p in pending})
-        todo = sum(len(v) for v in collector.expected.values())
+        expected = {p: shard_ids(run, p) for p in pending}
+        collector = ShardCollector({out_name[p]: ids for p, ids in expected.items()})
+        todo = sum(len(v) for v in expected.values())
+        slices = plan_slices({p: pq_rows(run, p) for p in pending}, cfg.batch_size, plan.size)
+        plan = dataclasses.replace(plan, size=min(plan.size, len(slices)))  # no idle actors on small inputs
         schema = None
         bar = _progress(todo)
-        for batch in build_dataset(run, pending, cfg, plan).iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in build_dataset(run, slices, cfg, plan).iter_batches(batch_size=None, batch_format="numpy"):
             if schema is None:
                 image_dim, text_dim = batch["image_emb"].shape[1], batch["text_emb"].shape[1]
                 schema = output_schema(image_dim, text_dim, shift_names, cfg.dtype)
+            now, n = time.perf_counter(), len(batch["sample_id"])
+            if first_at is None:
+                first_at = now
+            else:
+                rows_after_first += n
+            last_at = now
             for shard in collector.add(batch):
                 table = collector.pop_table(shard, schema, cfg.dtype)
                 run.write_table(table, NAME, shard)
                 done_rows += table.num_rows
-            bar.update(len(batch["sample_id"]))
+            bar.update(n)
         bar.close()
         missing = {s: n for s, n in collector.incomplete().items() if n}
         if missing:
@@ -264,6 +291,8 @@ def run(run: RunDir, cfg: FeaturesConfig) -> StageResult:
     run.write_json(meta, NAME, META)
     rows_out = run.count_rows(NAME)
     rate = done_rows / seconds if done_rows and seconds > 0 else 0.0
+    # Rows/s once the actors are up (first result batch to last): what a long pass converges to.
+    steady = rows_after_first / (last_at - first_at) if rows_after_first and last_at > first_at else rate
     return StageResult(
         rows_in=rows_in,
         rows_out=rows_out,
@@ -271,6 +300,8 @@ def run(run: RunDir, cfg: FeaturesConfig) -> StageResult:
             "encoder": cfg.encoder,
             "perturbations": list(cfg.perturbations),
             "rows_per_second": round(rate, 2),
+            "steady_rows_per_second": round(steady, 2),
+            "first_result_seconds": round(first_at - start, 2) if first_at else None,
             "actors": plan.size,
             "shards_resumed": len(inputs) - len(pending),
         },

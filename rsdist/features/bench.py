@@ -1,0 +1,142 @@
+"""Benchmark of the features pass: the Ray pass against a plain loop, and 1 vs 2 actors.
+
+On the same shards and model, in one run:
+- plain: one process reads the shards and calls `preprocess_batch` + `embed_batch` (the code the
+  actors run) with torch using all of the cluster's CPUs as threads;
+- ray_1x1 / ray_2x1: the features stage with 1 and 2 single-thread model actors.
+Ray figures are given end to end (actor start and model load included) and steady (from the first
+result batch to the last, which is what a long pass converges to).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+
+
+def _log(msg: str) -> None:
+    print(f"[bench features] {msg}", file=sys.stderr, flush=True)
+
+
+def _synthetic_jpeg(rng: np.random.Generator, size: int) -> bytes:
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size] / size
+    img = np.stack([x, y, 1 - x], axis=-1) * rng.uniform(60, 220, size=3) + rng.normal(0, 12, (size, size, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _image_files(root: str, limit: int) -> list[str]:
+    files = []
+    for dirpath, _, names in sorted(os.walk(root)):
+        files += [os.path.join(dirpath, n) for n in sorted(names) if n.lower().endswith((".jpg", ".jpeg", ".png", ".tif"))]
+    return files[:limit]
+
+
+def write_bench_shards(run, rows: int, shard_rows: int, images: str | None, seed: int = 0) -> None:
+    """Canonical shards of `rows` samples: real image files under `images`, else 150 px synthetic JPEGs."""
+    from rsdist.io.schema import CANONICAL_SCHEMA, empty_row, make_sample_id
+
+    rng = np.random.default_rng(seed)
+    files = _image_files(images, rows) if images else []
+    if images and not files:
+        raise FileNotFoundError(f"--images: no image files under {images}")
+    batch = []
+    for i in range(rows):
+        row = empty_row()
+        data = open(files[i % len(files)], "rb").read() if files else _synthetic_jpeg(rng, 150)
+        caps = [f"an aerial view of scene {i} with {w} buildings and green trees near a road" for w in ("many", "some", "few", "two", "white")]
+        row.update(sample_id=make_sample_id("bench", str(i)), image=data, image_format="jpeg", text=caps[0], captions=caps, label="x", source="bench")
+        batch.append(row)
+        if len(batch) == shard_rows or i == rows - 1:
+            n = len(run.parquet_files("shards"))
+            run.write_table(pa.Table.from_pylist(batch, schema=CANONICAL_SCHEMA), "shards", f"part-{n:05d}.parquet")
+            batch = []
+
+
+def plain_loop(run, cfg, threads: int) -> float:
+    """Rows/s of one process doing what the actors do, with `threads` torch threads (model load excluded)."""
+    from rsdist.features.embed import embed_batch, load_encoder
+    from rsdist.features.preprocess import preprocess_batch, split_perturbations
+    from rsdist.io.schema import MODEL_INPUT_COLUMNS
+
+    image_names, text_names = split_perturbations(cfg.perturbations)
+    model = load_encoder(cfg.encoder, threads)
+    rows = 0
+    start = time.perf_counter()
+    for rb in run.iter_batches("shards", columns=MODEL_INPUT_COLUMNS, batch_size=cfg.batch_size):
+        batch = {c: rb.column(c).to_numpy(zero_copy_only=False) for c in MODEL_INPUT_COLUMNS}
+        batch["path"] = np.array(["shard"] * rb.num_rows, dtype=object)
+        pre = preprocess_batch(batch, cfg.image_size, cfg.perturbations, cfg.seed)
+        embed_batch(model, pre, image_names, text_names, max_tokens=cfg.max_text_tokens)
+        rows += rb.num_rows
+    return rows / (time.perf_counter() - start)
+
+
+def ray_pass(run, cfg) -> tuple[float, float]:
+    """(end-to-end rows/s, steady rows/s) of the features stage with `cfg`'s pool."""
+    from rsdist.features import stage
+
+    run.remove("features")
+    start = time.perf_counter()
+    result = stage.run(run, cfg)
+    end_to_end = result.rows_out / (time.perf_counter() - start)
+    return end_to_end, float(result.extra["steady_rows_per_second"])
+
+
+def bench(argv: list[str]) -> dict:
+    p = argparse.ArgumentParser(prog="rsdist bench features", description=__doc__)
+    p.add_argument("--encoder", default="composite", help="composite | tiny")
+    p.add_argument("--rows", type=int, default=256)
+    p.add_argument("--shard-rows", type=int, default=128)
+    p.add_argument("--image-size", type=int, default=160)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--perturbations", default="noise,rotate,crop")
+    p.add_argument("--images", default=None, help="folder of real images (default: synthetic 150 px JPEGs)")
+    p.add_argument("--out", default=None, help="run directory for the shards (default: a temporary folder)")
+    args = p.parse_args(argv)
+
+    from rsdist.config import FeaturesConfig
+    from rsdist.io.rundir import RunDir
+    from rsdist.raycluster import cluster_cpus, init_ray
+
+    init_ray()
+    cpus = int(cluster_cpus())
+    run = RunDir(args.out or tempfile.mkdtemp(prefix="rsdist-bench-features-"))
+    run.remove("shards")
+    write_bench_shards(run, args.rows, args.shard_rows, args.images)
+    base = dict(encoder=args.encoder, image_size=args.image_size, batch_size=args.batch_size, perturbations=args.perturbations.split(","))
+    _log(f"{args.rows} rows, encoder {args.encoder}, {args.image_size} px, K={len(base['perturbations'])}, cluster CPUs {cpus}")
+
+    plain = plain_loop(run, FeaturesConfig(**base), threads=cpus)
+    _log(f"plain loop, {cpus} threads: {plain:.2f} rows/s")
+    one_e2e, one = ray_pass(run, FeaturesConfig(**base, num_actors=1, threads_per_actor=1))
+    _log(f"ray, 1 actor x 1 thread: {one:.2f} rows/s steady, {one_e2e:.2f} end to end")
+    two_e2e, two = ray_pass(run, FeaturesConfig(**base, num_actors=2, threads_per_actor=1))
+    _log(f"ray, 2 actors x 1 thread: {two:.2f} rows/s steady, {two_e2e:.2f} end to end")
+    forwards = 1 + len([n for n in base["perturbations"] if n in ("noise", "rotate", "crop", "flip", "blur", "jpeg")])
+    return {
+        "encoder": args.encoder,
+        "rows": args.rows,
+        "image_size": args.image_size,
+        "image_forwards_per_row": forwards,
+        "cluster_cpus": cpus,
+        "plain_rows_per_s": round(plain, 2),
+        "ray_1x1_rows_per_s": round(one, 2),
+        "ray_2x1_rows_per_s": round(two, 2),
+        "ray_1x1_end_to_end_rows_per_s": round(one_e2e, 2),
+        "ray_2x1_end_to_end_rows_per_s": round(two_e2e, 2),
+        "ray_vs_plain": round(two / plain, 3),
+        "ray_vs_plain_end_to_end": round(two_e2e / plain, 3),
+        "scaling_2_vs_1_actors": round(two / one, 3),
+        "plain_images_per_s": round(plain * forwards, 2),
+    }
