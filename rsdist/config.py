@@ -45,7 +45,7 @@ INGEST_FORMATS = (
 )
 INGEST_ENGINES = ("auto", "ray", "local")
 PARQUET_ROLES = ("image", "text", "captions", "label", "key", "split", "answer", "task")
-ENCODERS = ("composite", "tiny")
+ENCODERS = ("composite", "tiny", "clip-tiny", "siglip-tiny", "hf:<folder>")
 PERTURBATIONS = ("noise", "rotate", "crop", "flip", "blur", "jpeg", "token_dropout", "word_shuffle")
 FEATURE_DTYPES = ("float32", "float16")
 CLUSTER_SPACES = ("joint", "image", "text")
@@ -91,7 +91,7 @@ class DataConfig:
 
 @dataclass
 class FeaturesConfig:
-    encoder: str = _help(f"Encoder, one of {ENCODERS}: 'composite' = EfficientNet-Lite0 + MiniLM (pretrained), 'tiny' = random weights for tests.", default="composite")
+    encoder: str = _help(f"Encoder, one of {ENCODERS}: 'composite' = EfficientNet-Lite0 + MiniLM (pretrained), 'hf:<folder>' = a local CLIP/SigLIP checkpoint, the tiny ones = random weights for tests.", default="composite")
     image_size: int = _help("Square side images are resized to before the image tower (RSICD/AID images are 150 px, so 160 keeps their detail at a third of 224's cost).", default=160)
     batch_size: int = _help("Rows per model batch (each row is 1 + K image forwards).", default=32)
     perturbations: list[str] = _help(f"Perturbations for the shift, any of {PERTURBATIONS}; image ones move image_emb, text ones (token_dropout, word_shuffle) move text_emb.", default_factory=lambda: ["noise", "rotate", "crop"])
@@ -102,7 +102,8 @@ class FeaturesConfig:
     seed: int = _help("Seed of the perturbations.", default=0)
 
     def __post_init__(self) -> None:
-        _choice("features.encoder", self.encoder, ENCODERS)
+        if not (self.encoder.startswith("hf:") and len(self.encoder) > 3):
+            _choice("features.encoder", self.encoder, ENCODERS)
         _positive("features.image_size", self.image_size)
         _positive("features.batch_size", self.batch_size)
         if not self.perturbations:

@@ -92,7 +92,7 @@ def plot_training(run: RunDir) -> list[str]:
     if not run.exists("checkpoints", "final", "train_meta.json"):
         return []
     meta = run.read_json("checkpoints", "final", "train_meta.json")
-    losses = meta.get("epoch_losses") or meta.get("losses") or []
+    losses = meta.get("epoch_loss") or []
     if not losses:
         return []
     import matplotlib
@@ -126,9 +126,7 @@ def write_report(run: RunDir, summary: dict) -> str:
         s = summary["selection"]
         lines += ["", "## Selection", "", f"Method `{s['method']}`, budget {_fmt(s['budget'])}: {s['selected']} of {s['pool']} training samples selected."]
     if summary.get("metrics"):
-        lines += ["", "## Evaluation (held-out split)", "", "| metric | value |", "|---|---:|"]
-        for k, v in sorted(_flatten(summary["metrics"]).items()):
-            lines.append(f"| {k} | {_fmt(v)} |")
+        lines += ["", "## Evaluation (held-out split)", ""] + metrics_table(summary["metrics"])
     plots = []
     try:
         plots = plot_selection(run) + plot_training(run)
@@ -138,6 +136,25 @@ def write_report(run: RunDir, summary: dict) -> str:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     lines += ["", f"Total wall time: {summary['wall_seconds']:.1f} s", ""]
     return run.write_text("\n".join(lines), "report.md")
+
+
+_METRIC_NAMES = {
+    "i2t_r1": "image->text R@1", "i2t_r5": "image->text R@5", "i2t_r10": "image->text R@10",
+    "t2i_r1": "text->image R@1", "t2i_r5": "text->image R@5", "t2i_r10": "text->image R@10",
+    "mR": "mR (mean of the six)", "zero_shot_acc": "zero-shot scene accuracy (%)",
+}
+
+
+def metrics_table(metrics: dict) -> list[str]:
+    """Trained-on-the-subset metrics beside the untrained model's (heads at initialisation)."""
+    flat = _flatten(metrics)
+    lines = [f"{flat.get('images', '?')} held-out images, {flat.get('texts', '?')} captions.", "",
+             "| metric | trained on the subset | untrained |", "|---|---:|---:|"]
+    for key, name in _METRIC_NAMES.items():
+        if key in flat:
+            base = flat.get(f"untrained_{key}")
+            lines.append(f"| {name} | {_fmt(flat[key])} | {'' if base is None else _fmt(base)} |")
+    return lines
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

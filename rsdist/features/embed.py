@@ -30,7 +30,11 @@ log = logging.getLogger("rsdist")
 
 def load_encoder(name: str, threads: int, device: str = "cpu") -> DualEncoder:
     """Build the encoder for inference on `device`, with `threads` intra-op torch threads."""
+    import transformers
+
     torch.set_num_threads(max(1, int(threads)))
+    transformers.logging.set_verbosity_error()  # the load report of every actor drowns the progress lines
+    transformers.logging.disable_progress_bar()
     model = build_encoder(name).to(device).eval()
     model.image_tower.to(memory_format=torch.channels_last)
     return model

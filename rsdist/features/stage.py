@@ -253,7 +253,7 @@ def run(run: RunDir, cfg: FeaturesConfig) -> StageResult:
         plan = dataclasses.replace(plan, size=min(plan.size, len(slices)))  # no idle actors on small inputs
         schema = None
         bar = _progress(todo)
-        for batch in build_dataset(run, slices, cfg, plan).iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in build_dataset(run, slices, cfg, plan).iter_batches(batch_size=cfg.batch_size, batch_format="numpy"):
             if schema is None:
                 image_dim, text_dim = batch["image_emb"].shape[1], batch["text_emb"].shape[1]
                 schema = output_schema(image_dim, text_dim, shift_names, cfg.dtype)

