@@ -241,8 +241,8 @@ def run(run: RunDir, cfg: FeaturesConfig) -> StageResult:
         "features: %d of %d shards to do; %d actor(s) x %s CPU, %s GPU, %d thread(s)",
         len(pending), len(inputs), plan.size, plan.resources.num_cpus, plan.resources.num_gpus, plan.threads,
     )
-    done_rows = rows_after_first = 0
-    first_at = last_at = None
+    done_rows = 0
+    first_at = None
     image_dim = text_dim = None
     start = time.perf_counter()
     if pending:
@@ -257,12 +257,9 @@ def run(run: RunDir, cfg: FeaturesConfig) -> StageResult:
             if schema is None:
                 image_dim, text_dim = batch["image_emb"].shape[1], batch["text_emb"].shape[1]
                 schema = output_schema(image_dim, text_dim, shift_names, cfg.dtype)
-            now, n = time.perf_counter(), len(batch["sample_id"])
+            n = len(batch["sample_id"])
             if first_at is None:
-                first_at = now
-            else:
-                rows_after_first += n
-            last_at = now
+                first_at = time.perf_counter()
             for shard in collector.add(batch):
                 table = collector.pop_table(shard, schema, cfg.dtype)
                 run.write_table(table, NAME, shard)
@@ -291,8 +288,6 @@ def run(run: RunDir, cfg: FeaturesConfig) -> StageResult:
     run.write_json(meta, NAME, META)
     rows_out = run.count_rows(NAME)
     rate = done_rows / seconds if done_rows and seconds > 0 else 0.0
-    # Rows/s once the actors are up (first result batch to last): what a long pass converges to.
-    steady = rows_after_first / (last_at - first_at) if rows_after_first and last_at > first_at else rate
     return StageResult(
         rows_in=rows_in,
         rows_out=rows_out,
@@ -300,7 +295,6 @@ def run(run: RunDir, cfg: FeaturesConfig) -> StageResult:
             "encoder": cfg.encoder,
             "perturbations": list(cfg.perturbations),
             "rows_per_second": round(rate, 2),
-            "steady_rows_per_second": round(steady, 2),
             "first_result_seconds": round(first_at - start, 2) if first_at else None,
             "actors": plan.size,
             "shards_resumed": len(inputs) - len(pending),

@@ -133,6 +133,11 @@ def _tokenizer():
 def build_encoder(name: str, embed_dim: int = 256, seed: int = 0) -> DualEncoder:
     """Build an encoder by name ('composite', 'tiny', or a CLIP/SigLIP one of rsdist.models.hf); heads are seeded."""
     from transformers import BertConfig, BertModel
+    from transformers.utils import logging as hf_logging
+
+    # The MiniLM checkpoint carries a pooler we do not use; its load report is noise in every worker.
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
     if name in ("clip-tiny", "siglip-tiny") or name.startswith("hf:"):
         from rsdist.models.hf import build_hf_encoder

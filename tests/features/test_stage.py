@@ -83,25 +83,29 @@ def _embed_actor_pids() -> list[int]:
 def test_exactly_once_when_an_actor_dies_mid_pass(ray_session, run_dir):
     n_shards = 8
     ids = write_shards(run_dir, n_shards=n_shards, rows_per_shard=16, seed=2)
-    cfg = _cfg(batch_size=4, image_size=96)
+    cfg = _cfg(batch_size=4, image_size=128)
     killed: dict = {}
+    finished = threading.Event()
 
-    def kill_one_actor_after_first_shard():
+    def kill_one_actor_once_it_works():
+        import psutil
+
         deadline = time.time() + 240
-        while time.time() < deadline and not run_dir.parquet_files("features"):
+        while time.time() < deadline and not finished.is_set():
+            pids = _embed_actor_pids()
+            busy = [p for p in pids if psutil.Process(p).cpu_times().user > 2.0]  # model loaded, batches running
+            if busy:
+                os.kill(busy[0], signal.SIGKILL)
+                killed.update(pid=busy[0], before_end=not finished.is_set())
+                return
             time.sleep(0.05)
-        pids = _embed_actor_pids()
-        if pids:
-            killed["shards_done"] = len(run_dir.parquet_files("features"))
-            os.kill(pids[0], signal.SIGKILL)
-            killed["pid"] = pids[0]
 
-    killer = threading.Thread(target=kill_one_actor_after_first_shard, daemon=True)
+    killer = threading.Thread(target=kill_one_actor_once_it_works, daemon=True)
     killer.start()
     result = features.run(run_dir, cfg)
+    finished.set()
     killer.join(timeout=5)
-    assert "pid" in killed, "no model actor process was found to kill"
-    assert killed["shards_done"] < n_shards, "the pass finished before the actor was killed"
+    assert killed.get("before_end"), "no working model actor was killed while the pass ran"
     table = run_dir.read_table("features")
     assert table.column("sample_id").to_pylist() == ids
     assert result.rows_out == result.rows_in == len(ids)
