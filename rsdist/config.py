@@ -58,6 +58,7 @@ SELECT_SPACES = ("joint", "image", "text")
 DEDUP_KEEP_RULES = ("farthest", "nearest", "first")
 QUOTA_RULES = ("proportional", "equal")
 KEEP_RULES = ("highest", "lowest")
+TRAIN_METHODS = ("lora", "harma")
 
 
 @dataclass
@@ -100,8 +101,10 @@ class FeaturesConfig:
     dtype: str = _help(f"Stored embedding precision, one of {FEATURE_DTYPES}.", default="float32")
     max_text_tokens: int = _help("Captions are truncated to this many tokens.", default=48)
     seed: int = _help("Seed of the perturbations.", default=0)
+    perturb_in: str = _help("Where image perturbations are made, one of auto, actor, cpu: 'actor' = in the model actor just before its forward (one image per row crosses the object store), 'cpu' = in the CPU decode stage (off a GPU's critical path), 'auto' = cpu when the actors have GPUs, else actor.", default="auto")
 
     def __post_init__(self) -> None:
+        _choice("features.perturb_in", self.perturb_in, ("auto", "actor", "cpu"))
         if not (self.encoder.startswith("hf:") and len(self.encoder) > 3):
             _choice("features.encoder", self.encoder, ENCODERS)
         _positive("features.image_size", self.image_size)
@@ -204,6 +207,7 @@ class SelectConfig:
 
 @dataclass
 class TrainConfig:
+    method: str = _help("Tuning method of the dual encoder: 'lora' (LoRA on the text tower + heads) or 'harma' (HarMA gated adapters + heads, HarMA loss).", default="lora")
     num_workers: int = _help("Ray Train workers (data-parallel).", default=2)
     epochs: int = _help("Passes over the selected subset.", default=5)
     batch_size: int = _help("Samples per step per worker.", default=64)
@@ -222,6 +226,11 @@ class TrainConfig:
     shuffle_buffer: int = _help("Rows in each worker's local shuffle buffer (0 = no shuffling).", default=1024)
     max_failures: int = _help("Worker failures Ray Train recovers from (restarting at the last checkpoint).", default=0)
     checkpoints_to_keep: int = _help("Epoch checkpoints kept under checkpoints/ray (oldest removed).", default=2)
+    harma_hidden: int = _help("HarMA: adapter width (Linear d->hidden, attention over hidden).", default=128)
+    harma_heads: int = _help("HarMA: attention heads in each adapter (must divide harma_hidden and harma_mini_dim).", default=8)
+    harma_mini_dim: int = _help("HarMA: width of the shared mini-adapter (0 = none).", default=64)
+    harma_gate_init: float = _help("HarMA: initial gate logit (the paper's code uses 0.6).", default=0.6)
+    harma_margin: float = _help("HarMA: margin of the weighted triplet loss.", default=0.2)
 
     def __post_init__(self) -> None:
         for name in ("num_workers", "epochs", "batch_size", "embed_dim", "lora_r", "lora_alpha", "max_text_tokens", "max_logit_scale", "checkpoints_to_keep"):
@@ -235,6 +244,14 @@ class TrainConfig:
         _positive("train.max_failures", self.max_failures, allow_zero=True)
         if not self.lora_targets:
             raise ConfigError("train.lora_targets: must name at least one module (e.g. query, key, value)")
+        _choice("train.method", self.method, TRAIN_METHODS)
+        _positive("train.harma_hidden", self.harma_hidden)
+        _positive("train.harma_heads", self.harma_heads)
+        _positive("train.harma_mini_dim", self.harma_mini_dim, allow_zero=True)
+        _positive("train.harma_margin", self.harma_margin, allow_zero=True)
+        for name in ("harma_hidden", "harma_mini_dim"):
+            if getattr(self, name) % self.harma_heads:
+                raise ConfigError(f"train.{name}: {getattr(self, name)} must be a multiple of train.harma_heads={self.harma_heads}")
 
 
 @dataclass

@@ -27,7 +27,7 @@ from typing import Any
 import fsspec
 import yaml
 
-from rsdist.config import SELECT_METHODS, ConfigError, RunConfig, _choice, _help, config_from_dict
+from rsdist.config import SELECT_METHODS, ConfigError, RunConfig, SelectConfig, _choice, _help, config_from_dict
 from rsdist.io.rundir import RunDir
 
 log = logging.getLogger("rsdist")
@@ -38,7 +38,7 @@ PROTOCOLS = ("epochs", "steps")
 
 @dataclass
 class ExperimentConfig:
-    methods: list[str] = _help("Strategies to compare.", default_factory=lambda: ["random", "shift"])
+    methods: list = _help("Strategies to compare: a method name, or a mapping {label, method, <select settings>} for a variant (e.g. a dedup filter in front).", default_factory=lambda: ["random", "shift"])
     budgets: list[float] = _help("Budgets as fractions of the training pool.", default_factory=lambda: [0.1, 0.2, 0.33])
     seeds: list[int] = _help("Seeds; each seeds both selection and training.", default_factory=lambda: [0, 1, 2])
     protocol: str = _help(f"Training protocol, one of {PROTOCOLS}.", default="epochs")
@@ -46,8 +46,7 @@ class ExperimentConfig:
     metrics: list[str] = _help("Metrics the table and plot show.", default_factory=lambda: ["mR", "zero_shot_acc"])
 
     def __post_init__(self) -> None:
-        for m in self.methods:
-            _choice("experiment.methods", m, SELECT_METHODS)
+        self.methods = [self._variant(m) for m in self.methods]
         for b in self.budgets:
             if not 0 < b <= 1:
                 raise ConfigError(f"experiment.budgets: {b!r} must be a fraction in (0, 1]")
@@ -56,6 +55,26 @@ class ExperimentConfig:
         _choice("experiment.protocol", self.protocol, PROTOCOLS)
         if not self.metrics:
             raise ConfigError("experiment.metrics: must name at least one metric")
+
+
+    @staticmethod
+    def _variant(entry: Any) -> dict:
+        """A method entry as {label, method, settings}; settings are validated as SelectConfig fields."""
+        if isinstance(entry, str):
+            entry = {"method": entry}
+        if not isinstance(entry, dict) or "method" not in entry:
+            raise ConfigError(f"experiment.methods: {entry!r} must be a method name or a mapping with `method`")
+        entry = dict(entry)
+        label = str(entry.pop("label", entry["method"]))
+        if label == "full":
+            raise ConfigError("experiment.methods: the label 'full' is reserved for the full-data cells")
+        _choice("experiment.methods", entry["method"], SELECT_METHODS)
+        known = {f.name for f in dataclasses.fields(SelectConfig)}
+        unknown = sorted(set(entry) - known)
+        if unknown:
+            raise ConfigError(f"experiment.methods.{label}.{unknown[0]}: unknown setting; known: {', '.join(sorted(known))}")
+        SelectConfig(**entry)  # raises ConfigError naming select.<field>
+        return {"label": label, **entry}
 
 
 def load_experiment(path: str, out: str | None = None) -> tuple[RunConfig, ExperimentConfig]:
@@ -77,16 +96,16 @@ def cell_name(method: str, budget: float, seed: int) -> str:
     return f"{method}_b{budget:g}_s{seed}"
 
 
-def cell_config(cfg: RunConfig, exp: ExperimentConfig, label: str, budget: float, seed: int) -> RunConfig:
-    """The run config of one cell; `label` 'full' trains on the whole pool (random at budget 1)."""
-    method = "random" if label == "full" else label
+def cell_config(cfg: RunConfig, exp: ExperimentConfig, variant: dict, budget: float, seed: int) -> RunConfig:
+    """The run config of one cell; the variant {'label': 'full', 'method': 'random'} at budget 1 is full data."""
+    settings = {k: v for k, v in variant.items() if k != "label"}
     epochs = cfg.train.epochs
     if exp.protocol == "steps":
         epochs = max(1, math.ceil(cfg.train.epochs / budget))
     return dataclasses.replace(
         cfg,
-        run_dir=f"{cfg.run_dir}/cells/{cell_name(label, budget, seed)}",
-        select=dataclasses.replace(cfg.select, method=method, budget=budget, seed=seed),
+        run_dir=f"{cfg.run_dir}/cells/{cell_name(variant['label'], budget, seed)}",
+        select=dataclasses.replace(cfg.select, **settings, budget=budget, seed=seed),
         train=dataclasses.replace(cfg.train, seed=seed, epochs=epochs),
     )
 
@@ -99,13 +118,14 @@ def run_experiment(cfg: RunConfig, exp: ExperimentConfig) -> dict:
     base_dir = f"{cfg.run_dir}/base"
     base_cfg = dataclasses.replace(cfg, run_dir=base_dir)
     run_pipeline(base_cfg, only=["ingest", "features", "cluster"])
-    cells = [(m, b, s) for m in exp.methods for b in exp.budgets for s in exp.seeds]
+    cells = [(v, b, s) for v in exp.methods for b in exp.budgets for s in exp.seeds]
     if exp.include_full:
-        cells = [("full", 1.0, s) for s in exp.seeds] + cells
+        cells = [({"label": "full", "method": "random"}, 1.0, s) for s in exp.seeds] + cells
     results = []
-    for i, (method, budget, seed) in enumerate(cells, 1):
+    for i, (variant, budget, seed) in enumerate(cells, 1):
+        method = variant["label"]
         log.info("experiment cell %d/%d: %s", i, len(cells), cell_name(method, budget, seed))
-        ccfg = cell_config(cfg, exp, method, budget, seed)
+        ccfg = cell_config(cfg, exp, variant, budget, seed)
         run = RunDir(ccfg.run_dir, base=base_dir, inherited=INHERITED)
         summary = run_pipeline(ccfg, only=["select", "train", "eval"], run=run)
         results.append({

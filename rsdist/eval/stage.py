@@ -5,7 +5,8 @@ Input:
   `image_emb` (image-tower features; the tower is frozen, so they go straight to the image head)
   and `label`; the set of classes is every label in the features,
 - `<run>/shards/part-*.parquet`: all captions of each test image,
-- `<run>/checkpoints/final/`: the trained adapter and heads (`train_meta.json` gives embed_dim).
+- `<run>/checkpoints/final/`: the trained adapter (LoRA `text_adapter/` or HarMA `harma.pt`, found
+  by what the folder holds) and heads (`train_meta.json` gives embed_dim and the method).
 Output: `<run>/eval/metrics.json`: the metrics of the trained model, those of the untrained model
 (heads at initialisation, no adapter) when `eval.baseline`, and the settings that produced them.
 Resources: the driver process, CPU; encoding is batched (`eval.batch_size`) under no_grad.
@@ -126,7 +127,7 @@ def run(run: RunDir, cfg: EvalConfig, encoder: str) -> StageResult:
     with tempfile.TemporaryDirectory() as tmp:
         trained = evaluate_model(load_trained(encoder, meta["embed_dim"], local_checkpoint(run, tmp), seed=meta.get("seed", 0)), rows, classes, cfg)
     log.info("eval: trained mR %.2f, zero-shot %.2f%%", trained["mR"], trained.get("zero_shot_acc", float("nan")))
-    report = {"trained": trained, "settings": {**dataclasses.asdict(cfg), "encoder": encoder, "embed_dim": meta["embed_dim"], "checkpoint": run.url(*FINAL), "trained_epochs": meta.get("epochs")}}
+    report = {"trained": trained, "settings": {**dataclasses.asdict(cfg), "encoder": encoder, "embed_dim": meta["embed_dim"], "method": meta.get("method", "lora"), "checkpoint": run.url(*FINAL), "trained_epochs": meta.get("epochs")}}
     if cfg.baseline:
         report["untrained"] = evaluate_model(load_trained(encoder, meta["embed_dim"], None, seed=meta.get("seed", 0)), rows, classes, cfg)
         log.info("eval: untrained mR %.2f, zero-shot %.2f%%", report["untrained"]["mR"], report["untrained"].get("zero_shot_acc", float("nan")))

@@ -6,8 +6,9 @@
 `embed_batch` is the same computation as a plain function, so a single-process loop (the
 benchmark's baseline) runs exactly what the actors run.
 
-The original and its K perturbed copies go through the image tower in one forward of B * (1 + K)
-images (channels_last, inference_mode; bf16 autocast on CUDA). Text features are the mean of the
+The K seeded image perturbations are made here, just before the forward, unless the CPU stage
+already sent them (`perturbed` in the batch: the GPU layout, see preprocess.py). The original and
+its K perturbed copies go through the image tower in one forward of B * (1 + K) images (channels_last, inference_mode; bf16 autocast on CUDA). Text features are the mean of the
 L2-normalised embeddings of all captions of a sample, computed in one forward over the batch's
 captions. shift_p = 1 - cos(e(x), e(x~_p)); shift = mean over p.
 """
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rsdist.features.perturb import perturb_batch
 from rsdist.models.dual import DualEncoder, build_encoder
 
 log = logging.getLogger("rsdist")
@@ -76,13 +78,17 @@ def embed_batch(
     text_perturbations: Sequence[str],
     device: str = "cpu",
     max_tokens: int = 48,
+    seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """A preprocessed batch -> features, per-perturbation shifts and their mean."""
     pixels = batch["pixels"]
     n = len(pixels)
     k = len(image_perturbations)
     if k:
-        stacked = np.concatenate([pixels[:, None], batch["perturbed"]], axis=1).reshape(n * (1 + k), *pixels.shape[1:])
+        perturbed = batch.get("perturbed")
+        if perturbed is None:
+            perturbed = perturb_batch(pixels, batch["sample_id"], image_perturbations, seed)
+        stacked = np.concatenate([pixels[:, None], perturbed], axis=1).reshape(n * (1 + k), *pixels.shape[1:])
     else:
         stacked = pixels
     feats = image_features(model, stacked, device).cpu().reshape(n, 1 + k, -1)
@@ -110,13 +116,14 @@ def embed_batch(
 class EmbedModel:
     """Actor-pool callable: the encoder is loaded once per actor, then every batch is one fused pass."""
 
-    def __init__(self, encoder: str, image_perturbations: Sequence[str], text_perturbations: Sequence[str], threads: int = 1, use_gpu: bool = False, max_tokens: int = 48):
+    def __init__(self, encoder: str, image_perturbations: Sequence[str], text_perturbations: Sequence[str], threads: int = 1, use_gpu: bool = False, max_tokens: int = 48, seed: int = 0):
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.model = load_encoder(encoder, threads, self.device)
         self.image_perturbations = list(image_perturbations)
         self.text_perturbations = list(text_perturbations)
         self.max_tokens = max_tokens
+        self.seed = seed
         log.info("features actor: encoder %s on %s, %d threads", encoder, self.device, torch.get_num_threads())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return embed_batch(self.model, batch, self.image_perturbations, self.text_perturbations, self.device, self.max_tokens)
+        return embed_batch(self.model, batch, self.image_perturbations, self.text_perturbations, self.device, self.max_tokens, self.seed)

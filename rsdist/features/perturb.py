@@ -120,3 +120,12 @@ def perturb_texts(texts: list[str], name: str, sample_id: str, seed: int) -> lis
     rng = sample_rng(sample_id, seed, name)
     fn = TEXT_FUNCTIONS[name]
     return [fn(t, rng) for t in texts]
+
+
+def perturb_batch(pixels: np.ndarray, sample_ids, names, seed: int) -> np.ndarray:
+    """uint8 [B, S, S, 3] -> uint8 [B, K, S, S, 3]: each sample's K image perturbations, in `names` order."""
+    out = np.empty((len(pixels), len(names), *pixels.shape[1:]), dtype=np.uint8)
+    for i, sid in enumerate(sample_ids):
+        for j, name in enumerate(names):
+            out[i, j] = perturb_image(pixels[i], name, str(sid), seed)
+    return out

@@ -1,13 +1,18 @@
-"""The CPU stage of the features pass: decode, resize and perturb, so model actors only run models.
+"""The CPU stage of the features pass: decode, resize and perturb texts, so model actors only run models.
 
 Input batch (numpy format): the canonical columns `sample_id, image, text, captions, label, split`
 plus `path` (the shard file the row came from, added by the reader).
 Output batch: `sample_id, split, label, shard` (shard file name), `pixels` (uint8 [B, S, S, 3]),
-`perturbed` (uint8 [B, K, S, S, 3], the K image perturbations in order; absent when K = 0),
+`perturbed` (uint8 [B, K, S, S, 3], the K image perturbations in order; only when
+`perturb_images` is set, else the model actor perturbs: see embed.py),
 `texts` (JSON list of the sample's captions, or [text] when it has none) and `texts_<name>` for
 each text perturbation (JSON list of the perturbed captions).
 Declared resources: a quarter CPU per task (see stage.py), so reads and decodes keep running next to
 the model actors on a 2-CPU machine.
+
+Where image perturbations run: on CPU-only pools the actor applies them just before its forward, so
+one uint8 image per row crosses the object store instead of 1 + K (and the perturbation work runs on
+the cores the actor already holds). With GPU actors they run here, off the GPU's critical path.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from rsdist.features.perturb import IMAGE_PERTURBATIONS, perturb_image, perturb_texts
+from rsdist.features.perturb import IMAGE_PERTURBATIONS, perturb_batch, perturb_texts
 
 
 def decode_resized(data: bytes, size: int) -> np.ndarray:
@@ -50,13 +55,13 @@ def split_perturbations(names: Sequence[str]) -> tuple[list[str], list[str]]:
     return image, text
 
 
-def preprocess_batch(batch: dict[str, np.ndarray], image_size: int, perturbations: Sequence[str], seed: int) -> dict[str, np.ndarray]:
+def preprocess_batch(batch: dict[str, np.ndarray], image_size: int, perturbations: Sequence[str], seed: int, perturb_images: bool = False) -> dict[str, np.ndarray]:
+    """Decode and resize every image, perturb the texts (and the images when `perturb_images`)."""
     image_names, text_names = split_perturbations(perturbations)
     ids = [str(s) for s in batch["sample_id"]]
     shards = [posixpath.basename(str(p)) for p in batch["path"]]
     n = len(ids)
     pixels = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
-    perturbed = np.empty((n, len(image_names), image_size, image_size, 3), dtype=np.uint8)
     texts: list[str] = []
     texts_perturbed: dict[str, list[str]] = {name: [] for name in text_names}
     for i, sid in enumerate(ids):
@@ -69,8 +74,6 @@ def preprocess_batch(batch: dict[str, np.ndarray], image_size: int, perturbation
         except Exception as e:  # PIL raises several types for bad bytes
             raise ValueError(f"{where}: image could not be decoded ({type(e).__name__}: {e})") from None
         pixels[i] = img
-        for j, name in enumerate(image_names):
-            perturbed[i, j] = perturb_image(img, name, sid, seed)
         caps = sample_texts(batch["text"][i], batch["captions"][i])
         if not caps:
             raise ValueError(f"{where}: no text and no captions")
@@ -85,8 +88,8 @@ def preprocess_batch(batch: dict[str, np.ndarray], image_size: int, perturbation
         "pixels": pixels,
         "texts": np.array(texts, dtype=object),
     }
-    if image_names:
-        out["perturbed"] = perturbed
+    if perturb_images and image_names:
+        out["perturbed"] = perturb_batch(pixels, ids, image_names, seed)
     for name in text_names:
         out[f"texts_{name}"] = np.array(texts_perturbed[name], dtype=object)
     return out

@@ -9,11 +9,12 @@ the L2-normalised tower features of the sample's captions), `shift` (float32, me
 per-perturbation shifts) and `shift_<name>` (float32) per configured perturbation; plus
 `<run>/features/features_meta.json` (encoder, dims, image_size, perturbations, seed, dtype).
 
-The pass: shards cut into row slices (one block each, so every actor gets blocks) -> read through
-the run's fsspec filesystem (so any run URI works), fused with the CPU stage (decode, resize,
-perturb; a quarter CPU per task) -> model actor pool (`EmbedModel`, ActorPoolStrategy of fixed
-size, fractional CPUs, one GPU each when the cluster has GPUs) -> the driver streams the results
-and writes each shard's output as soon as all its rows have arrived.
+The pass: shards cut, in order, into row slices of one model batch (one block each) -> read through
+the run's fsspec filesystem (so any run URI works), fused with the CPU stage (decode, resize, text
+perturbations; a quarter CPU per task) -> model actor pool (`EmbedModel`, ActorPoolStrategy of fixed
+size, fractional CPUs, one GPU each when the cluster has GPUs; the image perturbations are made in
+the actor on CPU pools, in the CPU stage for GPU actors) -> the driver takes each output block as it
+arrives and writes a shard's output as soon as all its rows are in, so shards land during the pass.
 
 Resumable per shard: a shard whose output file exists is not read again. Exactly once: rows are
 keyed by sample_id per shard (a retried block after an actor death cannot add a second copy), and
@@ -77,20 +78,25 @@ def plan_pool(cfg: FeaturesConfig, cluster: dict[str, float]) -> PoolPlan:
     return PoolPlan(size, Resources(num_cpus=round(per_cpu, 3)), threads=threads, use_gpu=False)
 
 
-def plan_slices(shard_rows: dict[str, int], batch_size: int, pool_size: int) -> list[dict]:
-    """Cut the shards into row slices, one Ray Data block each, so every actor gets blocks.
+def plan_slices(shard_rows: dict[str, int], rows_per_slice: int) -> list[dict]:
+    """Cut the shards, in order, into row slices of one model batch each (one Ray Data block each).
 
-    A slice is a whole number of model batches, sized for about four slices per actor (a shard is
-    not cut finer than that, so it is not read many times over).
+    Small blocks are what make the pass stream: an actor's output block is sent when its input
+    block is done, so one batch per block means results (and completed shards) reach the driver
+    batch by batch and in shard order, instead of in a few bursts, and a kill mid-pass loses little.
     """
-    total = sum(shard_rows.values())
-    batches_per_slice = max(1, math.ceil(total / (pool_size * 4 * batch_size)))
-    rows = batches_per_slice * batch_size
     return [
-        {"path": path, "start": start, "stop": min(start + rows, n)}
+        {"path": path, "start": start, "stop": min(start + rows_per_slice, n)}
         for path, n in shard_rows.items()
-        for start in range(0, n, rows)
+        for start in range(0, n, rows_per_slice)
     ]
+
+
+def perturb_in_cpu_stage(cfg: FeaturesConfig, plan: "PoolPlan") -> bool:
+    """Whether image perturbations are made in the CPU stage (GPU actors) or in the actor (CPU actors)."""
+    if cfg.perturb_in == "auto":
+        return plan.use_gpu
+    return cfg.perturb_in == "cpu"
 
 
 def read_shard_slice(batch: dict[str, np.ndarray], run: RunDir) -> pa.Table:
@@ -198,7 +204,12 @@ def build_dataset(run: RunDir, slices: list[dict], cfg: FeaturesConfig, plan: Po
         preprocess_batch,
         batch_size=cfg.batch_size,
         batch_format="numpy",
-        fn_kwargs={"image_size": cfg.image_size, "perturbations": list(cfg.perturbations), "seed": cfg.seed},
+        fn_kwargs={
+            "image_size": cfg.image_size,
+            "perturbations": list(cfg.perturbations),
+            "seed": cfg.seed,
+            "perturb_images": perturb_in_cpu_stage(cfg, plan),
+        },
         num_cpus=CPU_STAGE.num_cpus,
     )
     return ds.map_batches(
@@ -212,6 +223,7 @@ def build_dataset(run: RunDir, slices: list[dict], cfg: FeaturesConfig, plan: Po
             "threads": plan.threads,
             "use_gpu": plan.use_gpu,
             "max_tokens": cfg.max_text_tokens,
+            "seed": cfg.seed,
         },
         compute=ray.data.ActorPoolStrategy(size=plan.size),
         num_cpus=plan.resources.num_cpus,
@@ -242,28 +254,35 @@ def run(run: RunDir, cfg: FeaturesConfig) -> StageResult:
         len(pending), len(inputs), plan.size, plan.resources.num_cpus, plan.resources.num_gpus, plan.threads,
     )
     done_rows = 0
-    first_at = None
+    first_at = first_shard_at = None
+    rows_before_first_shard = None
+    seen = first_n = 0  # rows received; rows in the first block (the steady rate starts after it)
     image_dim = text_dim = None
     start = time.perf_counter()
     if pending:
         expected = {p: shard_ids(run, p) for p in pending}
         collector = ShardCollector({out_name[p]: ids for p, ids in expected.items()})
         todo = sum(len(v) for v in expected.values())
-        slices = plan_slices({p: pq_rows(run, p) for p in pending}, cfg.batch_size, plan.size)
+        slices = plan_slices({p: pq_rows(run, p) for p in pending}, cfg.batch_size)
         plan = dataclasses.replace(plan, size=min(plan.size, len(slices)))  # no idle actors on small inputs
         schema = None
         bar = _progress(todo)
-        for batch in build_dataset(run, slices, cfg, plan).iter_batches(batch_size=cfg.batch_size, batch_format="numpy"):
+        # batch_size=None: each output block as it arrives, not re-batched (which would hold rows back)
+        for batch in build_dataset(run, slices, cfg, plan).iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
             if schema is None:
                 image_dim, text_dim = batch["image_emb"].shape[1], batch["text_emb"].shape[1]
                 schema = output_schema(image_dim, text_dim, shift_names, cfg.dtype)
             n = len(batch["sample_id"])
+            seen += n
             if first_at is None:
-                first_at = time.perf_counter()
+                first_at, first_n = time.perf_counter(), n
             for shard in collector.add(batch):
                 table = collector.pop_table(shard, schema, cfg.dtype)
                 run.write_table(table, NAME, shard)
                 done_rows += table.num_rows
+                if first_shard_at is None:
+                    first_shard_at, rows_before_first_shard = time.perf_counter(), seen
+                log.info("features: wrote %s (%d rows)", shard, table.num_rows)
             bar.update(n)
         bar.close()
         missing = {s: n for s, n in collector.incomplete().items() if n}
@@ -288,6 +307,9 @@ def run(run: RunDir, cfg: FeaturesConfig) -> StageResult:
     run.write_json(meta, NAME, META)
     rows_out = run.count_rows(NAME)
     rate = done_rows / seconds if done_rows and seconds > 0 else 0.0
+    steady = None
+    if first_at is not None and seen > first_n and start + seconds > first_at:
+        steady = (seen - first_n) / (start + seconds - first_at)
     return StageResult(
         rows_in=rows_in,
         rows_out=rows_out,
@@ -296,6 +318,9 @@ def run(run: RunDir, cfg: FeaturesConfig) -> StageResult:
             "perturbations": list(cfg.perturbations),
             "rows_per_second": round(rate, 2),
             "first_result_seconds": round(first_at - start, 2) if first_at else None,
+            "first_shard_seconds": round(first_shard_at - start, 2) if first_shard_at else None,
+            "rows_before_first_shard": rows_before_first_shard,
+            "steady_rows_per_second": round(steady, 2) if steady else None,
             "actors": plan.size,
             "shards_resumed": len(inputs) - len(pending),
         },

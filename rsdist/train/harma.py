@@ -14,7 +14,8 @@ Where adapters go in rsdist's dual encoders: in every transformer block of the t
 the MLP's output projection, with the padding mask honoured), and on the image-tower features
 before the image head. The image tower itself stays frozen and untouched so that training can keep
 reusing the features stage's stored `image_emb` (for a ViT tower the per-block placement applies
-the same way through `attach_text_adapters`' pattern; the composite's image tower is a CNN).
+the same way; the composite's image tower is a CNN). Text towers: BERT-style (composite, tiny) and
+HF CLIP / SigLIP (`clip-tiny`, `siglip-tiny`, `hf:<folder>`).
 """
 
 from __future__ import annotations
@@ -103,11 +104,25 @@ class HarmaAdapters(nn.Module):
         self.image = HarmaAdapter(image_dim, hidden, heads, gate_init, self.mini)
 
 
-def _bert_layers(text_tower: nn.Module):
+def text_blocks(text_tower: nn.Module) -> tuple[nn.Module, list[nn.Module], str]:
+    """(module whose forward receives attention_mask, the transformer blocks, path of each block's
+    MLP output Linear) for a BERT-style tower or an HF CLIP / SigLIP model."""
     layers = getattr(getattr(text_tower, "encoder", None), "layer", None)
-    if layers is None:
-        raise ValueError("train.method: 'harma' needs a BERT-style text tower (encoder.layer[i].output.dense)")
-    return layers
+    if layers is not None:  # BERT / MiniLM: layer.output.dense
+        return text_tower, list(layers), "output.dense"
+    text_model = getattr(text_tower, "text_model", None)
+    layers = getattr(getattr(text_model, "encoder", None), "layers", None)
+    if layers is not None:  # CLIP / SigLIP: text_model.encoder.layers[i].mlp.fc2
+        return text_model, list(layers), "mlp.fc2"
+    raise ValueError("train.method: 'harma' needs a BERT-style text tower (encoder.layer[i].output.dense) or an HF CLIP/SigLIP model (text_model.encoder.layers[i].mlp.fc2)")
+
+
+def _replace(block: nn.Module, path: str, make) -> nn.Module:
+    parent_path, _, name = path.rpartition(".")
+    parent = block.get_submodule(parent_path) if parent_path else block
+    old = getattr(parent, name)
+    setattr(parent, name, make(old))
+    return old
 
 
 def attach_harma(encoder, hidden: int = 128, heads: int = 8, mini_dim: int = 64, gate_init: float = 0.6) -> HarmaAdapters:
@@ -115,17 +130,18 @@ def attach_harma(encoder, hidden: int = 128, heads: int = 8, mini_dim: int = 64,
     logit_scale. Returns the adapters module (also set as `encoder.harma`)."""
     for p in encoder.parameters():
         p.requires_grad_(False)
-    layers = _bert_layers(encoder.text_tower)
-    adapters = HarmaAdapters(encoder.text_dim, encoder.image_dim, len(layers), hidden, heads, mini_dim, gate_init)
+    masked, layers, path = text_blocks(encoder.text_tower)
+    width = layers[0].get_submodule(path).out_features
+    adapters = HarmaAdapters(width, encoder.image_dim, len(layers), hidden, heads, mini_dim, gate_init)
     for layer, adapter in zip(layers, adapters.text):
-        layer.output.dense = AdaptedLinear(layer.output.dense, adapter)
+        _replace(layer, path, lambda linear, a=adapter: AdaptedLinear(linear, a))
 
     def set_padding(_module, args, kwargs):
         mask = kwargs.get("attention_mask")
         for adapter in adapters.text:
             adapter.pad = None if mask is None else mask == 0
 
-    encoder.text_tower.register_forward_pre_hook(set_padding, with_kwargs=True)
+    masked.register_forward_pre_hook(set_padding, with_kwargs=True)
     image_head = encoder.image_head
     encoder.image_head = nn.Sequential(adapters.image, image_head)
     encoder.harma = adapters

@@ -1,11 +1,13 @@
-"""The Ray Train loop each worker runs: LoRA + heads on the selected rows, one checkpoint per epoch.
+"""The Ray Train loop each worker runs: LoRA or HarMA (`method`) + heads on the selected rows, one
+checkpoint per epoch.
 
 Each worker streams its part of the dataset with `ray.train.get_dataset_shard("train")` (the
 split is equal, so every worker takes the same number of steps, which DDP needs). Per step it
 draws one caption per image (seeded by seed, epoch and sample id, so the several captions of an
-image are all used across epochs), and minimises symmetric InfoNCE within its local batch.
+image are all used across epochs), and minimises symmetric InfoNCE within its local batch (method
+'lora') or the HarMA loss, InfoNCE + weighted triplet (method 'harma').
 After each epoch every worker calls `ray.train.report` once; only rank 0 attaches a checkpoint:
-`text_adapter/`, `heads.pt` (heads, logit_scale, optimizer and schedule state, epoch, history)
+`text_adapter/` or `harma.pt`, `heads.pt` (heads, logit_scale, optimizer and schedule state, epoch, history)
 and `state.json` (the same, minus tensors). On start, `ray.train.get_checkpoint()` gives the last
 finished epoch of an earlier run with the same storage path and name; training continues after it.
 """
@@ -22,8 +24,9 @@ import torch
 
 from rsdist.models.dual import build_encoder
 from rsdist.train.data import pick_caption
+from rsdist.train.harma import harma_loss
 from rsdist.train.loss import info_nce
-from rsdist.train.model import ContrastivePair, clamp_logit_scale, count_parameters, load_heads_file, make_trainable, save_trained, ADAPTER_DIR
+from rsdist.train.model import ContrastivePair, clamp_logit_scale, count_parameters, load_adapter_weights, load_heads_file, make_tunable, save_trained
 
 STATE_FILE = "state.json"
 
@@ -51,16 +54,21 @@ def _all_reduce_sum(values: list[float]) -> list[float]:
 
 def _restore(encoder, optimizer, scheduler, checkpoint) -> tuple[int, list[dict]]:
     """Load an epoch checkpoint into the model and optimizer; return (epochs done, history)."""
-    from peft import set_peft_model_state_dict
-    from peft.utils import load_peft_weights
-
     with checkpoint.as_directory() as folder:
         state = load_heads_file(folder)
-        set_peft_model_state_dict(encoder.text_tower, load_peft_weights(os.path.join(folder, ADAPTER_DIR), device="cpu"))
+        load_adapter_weights(encoder, folder)
     encoder.load_head_state(state["heads"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return int(state["epoch"]), list(state["history"])
+
+
+def loss_function(config: dict):
+    """(image, text, logit_scale) -> loss for the configured method."""
+    if config.get("method", "lora") == "harma":
+        margin = config["harma_margin"]
+        return lambda image, text, scale: harma_loss(image, text, scale, margin=margin)
+    return info_nce
 
 
 def _batch_tensors(batch: dict, encoder, seed: int, epoch: int, max_tokens: int, device) -> tuple[torch.Tensor, dict]:
@@ -79,8 +87,10 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(config["seed"] + 1000 * rank)
 
     encoder = build_encoder(config["encoder"], embed_dim=config["embed_dim"], seed=config["seed"])
-    make_trainable(encoder, config["lora_r"], config["lora_alpha"], config["lora_dropout"], config["lora_targets"])
+    full = count_parameters(encoder)[1]  # what full fine-tuning would train
+    make_tunable(encoder, config)
     trainable, total = count_parameters(encoder)
+    compute_loss = loss_function(config)
     params = [p for p in encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config["lr"], weight_decay=config["weight_decay"])
     total_steps = config["steps_per_epoch"] * config["epochs"]
@@ -109,7 +119,7 @@ def train_loop_per_worker(config: dict) -> None:
         for batch in batches:
             feats, tokens = _batch_tensors(batch, encoder, config["seed"], epoch, config["max_text_tokens"], device)
             image, text, scale = model(feats, tokens["input_ids"], tokens["attention_mask"])
-            loss = info_nce(image, text, scale)
+            loss = compute_loss(image, text, scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -128,11 +138,11 @@ def train_loop_per_worker(config: dict) -> None:
             "logit_scale": float(encoder.logit_scale.exp()),
         }
         history.append(record)
-        metrics = {**record, "trainable_params": trainable, "total_params": total}
+        metrics = {**record, "trainable_params": trainable, "total_params": total, "full_finetune_params": full}
         if rank == 0:
             print(f"train: epoch {epoch + 1}/{config['epochs']} loss {record['loss']:.4f} on {record['rows']} rows, {record['seconds']:.1f}s", flush=True)
             with tempfile.TemporaryDirectory() as folder:
-                state = {"epoch": epoch + 1, "history": history, "trainable_params": trainable, "total_params": total}
+                state = {"epoch": epoch + 1, "history": history, "method": config.get("method", "lora"), "trainable_params": trainable, "total_params": total, "full_finetune_params": full}
                 save_trained(encoder, folder, {**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
                 with open(os.path.join(folder, STATE_FILE), "w") as f:
                     json.dump(state, f, indent=2)

@@ -1,7 +1,9 @@
-"""The trainable dual encoder: LoRA on the text tower, trainable heads and temperature, the rest frozen.
+"""The trainable dual encoder, by `train.method`: 'lora' (peft LoRA on the text tower) or 'harma'
+(HarMA gated adapters, rsdist/train/harma.py); trainable heads and temperature; the rest frozen.
 
 Also saving and loading what training produces (a checkpoint folder):
-- `text_adapter/`: the peft LoRA adapter of the text tower (`save_pretrained`),
+- `text_adapter/`: the peft LoRA adapter of the text tower (`save_pretrained`), method 'lora',
+- `harma.pt`: the HarMA adapters' settings and state dict, method 'harma',
 - `heads.pt`: both projection heads and logit_scale (plus, in epoch checkpoints, optimizer state).
 """
 
@@ -14,9 +16,11 @@ import torch
 from torch import nn
 
 from rsdist.models.dual import DualEncoder, build_encoder
+from rsdist.train.harma import ADAPTER_FILE as HARMA_FILE, attach_harma
 
 ADAPTER_DIR = "text_adapter"
 HEADS_FILE = "heads.pt"
+HARMA_SETTINGS = ("harma_hidden", "harma_heads", "harma_mini_dim", "harma_gate_init")
 
 
 class ContrastivePair(nn.Module):
@@ -59,6 +63,19 @@ def make_trainable(encoder: DualEncoder, r: int, alpha: int, dropout: float, tar
     return encoder
 
 
+def make_tunable(encoder: DualEncoder, settings: dict) -> DualEncoder:
+    """Apply `settings["method"]` ('lora' or 'harma'; TrainConfig fields as a dict) to `encoder`."""
+    method = settings.get("method", "lora")
+    if method == "harma":
+        harma = {k: settings[k] for k in HARMA_SETTINGS}
+        attach_harma(encoder, hidden=harma["harma_hidden"], heads=harma["harma_heads"], mini_dim=harma["harma_mini_dim"], gate_init=harma["harma_gate_init"])
+        encoder.harma_settings = harma
+        return encoder
+    if method != "lora":
+        raise ValueError(f"train.method: {method!r} is not one of: lora, harma")
+    return make_trainable(encoder, settings["lora_r"], settings["lora_alpha"], settings["lora_dropout"], settings["lora_targets"])
+
+
 def count_parameters(module: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     total = sum(p.numel() for p in module.parameters())
@@ -73,9 +90,12 @@ def clamp_logit_scale(encoder: DualEncoder, max_scale: float) -> None:
 
 
 def save_trained(encoder: DualEncoder, folder: str, extra: dict | None = None) -> None:
-    """Write the adapter and heads (plus `extra`, e.g. optimizer state) into a local folder."""
+    """Write the adapter (LoRA or HarMA) and heads (plus `extra`, e.g. optimizer state) into a local folder."""
     os.makedirs(folder, exist_ok=True)
-    encoder.text_tower.save_pretrained(os.path.join(folder, ADAPTER_DIR))
+    if getattr(encoder, "harma", None) is not None:
+        torch.save({"settings": encoder.harma_settings, "state": encoder.harma.state_dict()}, os.path.join(folder, HARMA_FILE))
+    else:
+        encoder.text_tower.save_pretrained(os.path.join(folder, ADAPTER_DIR))
     torch.save({"heads": encoder.head_state(), **(extra or {})}, os.path.join(folder, HEADS_FILE))
 
 
@@ -83,16 +103,37 @@ def load_heads_file(folder: str) -> dict:
     return torch.load(os.path.join(folder, HEADS_FILE), map_location="cpu", weights_only=False)
 
 
-def load_trained(encoder_name: str, embed_dim: int, folder: str | None, seed: int = 0) -> DualEncoder:
-    """An encoder with the adapter and heads of checkpoint `folder`; None gives the untrained model
-    (heads at their seeded initialisation, no adapter)."""
-    from peft import PeftModel
+def checkpoint_method(folder: str) -> str:
+    """'harma' when the checkpoint folder holds HarMA adapters, else 'lora'."""
+    return "harma" if os.path.exists(os.path.join(folder, HARMA_FILE)) else "lora"
 
+
+def load_adapter_weights(encoder: DualEncoder, folder: str) -> None:
+    """Load the adapter weights of `folder` into an encoder already made tunable the same way."""
+    if checkpoint_method(folder) == "harma":
+        encoder.harma.load_state_dict(torch.load(os.path.join(folder, HARMA_FILE), map_location="cpu", weights_only=False)["state"])
+        return
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    set_peft_model_state_dict(encoder.text_tower, load_peft_weights(os.path.join(folder, ADAPTER_DIR), device="cpu"))
+
+
+def load_trained(encoder_name: str, embed_dim: int, folder: str | None, seed: int = 0) -> DualEncoder:
+    """An encoder with the adapter (LoRA or HarMA) and heads of checkpoint `folder`; None gives the
+    untrained model (heads at their seeded initialisation, no adapter)."""
     encoder = build_encoder(encoder_name, embed_dim=embed_dim, seed=seed)
     if folder is not None:
         if not os.path.exists(os.path.join(folder, HEADS_FILE)):
             raise FileNotFoundError(f"{folder}: not a checkpoint (no {HEADS_FILE})")
-        encoder.text_tower = PeftModel.from_pretrained(encoder.text_tower, os.path.join(folder, ADAPTER_DIR))
+        if checkpoint_method(folder) == "harma":
+            saved = torch.load(os.path.join(folder, HARMA_FILE), map_location="cpu", weights_only=False)
+            make_tunable(encoder, {"method": "harma", **saved["settings"]})
+            encoder.harma.load_state_dict(saved["state"])
+        else:
+            from peft import PeftModel
+
+            encoder.text_tower = PeftModel.from_pretrained(encoder.text_tower, os.path.join(folder, ADAPTER_DIR))
         encoder.load_head_state(load_heads_file(folder)["heads"])
     encoder.eval()
     return encoder

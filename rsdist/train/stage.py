@@ -1,4 +1,5 @@
-"""Train stage: LoRA-tune the dual encoder on the selected rows with Ray Train (TorchTrainer, DDP).
+"""Train stage: tune the dual encoder on the selected rows with Ray Train (TorchTrainer, DDP), by
+`train.method`: 'lora' (peft LoRA on the text tower) or 'harma' (HarMA adapters and loss).
 
 Input:
 - `<run>/selection/manifest.parquet`: the rows with selected == True (test-split rows are never
@@ -9,8 +10,9 @@ Input:
 Output, `<run>/checkpoints/`:
 - `ray/train/`: Ray Train's run folder, one checkpoint per epoch (running the stage again with the
   same run directory resumes after the last finished epoch),
-- `final/`: `text_adapter/` (peft LoRA adapter), `heads.pt` (heads + logit_scale), `train_meta.json`
-  (encoder, embed_dim, LoRA settings, per-epoch loss, parameter counts, rows, seconds).
+- `final/`: `text_adapter/` (peft LoRA adapter) or `harma.pt` (HarMA adapters), `heads.pt` (heads +
+  logit_scale), `train_meta.json` (encoder, embed_dim, method and its settings, per-epoch loss,
+  trainable parameters against full fine-tuning, rows, seconds).
 Resources: `num_workers` Ray Train workers of `cpus_per_worker` CPUs each (fractional by default, so
 a 2-CPU machine never waits for a slot) and one GPU each when the cluster has GPUs.
 """
@@ -33,7 +35,7 @@ from rsdist.raycluster import cluster_gpus
 from rsdist.stage import Resources, StageResult
 from rsdist.train.data import training_rows
 from rsdist.train.loop import STATE_FILE, train_loop_per_worker
-from rsdist.train.model import ADAPTER_DIR, HEADS_FILE
+from rsdist.train.model import ADAPTER_DIR, HARMA_FILE, HARMA_SETTINGS, HEADS_FILE
 
 log = logging.getLogger("rsdist")
 
@@ -80,13 +82,24 @@ def make_trainer(run: RunDir, cfg: TrainConfig, encoder: str, dataset, train_row
     )
 
 
+def method_settings(cfg: TrainConfig) -> dict:
+    """The settings of the chosen tuning method, for train_meta.json."""
+    if cfg.method == "harma":
+        return {"harma": {k[len("harma_"):]: getattr(cfg, k) for k in (*HARMA_SETTINGS, "harma_margin")}}
+    return {"lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "targets": list(cfg.lora_targets)}}
+
+
 def write_final(run: RunDir, checkpoint_dir: str, meta: dict) -> None:
     """Copy the last epoch checkpoint's adapter and heads (without optimizer state) to `final/`."""
     run.remove(STAGE, FINAL)
-    adapter = os.path.join(checkpoint_dir, ADAPTER_DIR)
-    for name in sorted(os.listdir(adapter)):
-        with open(os.path.join(adapter, name), "rb") as f:
-            run.write_bytes(f.read(), STAGE, FINAL, ADAPTER_DIR, name)
+    if os.path.exists(os.path.join(checkpoint_dir, HARMA_FILE)):
+        with open(os.path.join(checkpoint_dir, HARMA_FILE), "rb") as f:
+            run.write_bytes(f.read(), STAGE, FINAL, HARMA_FILE)
+    else:
+        adapter = os.path.join(checkpoint_dir, ADAPTER_DIR)
+        for name in sorted(os.listdir(adapter)):
+            with open(os.path.join(adapter, name), "rb") as f:
+                run.write_bytes(f.read(), STAGE, FINAL, ADAPTER_DIR, name)
     state = torch.load(os.path.join(checkpoint_dir, HEADS_FILE), map_location="cpu", weights_only=False)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, HEADS_FILE)
@@ -121,12 +134,15 @@ def run(run: RunDir, cfg: TrainConfig, encoder: str) -> StageResult:
             "encoder": encoder,
             "embed_dim": cfg.embed_dim,
             "seed": cfg.seed,
-            "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "targets": list(cfg.lora_targets)},
+            "method": cfg.method,
+            **method_settings(cfg),
             "epochs": state["epoch"],
             "history": history,
             "epoch_loss": [h["loss"] for h in history],
             "trainable_params": state["trainable_params"],
             "total_params": state["total_params"],
+            "full_finetune_params": state["full_finetune_params"],
+            "trainable_share_of_full": round(state["trainable_params"] / state["full_finetune_params"], 6),
             "selected_rows": n_selected,
             "train_rows": history[-1]["rows"],
             "num_workers": cfg.num_workers,
@@ -137,7 +153,7 @@ def run(run: RunDir, cfg: TrainConfig, encoder: str) -> StageResult:
             "settings": dataclasses.asdict(cfg),
         }
         write_final(run, folder, meta)
-    log.info("train: %d epochs, final loss %.4f, %d/%d trainable parameters", meta["epochs"], meta["epoch_loss"][-1], meta["trainable_params"], meta["total_params"])
+    log.info("train: %s, %d epochs, final loss %.4f, %d trainable parameters (full fine-tuning: %d)", cfg.method, meta["epochs"], meta["epoch_loss"][-1], meta["trainable_params"], meta["full_finetune_params"])
     return StageResult(
         rows_in=n_selected,
         rows_out=meta["train_rows"],
@@ -146,6 +162,8 @@ def run(run: RunDir, cfg: TrainConfig, encoder: str) -> StageResult:
             "final_loss": meta["epoch_loss"][-1],
             "trainable_params": meta["trainable_params"],
             "total_params": meta["total_params"],
+            "full_finetune_params": meta["full_finetune_params"],
+            "method": cfg.method,
             "train_seconds": meta["train_seconds"],
         },
     )

@@ -1,0 +1,53 @@
+import pytest
+
+from rsdist.config import ConfigError, config_from_dict
+from rsdist.experiment import ExperimentConfig, aggregate, cell_config, load_experiment, run_experiment
+from rsdist.io.rundir import RunDir
+from tests.test_pipeline import tiny_settings
+
+
+def _cell(method, budget, seed, mr, secs=1.0):
+    return {"method": method, "budget": budget, "seed": seed, "select_seconds": 0.1, "train_seconds": secs, "metrics": {"mR": mr}}
+
+
+def test_aggregate_mean_sd_and_relative_to_full():
+    cells = [_cell("full", 1.0, 0, 20.0), _cell("full", 1.0, 1, 22.0), _cell("random", 0.2, 0, 10.0), _cell("random", 0.2, 1, 12.0)]
+    table = {(r["method"], r["budget"]): r for r in aggregate(cells, ["mR"])}
+    assert table[("full", 1.0)]["mR_mean"] == 21.0
+    assert table[("random", 0.2)]["mR_mean"] == 11.0
+    assert table[("random", 0.2)]["mR_sd"] == pytest.approx(2 ** 0.5)
+    assert table[("random", 0.2)]["mR_rel_full"] == pytest.approx(11.0 / 21.0)
+
+
+def test_variants_and_protocols():
+    exp = ExperimentConfig(methods=["random", {"label": "dedup", "method": "cluster-random", "dedup_threshold": 0.95}], budgets=[0.25], protocol="steps")
+    cfg = config_from_dict({"run_dir": "/tmp/e", "train": {"epochs": 2}})
+    cell = cell_config(cfg, exp, exp.methods[1], 0.25, 3)
+    assert cell.select.method == "cluster-random" and cell.select.dedup_threshold == 0.95 and cell.select.seed == 3
+    assert cell.train.epochs == 8 and cell.train.seed == 3  # same steps as full data: epochs / budget
+    assert cell.run_dir == "/tmp/e/cells/dedup_b0.25_s3"
+    for bad in ({"methods": ["best"]}, {"methods": [{"method": "random", "budgt": 1}]}, {"budgets": [1.5]}, {"protocol": "time"}):
+        with pytest.raises(ConfigError):
+            ExperimentConfig(**bad)
+
+
+@pytest.mark.slow
+def test_experiment_runs_cells_on_a_shared_base_and_resumes(ray_session, tmp_path):
+    import yaml
+
+    settings = tiny_settings(str(tmp_path / "exp"))
+    settings["train"]["epochs"] = 1
+    settings["eval"] = {"baseline": False}
+    settings["experiment"] = {"methods": ["random"], "budgets": [0.5], "seeds": [0]}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    cfg, exp = load_experiment(str(path))
+    report = run_experiment(cfg, exp)
+    assert [(c["method"], c["budget"]) for c in report["cells"]] == [("full", 1.0), ("random", 0.5)]
+    full, half = report["cells"]
+    assert full["selected"] == full["pool"] and half["selected"] == round(0.5 * half["pool"])
+    out = RunDir(cfg.run_dir)
+    assert out.exists("results.json") and out.exists("experiment.md") and out.exists("budget_curve.png")
+    assert not out.exists("cells", "random_b0.5_s0", "features")  # cells inherit the base's upstream folders
+    again = run_experiment(cfg, exp)
+    assert again["cells"] == report["cells"]  # finished cells are not recomputed
