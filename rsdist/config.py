@@ -70,7 +70,7 @@ class DataConfig:
     shard_rows: int = _help("Rows per canonical parquet shard.", default=512)
     max_image_bytes: int = _help("Images larger than this are quarantined as too-large.", default=32 * 1024 * 1024)
     synthetic_per_class: int = _help("Unique scenes per class in the generated demo set.", default=40)
-    engine: str = _help(f"How ingest reads images, one of {INGEST_ENGINES}: 'ray' = Ray Data tasks, 'local' = this process, 'auto' = Ray when it is up and a window holds at least `parallel_min_records` records.", default="auto")
+    engine: str = _help(f"How ingest reads images, one of {INGEST_ENGINES}: 'ray' = one Ray Data task per shard reads, decodes and writes it, 'local' = this process, 'auto' = Ray when it is up and the source has at least `parallel_min_records` records.", default="auto")
     parallel_min_records: int = _help("With engine 'auto', the fewest records worth a Ray Data pass.", default=2000)
     columns: dict = _help(f"parquet format: source column per role ({', '.join(PARQUET_ROLES)}); a role left out uses the column of its own name.", default_factory=dict)
 

@@ -77,19 +77,21 @@ def plain_loop(run, cfg, threads: int) -> float:
         batch = {c: rb.column(c).to_numpy(zero_copy_only=False) for c in MODEL_INPUT_COLUMNS}
         batch["path"] = np.array(["shard"] * rb.num_rows, dtype=object)
         pre = preprocess_batch(batch, cfg.image_size, cfg.perturbations, cfg.seed)
-        embed_batch(model, pre, image_names, text_names, max_tokens=cfg.max_text_tokens)
+        embed_batch(model, pre, image_names, text_names, max_tokens=cfg.max_text_tokens, seed=cfg.seed)
         rows += rb.num_rows
     return rows / (time.perf_counter() - start)
 
 
-def ray_pass(run, cfg) -> float:
-    """Rows/s of the features stage with `cfg`'s pool, end to end (actor start and model load included)."""
+def ray_pass(run, cfg) -> tuple[float, float, float]:
+    """The features stage with `cfg`'s pool: (rows/s end to end, rows/s after the first result block,
+    seconds to the first result), so actor start and model load can be told apart from throughput."""
     from rsdist.features import stage
 
     run.remove("features")
     start = time.perf_counter()
     result = stage.run(run, cfg)
-    return result.rows_out / (time.perf_counter() - start)
+    end_to_end = result.rows_out / (time.perf_counter() - start)
+    return end_to_end, result.extra["steady_rows_per_second"] or 0.0, result.extra["first_result_seconds"] or 0.0
 
 
 def bench(argv: list[str]) -> dict:
@@ -118,10 +120,10 @@ def bench(argv: list[str]) -> dict:
 
     plain = plain_loop(run, FeaturesConfig(**base), threads=cpus)
     _log(f"plain loop, {cpus} threads: {plain:.2f} rows/s")
-    one = ray_pass(run, FeaturesConfig(**base, num_actors=1, threads_per_actor=1))
-    _log(f"ray, 1 actor x 1 thread: {one:.2f} rows/s")
-    two = ray_pass(run, FeaturesConfig(**base, num_actors=2, threads_per_actor=1))
-    _log(f"ray, 2 actors x 1 thread: {two:.2f} rows/s")
+    one, one_steady, one_first = ray_pass(run, FeaturesConfig(**base, num_actors=1, threads_per_actor=1))
+    _log(f"ray, 1 actor x 1 thread: {one:.2f} rows/s end to end, {one_steady:.2f} after the first result at {one_first:.1f} s")
+    two, two_steady, two_first = ray_pass(run, FeaturesConfig(**base, num_actors=2, threads_per_actor=1))
+    _log(f"ray, 2 actors x 1 thread: {two:.2f} rows/s end to end, {two_steady:.2f} after the first result at {two_first:.1f} s")
     forwards = 1 + len([n for n in base["perturbations"] if n in ("noise", "rotate", "crop", "flip", "blur", "jpeg")])
     return {
         "encoder": args.encoder,
@@ -132,7 +134,13 @@ def bench(argv: list[str]) -> dict:
         "plain_rows_per_s": round(plain, 2),
         "ray_1x1_rows_per_s": round(one, 2),
         "ray_2x1_rows_per_s": round(two, 2),
+        "ray_1x1_steady_rows_per_s": round(one_steady, 2),
+        "ray_2x1_steady_rows_per_s": round(two_steady, 2),
+        "ray_1x1_first_result_s": round(one_first, 2),
+        "ray_2x1_first_result_s": round(two_first, 2),
         "ray_vs_plain": round(two / plain, 3),
         "scaling_2_vs_1_actors": round(two / one, 3),
+        "ray_vs_plain_steady": round(two_steady / plain, 3),
+        "scaling_2_vs_1_actors_steady": round(two_steady / one_steady, 3) if one_steady else None,
         "plain_images_per_s": round(plain * forwards, 2),
     }

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import posixpath
 import time
 from dataclasses import dataclass
@@ -92,7 +91,7 @@ def plan_slices(shard_rows: dict[str, int], rows_per_slice: int) -> list[dict]:
     ]
 
 
-def perturb_in_cpu_stage(cfg: FeaturesConfig, plan: "PoolPlan") -> bool:
+def perturb_in_cpu_stage(cfg: FeaturesConfig, plan: PoolPlan) -> bool:
     """Whether image perturbations are made in the CPU stage (GPU actors) or in the actor (CPU actors)."""
     if cfg.perturb_in == "auto":
         return plan.use_gpu
@@ -268,7 +267,7 @@ def run(run: RunDir, cfg: FeaturesConfig) -> StageResult:
         schema = None
         bar = _progress(todo)
         # batch_size=None: each output block as it arrives, not re-batched (which would hold rows back)
-        for batch in build_dataset(run, slices, cfg, plan).iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+        for batch in build_dataset(run, slices, cfg, plan).iter_batches(batch_size=None, batch_format="numpy"):
             if schema is None:
                 image_dim, text_dim = batch["image_emb"].shape[1], batch["text_emb"].shape[1]
                 schema = output_schema(image_dim, text_dim, shift_names, cfg.dtype)

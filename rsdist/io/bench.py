@@ -2,7 +2,8 @@
 
 Both read the same source in the same run (by default a generated captions-txt source of
 `--records` PNG images under a temporary folder) into separate run directories. Figures: records
-and seconds of each path, records/s, the speed-up ratio, and the driver's peak RSS.
+and seconds of each path, records/s, the speed-up ratio, and the driver's resident memory: before
+the runs, and its peak during each run (sampled every 50 ms from /proc, so each path gets its own).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import resource
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -44,14 +46,43 @@ def _generate(root: str, records: int, side: int) -> None:
         f.write("\n".join(caps) + "\n")
 
 
-def _timed_ingest(source: str, out: str, engine: str, shard_rows: int) -> tuple[int, float]:
+def _rss_mb() -> float:
+    """This process's resident memory now, in MiB (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return 0.0
+
+
+class _PeakRSS:
+    """Samples the driver's RSS in a thread while a block runs; `.peak` is the highest seen."""
+
+    def __enter__(self):
+        self.peak, self._stop = _rss_mb(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, _rss_mb())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mb())
+
+
+def _timed_ingest(source: str, out: str, engine: str, shard_rows: int) -> tuple[int, float, float]:
     from rsdist.config import DataConfig
     from rsdist.io import ingest
     from rsdist.io.rundir import RunDir
 
     start = time.perf_counter()
-    result = ingest.run(RunDir(out), DataConfig(source=source, engine=engine, shard_rows=shard_rows))
-    return result.rows_in, time.perf_counter() - start
+    with _PeakRSS() as rss:
+        result = ingest.run(RunDir(out), DataConfig(source=source, engine=engine, shard_rows=shard_rows))
+    return result.rows_in, time.perf_counter() - start, rss.peak
 
 
 def bench(argv: list[str]) -> dict:
@@ -71,10 +102,11 @@ def bench(argv: list[str]) -> dict:
         if source is None:
             source = os.path.join(tmp, "source")
             _generate(source, args.records, args.side)
+        rss_before = _rss_mb()
         print("bench ingest: single-process read...", file=sys.stderr)
-        n_local, t_local = _timed_ingest(source, os.path.join(tmp, "local"), "local", args.shard_rows)
+        n_local, t_local, rss_local = _timed_ingest(source, os.path.join(tmp, "local"), "local", args.shard_rows)
         print(f"bench ingest: single-process {n_local} records in {t_local:.1f}s; Ray Data read...", file=sys.stderr)
-        n_ray, t_ray = _timed_ingest(source, os.path.join(tmp, "ray"), "ray", args.shard_rows)
+        n_ray, t_ray, rss_ray = _timed_ingest(source, os.path.join(tmp, "ray"), "ray", args.shard_rows)
         print(f"bench ingest: Ray Data {n_ray} records in {t_ray:.1f}s", file=sys.stderr)
     return {
         "records": n_ray,
@@ -84,6 +116,9 @@ def bench(argv: list[str]) -> dict:
         "local_records_per_s": round(n_local / t_local, 1),
         "ray_records_per_s": round(n_ray / t_ray, 1),
         "ray_vs_local_speedup": round(t_local / t_ray, 3),
+        "driver_rss_before_mb": round(rss_before, 1),
+        "driver_peak_rss_local_mb": round(rss_local, 1),
+        "driver_peak_rss_ray_mb": round(rss_ray, 1),
         "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
 

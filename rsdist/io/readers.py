@@ -23,6 +23,8 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import fsspec
 
+from rsdist.io.jsonstream import first_char, iter_array, json_kind, top_level_arrays
+
 log = logging.getLogger("rsdist")
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp", ".gif")
@@ -168,17 +170,6 @@ def split_name(text: Optional[str]) -> Optional[str]:
     return None
 
 
-def _load_json(fs, path: str) -> Any:
-    with fs.open(path, "rb") as f:
-        raw = f.read()
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise IngestError(f"{fs.unstrip_protocol(path)}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-    except UnicodeDecodeError as e:
-        raise IngestError(f"{fs.unstrip_protocol(path)}: not UTF-8 text: {e}") from None
-
-
 def _read_lines(fs, path: str) -> list[str]:
     with fs.open(path, "rb") as f:
         return f.read().decode("utf-8", errors="replace").splitlines()
@@ -319,14 +310,14 @@ def read_captions_jsonl(src: Source) -> Iterator[Item]:
 
 
 def read_karpathy_json(src: Source) -> Iterator[Item]:
-    """`{"images": [{"filename", "filepath"?, "split", "sentences": [{"raw", "tokens"}]}]}`."""
+    """`{"images": [{"filename", "filepath"?, "split", "sentences": [{"raw", "tokens"}]}]}`, streamed."""
     for path in _json_files(src):
-        doc = _load_json(src.fs, path)
         file = src.rel(path)
-        images = doc.get("images") if isinstance(doc, dict) else None
-        if not isinstance(images, list):
+        if first_char(src.fs, path) != "{":
             raise IngestError(f"{src.url(path)}: no 'images' list (karpathy-json)")
-        for i, im in enumerate(images, start=1):
+        n = 0
+        for i, im in enumerate(iter_array(src.fs, path, "images.item"), start=1):
+            n = i
             if not isinstance(im, dict):
                 yield Bad(f"item {i}", file, i, "bad-record", "image entry is not an object")
                 continue
@@ -336,6 +327,8 @@ def read_karpathy_json(src: Source) -> Iterator[Item]:
             key = rel or f"item {i}"
             meta = {"imgid": im["imgid"]} if "imgid" in im else {}
             yield _caption_record(src, key, file, i, rel, caps, split_name(im.get("split")), meta)
+        if n == 0 and "images" not in top_level_arrays(src.fs, path):
+            raise IngestError(f"{src.url(path)}: no 'images' list (karpathy-json)")
 
 
 def _json_files(src: Source) -> list[str]:
@@ -349,25 +342,30 @@ def _json_files(src: Source) -> list[str]:
 
 
 def read_coco_captions(src: Source) -> Iterator[Item]:
-    """`{"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}`: one row per image."""
+    """`{"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}`: one row per image.
+
+    Streamed in three passes (image ids, annotations, images); the captions are held grouped by
+    image between the second and third, since annotations may come in any order.
+    """
     for path in _json_files(src):
-        doc = _load_json(src.fs, path)
         file = src.rel(path)
-        if not isinstance(doc, dict) or not isinstance(doc.get("images"), list) or not isinstance(doc.get("annotations"), list):
+        arrays = top_level_arrays(src.fs, path) if first_char(src.fs, path) == "{" else set()
+        if not {"images", "annotations"} <= arrays:
             raise IngestError(f"{src.url(path)}: needs 'images' and 'annotations' lists (coco-captions)")
+        known = {im.get("id") for im in iter_array(src.fs, path, "images.item") if isinstance(im, dict)}
         caps: dict[Any, list] = {}
-        known = {im.get("id") for im in doc["images"] if isinstance(im, dict)}
-        for j, ann in enumerate(doc["annotations"], start=1):
+        for j, ann in enumerate(iter_array(src.fs, path, "annotations.item"), start=1):
             if not isinstance(ann, dict) or ann.get("image_id") not in known:
                 yield Bad(f"annotation {j}", file, j, "bad-record", "annotation refers to no listed image")
                 continue
             caps.setdefault(ann["image_id"], []).append(ann.get("caption") or "")
-        for i, im in enumerate(doc["images"], start=1):
+        del known
+        for i, im in enumerate(iter_array(src.fs, path, "images.item"), start=1):
             if not isinstance(im, dict):
                 yield Bad(f"image {i}", file, i, "bad-record", "image entry is not an object")
                 continue
             key = str(im.get("id", f"image {i}"))
-            yield _caption_record(src, key, file, i, im.get("file_name"), caps.get(im.get("id"), []), split_name(im.get("split")), {"coco_id": im.get("id")})
+            yield _caption_record(src, key, file, i, im.get("file_name"), caps.pop(im.get("id"), []), split_name(im.get("split")), {"coco_id": im.get("id")})
 
 
 # --- llava-json --------------------------------------------------------------------------------
@@ -376,11 +374,10 @@ def read_coco_captions(src: Source) -> Iterator[Item]:
 def read_llava_json(src: Source) -> Iterator[Item]:
     """LLaVA / GeoChat instruction lists: one row per conversation, turns and tags kept verbatim."""
     for path in _json_files(src):
-        doc = _load_json(src.fs, path)
         file = src.rel(path)
-        if not isinstance(doc, list):
+        if first_char(src.fs, path) != "[":
             raise IngestError(f"{src.url(path)}: expected a JSON list of conversations (llava-json)")
-        for i, item in enumerate(doc, start=1):
+        for i, item in enumerate(iter_array(src.fs, path, "item"), start=1):
             key = str(item.get("id", f"item {i}")) if isinstance(item, dict) else f"item {i}"
             turns = item.get("conversations") if isinstance(item, dict) else None
             if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
@@ -418,9 +415,11 @@ def read_rsvqa(src: Source) -> Iterator[Item]:
         for p in (apath, ipath):
             if not src.fs.exists(p):
                 raise IngestError(f"{src.url(qpath)}: missing companion file {posixpath.basename(p)}")
-        questions = _load_json(src.fs, qpath).get("questions", [])
-        answers = {a["id"]: a for a in _load_json(src.fs, apath).get("answers", []) if isinstance(a, dict) and "id" in a}
-        images = {im["id"]: im for im in _load_json(src.fs, ipath).get("images", []) if isinstance(im, dict) and "id" in im}
+        # Answers and image flags are looked up by id: keep only the fields used, stream the questions.
+        answers = {a["id"]: {"answer": a.get("answer"), "active": a.get("active", True)}
+                   for a in iter_array(src.fs, apath, "answers.item") if isinstance(a, dict) and "id" in a}
+        images = {im["id"]: {"active": im.get("active", True)} for im in iter_array(src.fs, ipath, "images.item") if isinstance(im, dict) and "id" in im}
+        questions = iter_array(src.fs, qpath, "questions.item")
         file = src.rel(qpath)
         split = split_name(posixpath.basename(prefix))
         for i, q in enumerate(questions, start=1):
@@ -605,11 +604,11 @@ def detect_format(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 
 def _json_kind(fs, path: str) -> str:
-    doc = _load_json(fs, path)
-    if isinstance(doc, list):
+    kind = json_kind(fs, path)
+    if kind == "list":
         return "llava-json"
-    if isinstance(doc, dict) and "annotations" in doc:
+    if kind == "coco":
         return "coco-captions"
-    if isinstance(doc, dict) and isinstance(doc.get("images"), list):
+    if kind == "karpathy":
         return "karpathy-json"
     raise IngestError(f"{fs.unstrip_protocol(path)}: JSON of unknown layout; set data.format to one of: {', '.join(FORMATS)}")

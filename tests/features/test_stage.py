@@ -25,14 +25,18 @@ def _cfg(**kw) -> FeaturesConfig:
 
 
 def test_pass_writes_the_contract(ray_session, run_dir):
-    ids = write_shards(run_dir, n_shards=3, rows_per_shard=12)
-    cfg = _cfg()
+    ids = write_shards(run_dir, n_shards=4, rows_per_shard=8)
+    cfg = _cfg(batch_size=4, perturb_in="cpu")  # the GPU layout; the other tests perturb in the actor
+    slices = features.plan_slices({f"part-{i}": 8 for i in range(4)}, 4)
+    assert [(s["path"], s["start"]) for s in slices[:3]] == [("part-0", 0), ("part-0", 4), ("part-1", 0)]  # shard order
     record = run_stage(run_dir, "features", fingerprint(cfg), lambda: features.run(run_dir, cfg), resumable=True)
-    assert (record["rows_in"], record["rows_out"], record["skipped"]) == (36, 36, False)
+    assert (record["rows_in"], record["rows_out"], record["skipped"]) == (32, 32, False)
+    # results stream in blocks of one batch: the first shard lands long before the last rows arrive
+    assert record["rows_before_first_shard"] <= 16 and record["steady_rows_per_second"] > 0
     assert record["encoder"] == "tiny" and record["perturbations"] == cfg.perturbations
     assert record["rows_per_second"] > 0
 
-    assert [p.rsplit("/", 1)[1] for p in run_dir.parquet_files("features")] == [f"part-{i:05d}.parquet" for i in range(3)]
+    assert [p.rsplit("/", 1)[1] for p in run_dir.parquet_files("features")] == [f"part-{i:05d}.parquet" for i in range(4)]
     table = run_dir.read_table("features")
     assert table.column("sample_id").to_pylist() == ids  # every input row once, in shard order
     assert table.schema.field("image_emb").type == pa.list_(pa.float32(), 32)
@@ -127,5 +131,7 @@ def test_config_errors_name_the_field():
         _cfg(perturbations=["swirl"])
     with pytest.raises(ConfigError, match="features.dtype: 'int8' is not one of: float32, float16"):
         _cfg(dtype="int8")
+    with pytest.raises(ConfigError, match="features.perturb_in: 'gpu' is not one of: auto, actor, cpu"):
+        _cfg(perturb_in="gpu")
     with pytest.raises(ConfigError, match="names one perturbation twice"):
         _cfg(perturbations=["noise", "noise"])

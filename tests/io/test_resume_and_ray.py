@@ -39,12 +39,12 @@ def test_killed_ingest_resumes_without_duplicates(tmp_path, monkeypatch):
 
     run = RunDir(str(tmp_path / "killed"))
     original = RunDir.write_json
-    progress_writes = []
+    marker_writes = []
 
     def write_json_then_die(self, obj, *parts):
-        if parts[-1] == ingest.PROGRESS:
-            progress_writes.append(obj["items_done"])
-            if len(progress_writes) == 3:  # shard 2 is on disk, its checkpoint never lands
+        if "_chunks" in parts and parts[-1].startswith("part-"):
+            marker_writes.append(obj["chunk"])
+            if len(marker_writes) == 3:  # shard 2 is on disk, its marker never lands
                 raise Killed()
         return original(self, obj, *parts)
 
