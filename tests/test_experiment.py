@@ -3,6 +3,7 @@ import pytest
 from rsdist.config import ConfigError, config_from_dict
 from rsdist.experiment import ExperimentConfig, aggregate, cell_config, load_experiment, run_experiment
 from rsdist.io.rundir import RunDir
+from rsdist.select.budget import budget_count
 from tests.test_pipeline import tiny_settings
 
 
@@ -45,7 +46,7 @@ def test_experiment_runs_cells_on_a_shared_base_and_resumes(ray_session, tmp_pat
     report = run_experiment(cfg, exp)
     assert [(c["method"], c["budget"]) for c in report["cells"]] == [("full", 1.0), ("random", 0.5)]
     full, half = report["cells"]
-    assert full["selected"] == full["pool"] and half["selected"] == round(0.5 * half["pool"])
+    assert full["selected"] == full["pool"] and half["selected"] == budget_count(0.5, half["pool"])
     out = RunDir(cfg.run_dir)
     assert out.exists("results.json") and out.exists("experiment.md") and out.exists("budget_curve.png")
     assert not out.exists("cells", "random_b0.5_s0", "features")  # cells inherit the base's upstream folders

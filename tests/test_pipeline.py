@@ -12,6 +12,7 @@ import yaml
 from rsdist.config import config_from_dict
 from rsdist.io.rundir import RunDir
 from rsdist.pipeline import run_pipeline
+from rsdist.select.budget import budget_count
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +40,7 @@ def test_whole_pipeline_counts_add_up(ray_session, tmp_path):
     assert st["cluster"]["rows_out"] == splits["train"]
     pool = splits["train"]
     assert summary["selection"]["pool"] == pool
-    assert summary["selection"]["selected"] == round(0.34 * pool) == st["train"]["rows_in"]
+    assert summary["selection"]["selected"] == budget_count(0.34, pool) == st["train"]["rows_in"]
     metrics = summary["metrics"]
     for key in ("i2t_r1", "t2i_r10", "mR"):
         assert 0.0 <= metrics[key] <= 100.0, key

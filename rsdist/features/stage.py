@@ -116,6 +116,19 @@ def read_shard_slice(batch: dict[str, np.ndarray], run: RunDir) -> pa.Table:
     return pa.concat_tables(tables)
 
 
+def read_and_preprocess_slice(batch: dict[str, np.ndarray], run: RunDir, image_size: int, perturbations: list[str], seed: int, perturb_images: bool) -> dict[str, np.ndarray]:
+    """The CPU stage as one step over one slice: read its rows, then decode and perturb them.
+
+    One function, not a read step fused with a `batch_size=<model batch>` preprocess step: Ray Data
+    bundles a fused task's input up to the largest batch size, which counted slices, not rows, and
+    put up to a model batch of slices (often the whole input) in one task, so one actor got all the
+    work and every result came back in one block at the end.
+    """
+    table = read_shard_slice(batch, run)
+    columns = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+    return preprocess_batch(columns, image_size, perturbations, seed, perturb_images)
+
+
 def pq_rows(run: RunDir, path: str) -> int:
     with run.fs.open(path, "rb") as fh:
         return pq.ParquetFile(fh).metadata.num_rows
@@ -198,12 +211,12 @@ def build_dataset(run: RunDir, slices: list[dict], cfg: FeaturesConfig, plan: Po
 
     image_names, text_names = split_perturbations(cfg.perturbations)
     ds = ray.data.from_items(slices, override_num_blocks=len(slices))
-    ds = ds.map_batches(read_shard_slice, batch_size=1, batch_format="numpy", fn_kwargs={"run": run}, num_cpus=CPU_STAGE.num_cpus)
     ds = ds.map_batches(
-        preprocess_batch,
-        batch_size=cfg.batch_size,
+        read_and_preprocess_slice,
+        batch_size=1,  # one slice per task; see read_and_preprocess_slice
         batch_format="numpy",
         fn_kwargs={
+            "run": run,
             "image_size": cfg.image_size,
             "perturbations": list(cfg.perturbations),
             "seed": cfg.seed,
