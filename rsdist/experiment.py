@@ -117,7 +117,7 @@ def run_experiment(cfg: RunConfig, exp: ExperimentConfig) -> dict:
     out = RunDir(cfg.run_dir)
     base_dir = f"{cfg.run_dir}/base"
     base_cfg = dataclasses.replace(cfg, run_dir=base_dir)
-    run_pipeline(base_cfg, only=["ingest", "features", "cluster"])
+    run_pipeline(base_cfg, only=["ingest", "features", "cluster"], write_summary=False)
     cells = [(v, b, s) for v in exp.methods for b in exp.budgets for s in exp.seeds]
     if exp.include_full:
         cells = [({"label": "full", "method": "random"}, 1.0, s) for s in exp.seeds] + cells

@@ -73,11 +73,14 @@ def stage_specs(cfg: RunConfig, data: DataConfig) -> list[StageSpec]:
 STAGE_NAMES = ("ingest", "features", "cluster", "select", "train", "eval")
 
 
-def run_pipeline(cfg: RunConfig, only: list[str] | None = None, force: bool = False, run: RunDir | None = None) -> dict:
+def run_pipeline(cfg: RunConfig, only: list[str] | None = None, force: bool = False, run: RunDir | None = None,
+                 write_summary: bool = True) -> dict:
     """Run the stages (all, or only those named, whose upstream output must then be complete).
 
     `run` overrides the run directory built from cfg.run_dir (an experiment passes a cell that
-    inherits the upstream folders of a base run). Returns the summary written to <run>/summary.json.
+    inherits the upstream folders of a base run). Returns the summary, written to <run>/summary.json
+    and report.md unless `write_summary` is False (an experiment preparing its shared base run
+    leaves that run's own summary alone).
     """
     from rsdist.raycluster import init_ray
     from rsdist.report import build_summary, write_report
@@ -108,6 +111,8 @@ def run_pipeline(cfg: RunConfig, only: list[str] | None = None, force: bool = Fa
         records[spec.name] = run_stage(run, spec.folder, fp, lambda spec=spec: spec.body(run), force=force, resumable=spec.resumable)
         upstream = fp
     summary = build_summary(run, cfg, records, wall_seconds=time.perf_counter() - started)
+    if not write_summary:
+        return summary
     run.write_json(summary, "summary.json")
     write_report(run, summary)
     log.info("summary: %s", run.url("summary.json"))

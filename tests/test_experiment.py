@@ -50,5 +50,6 @@ def test_experiment_runs_cells_on_a_shared_base_and_resumes(ray_session, tmp_pat
     out = RunDir(cfg.run_dir)
     assert out.exists("results.json") and out.exists("experiment.md") and out.exists("budget_curve.png")
     assert not out.exists("cells", "random_b0.5_s0", "features")  # cells inherit the base's upstream folders
+    assert not out.exists("base", "summary.json")  # the base run's own summary is left alone
     again = run_experiment(cfg, exp)
     assert again["cells"] == report["cells"]  # finished cells are not recomputed
