@@ -52,6 +52,9 @@ def resources(cfg: TrainConfig) -> Resources:
 def storage_path(run: RunDir) -> str:
     """Where Ray Train keeps its run: an absolute local path, or the run directory's URI on cloud storage."""
     protocol = run.fs.protocol if isinstance(run.fs.protocol, str) else run.fs.protocol[0]
+    if protocol == "memory":
+        # Ray Train workers are other processes: they cannot see the driver's in-memory filesystem.
+        raise ValueError(f"{run.uri}: the train stage needs a run directory Ray Train workers can reach (a local path or cloud storage), not memory://")
     if protocol in ("file", "local"):
         return os.path.abspath(run.path(STAGE, "ray"))
     return run.url(STAGE, "ray")

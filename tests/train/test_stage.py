@@ -84,3 +84,11 @@ def test_train_writes_final_checkpoint_and_resumes_after_last_epoch(ray_session,
     assert not torch.equal(trained.image_head.weight, untrained.image_head.weight)
     lora = [n for n, _ in trained.text_tower.named_parameters() if "lora_" in n]
     assert lora, "the adapter was not loaded into the text tower"
+
+
+def test_memory_run_dir_is_refused_with_one_line_naming_it():
+    from rsdist.io.rundir import RunDir
+
+    with pytest.raises(ValueError) as e:
+        train.storage_path(RunDir("memory://train-refused"))
+    assert "memory://train-refused" in str(e.value) and "\n" not in str(e.value)
