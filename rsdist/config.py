@@ -58,7 +58,7 @@ SELECT_SPACES = ("joint", "image", "text")
 DEDUP_KEEP_RULES = ("farthest", "nearest", "first")
 QUOTA_RULES = ("proportional", "equal")
 KEEP_RULES = ("highest", "lowest")
-TRAIN_METHODS = ("lora", "harma")
+TRAIN_METHODS = ("lora", "harma", "heads")
 
 
 @dataclass
@@ -207,7 +207,7 @@ class SelectConfig:
 
 @dataclass
 class TrainConfig:
-    method: str = _help("Tuning method of the dual encoder: 'lora' (LoRA on the text tower + heads) or 'harma' (HarMA gated adapters + heads, HarMA loss).", default="lora")
+    method: str = _help("Tuning method of the dual encoder: 'lora' (LoRA on the text tower + heads), 'harma' (HarMA gated adapters + heads, HarMA loss) or 'heads' (both towers frozen, only the projection heads learn: a linear probe whose text features are computed once before training).", default="lora")
     num_workers: int = _help("Ray Train workers (data-parallel).", default=2)
     epochs: int = _help("Passes over the selected subset.", default=5)
     batch_size: int = _help("Samples per step per worker.", default=64)

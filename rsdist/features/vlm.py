@@ -247,6 +247,13 @@ def tiny_vlm(family: str, layers: int = 4, seed: int = 0) -> nn.Module:
             image_token_index=250, projector_hidden_act="gelu", vision_feature_layer=-1, image_seq_length=16,
         )
         model = transformers.LlavaForConditionalGeneration(cfg)
+    elif family == "idefics3":
+        cfg = transformers.Idefics3Config(
+            vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8),
+            text_config=dict(model_type="llama", **text),
+            image_token_id=250, scale_factor=2, pad_token_id=0,  # 16 patches, pixel-shuffled 2 x 2 -> 4 image tokens
+        )
+        model = transformers.Idefics3ForConditionalGeneration(cfg)
     else:
-        raise ValueError(f"vlm: tiny family {family!r} is not one of: qwen2_vl, llava")
+        raise ValueError(f"vlm: tiny family {family!r} is not one of: {', '.join(FAMILIES)}")
     return model.eval()

@@ -104,8 +104,34 @@ def training_rows(run: RunDir) -> tuple[pa.Table, int]:
     return rows, len(ids)
 
 
-def pick_caption(captions, seed: int, epoch: int, sample_id: str) -> str:
-    """One caption per image per epoch, fixed by (seed, epoch, sample_id): independent of which
-    worker sees the row and in which order, so a resumed run draws the same captions."""
+def pick_caption_index(n_captions: int, seed: int, epoch: int, sample_id: str) -> int:
+    """Which of an image's captions this epoch uses, fixed by (seed, epoch, sample_id): independent
+    of which worker sees the row and in which order, so a resumed run draws the same captions."""
     h = int(hashlib.sha1(f"{seed}:{epoch}:{sample_id}".encode()).hexdigest()[:8], 16)
-    return str(captions[h % len(captions)])
+    return h % n_captions
+
+
+def pick_caption(captions, seed: int, epoch: int, sample_id: str) -> str:
+    """One caption per image per epoch (see pick_caption_index)."""
+    return str(captions[pick_caption_index(len(captions), seed, epoch, sample_id)])
+
+
+def with_caption_features(rows: pa.Table, encoder, max_tokens: int, batch_size: int = 256) -> pa.Table:
+    """Add `caption_feats`: the frozen text tower's features of every caption of each row, flattened
+    (n_captions x text_dim float32 values, caption order kept). Each distinct caption is encoded once.
+
+    With a frozen text tower (train.method 'heads') these never change, so training reads them
+    instead of running the tower on every step of every epoch."""
+    import torch
+
+    captions = rows.column("captions").to_pylist()
+    distinct = sorted({c for caps in captions for c in caps})
+    index = {c: i for i, c in enumerate(distinct)}
+    parts = []
+    with torch.inference_mode():
+        for start in range(0, len(distinct), batch_size):
+            tokens = encoder.tokenize(distinct[start:start + batch_size], max_tokens)
+            parts.append(encoder.encode_text_features(tokens["input_ids"], tokens["attention_mask"]).float().numpy())
+    table = np.concatenate(parts) if parts else np.zeros((0, encoder.text_dim), np.float32)
+    flat = [table[[index[c] for c in caps]].reshape(-1) for caps in captions]
+    return rows.append_column("caption_feats", pa.array(flat, type=pa.list_(pa.float32())))

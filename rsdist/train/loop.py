@@ -1,10 +1,11 @@
-"""The Ray Train loop each worker runs: LoRA or HarMA (`method`) + heads on the selected rows, one
-checkpoint per epoch.
+"""The Ray Train loop each worker runs: LoRA, HarMA or heads only (`method`) on the selected rows,
+one checkpoint per epoch.
 
 Each worker streams its part of the dataset with `ray.train.get_dataset_shard("train")` (the
 split is equal, so every worker takes the same number of steps, which DDP needs). Per step it
 draws one caption per image (seeded by seed, epoch and sample id, so the several captions of an
-image are all used across epochs), and minimises symmetric InfoNCE within its local batch (method
+image are all used across epochs; with method 'heads' the rows carry the frozen text tower's features
+of every caption, so the tower is not run), and minimises symmetric InfoNCE within its local batch (method
 'lora') or the HarMA loss, InfoNCE + weighted triplet (method 'harma').
 After each epoch every worker calls `ray.train.report` once; only rank 0 attaches a checkpoint:
 `text_adapter/` or `harma.pt`, `heads.pt` (heads, logit_scale, optimizer and schedule state, epoch, history)
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from rsdist.models.dual import build_encoder
-from rsdist.train.data import pick_caption
+from rsdist.train.data import pick_caption, pick_caption_index
 from rsdist.train.harma import harma_loss
 from rsdist.train.loss import info_nce
 from rsdist.train.model import ContrastivePair, clamp_logit_scale, count_parameters, load_adapter_weights, load_heads_file, make_tunable, save_trained
@@ -72,7 +73,16 @@ def loss_function(config: dict):
 
 
 def _batch_tensors(batch: dict, encoder, seed: int, epoch: int, max_tokens: int, device) -> tuple[torch.Tensor, dict]:
+    """Image features and this epoch's caption per row: as stored text features when the batch
+    carries `caption_feats` (frozen text tower), else as tokens for the text tower."""
     feats = torch.from_numpy(np.stack(batch["image_emb"]).astype(np.float32, copy=False))
+    if "caption_feats" in batch:
+        dim = encoder.text_dim
+        picked = []
+        for flat, sid in zip(batch["caption_feats"], batch["sample_id"]):
+            per_caption = np.asarray(flat, dtype=np.float32).reshape(-1, dim)
+            picked.append(per_caption[pick_caption_index(len(per_caption), seed, epoch, sid)])
+        return feats.to(device), {"text_features": torch.from_numpy(np.stack(picked)).to(device)}
     texts = [pick_caption(caps, seed, epoch, sid) for caps, sid in zip(batch["captions"], batch["sample_id"])]
     tokens = encoder.tokenize(texts, max_tokens)
     return feats.to(device), {k: v.to(device) for k, v in tokens.items()}
@@ -118,7 +128,7 @@ def train_loop_per_worker(config: dict) -> None:
         )
         for batch in batches:
             feats, tokens = _batch_tensors(batch, encoder, config["seed"], epoch, config["max_text_tokens"], device)
-            image, text, scale = model(feats, tokens["input_ids"], tokens["attention_mask"])
+            image, text, scale = model(feats, **tokens)
             loss = compute_loss(image, text, scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,10 +1,12 @@
-"""The trainable dual encoder, by `train.method`: 'lora' (peft LoRA on the text tower) or 'harma'
-(HarMA gated adapters, rsdist/train/harma.py); trainable heads and temperature; the rest frozen.
+"""The trainable dual encoder, by `train.method`: 'lora' (peft LoRA on the text tower), 'harma'
+(HarMA gated adapters, rsdist/train/harma.py) or 'heads' (both towers frozen: a linear probe);
+trainable heads and temperature; the rest frozen.
 
 Also saving and loading what training produces (a checkpoint folder):
 - `text_adapter/`: the peft LoRA adapter of the text tower (`save_pretrained`), method 'lora',
 - `harma.pt`: the HarMA adapters' settings and state dict, method 'harma',
-- `heads.pt`: both projection heads and logit_scale (plus, in epoch checkpoints, optimizer state).
+- `heads.pt`: both projection heads and logit_scale (plus, in epoch checkpoints, optimizer state);
+  a checkpoint with neither adapter is method 'heads'.
 """
 
 from __future__ import annotations
@@ -34,10 +36,12 @@ class ContrastivePair(nn.Module):
         super().__init__()
         self.encoder = encoder
 
-    def forward(self, image_features: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def forward(self, image_features: torch.Tensor, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, text_features: torch.Tensor | None = None):
+        """Text comes as tokens (run through the text tower) or, with a frozen tower, as its stored features."""
         image = self.encoder.project_image(image_features)
-        text = self.encoder.project_text(self.encoder.encode_text_features(input_ids, attention_mask))
-        return image, text, self.encoder.logit_scale
+        if text_features is None:
+            text_features = self.encoder.encode_text_features(input_ids, attention_mask)
+        return image, self.encoder.project_text(text_features), self.encoder.logit_scale
 
 
 def lora_config(r: int, alpha: int, dropout: float, targets: list[str]):
@@ -63,16 +67,29 @@ def make_trainable(encoder: DualEncoder, r: int, alpha: int, dropout: float, tar
     return encoder
 
 
+def make_heads_only(encoder: DualEncoder) -> DualEncoder:
+    """Freeze both towers; only the projection heads and logit_scale learn (a linear probe)."""
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    for module in (encoder.image_head, encoder.text_head):
+        for p in module.parameters():
+            p.requires_grad_(True)
+    encoder.logit_scale.requires_grad_(True)
+    return encoder
+
+
 def make_tunable(encoder: DualEncoder, settings: dict) -> DualEncoder:
-    """Apply `settings["method"]` ('lora' or 'harma'; TrainConfig fields as a dict) to `encoder`."""
+    """Apply `settings["method"]` ('lora', 'harma' or 'heads'; TrainConfig fields as a dict) to `encoder`."""
     method = settings.get("method", "lora")
+    if method == "heads":
+        return make_heads_only(encoder)
     if method == "harma":
         harma = {k: settings[k] for k in HARMA_SETTINGS}
         attach_harma(encoder, hidden=harma["harma_hidden"], heads=harma["harma_heads"], mini_dim=harma["harma_mini_dim"], gate_init=harma["harma_gate_init"])
         encoder.harma_settings = harma
         return encoder
     if method != "lora":
-        raise ValueError(f"train.method: {method!r} is not one of: lora, harma")
+        raise ValueError(f"train.method: {method!r} is not one of: lora, harma, heads")
     return make_trainable(encoder, settings["lora_r"], settings["lora_alpha"], settings["lora_dropout"], settings["lora_targets"])
 
 
@@ -94,7 +111,7 @@ def save_trained(encoder: DualEncoder, folder: str, extra: dict | None = None) -
     os.makedirs(folder, exist_ok=True)
     if getattr(encoder, "harma", None) is not None:
         torch.save({"settings": encoder.harma_settings, "state": encoder.harma.state_dict()}, os.path.join(folder, HARMA_FILE))
-    else:
+    elif hasattr(encoder.text_tower, "peft_config"):
         encoder.text_tower.save_pretrained(os.path.join(folder, ADAPTER_DIR))
     torch.save({"heads": encoder.head_state(), **(extra or {})}, os.path.join(folder, HEADS_FILE))
 
@@ -104,13 +121,18 @@ def load_heads_file(folder: str) -> dict:
 
 
 def checkpoint_method(folder: str) -> str:
-    """'harma' when the checkpoint folder holds HarMA adapters, else 'lora'."""
-    return "harma" if os.path.exists(os.path.join(folder, HARMA_FILE)) else "lora"
+    """'harma' or 'lora' by the adapter the checkpoint folder holds; 'heads' when it holds none."""
+    if os.path.exists(os.path.join(folder, HARMA_FILE)):
+        return "harma"
+    return "lora" if os.path.isdir(os.path.join(folder, ADAPTER_DIR)) else "heads"
 
 
 def load_adapter_weights(encoder: DualEncoder, folder: str) -> None:
     """Load the adapter weights of `folder` into an encoder already made tunable the same way."""
-    if checkpoint_method(folder) == "harma":
+    method = checkpoint_method(folder)
+    if method == "heads":
+        return
+    if method == "harma":
         encoder.harma.load_state_dict(torch.load(os.path.join(folder, HARMA_FILE), map_location="cpu", weights_only=False)["state"])
         return
     from peft import set_peft_model_state_dict
@@ -126,11 +148,12 @@ def load_trained(encoder_name: str, embed_dim: int, folder: str | None, seed: in
     if folder is not None:
         if not os.path.exists(os.path.join(folder, HEADS_FILE)):
             raise FileNotFoundError(f"{folder}: not a checkpoint (no {HEADS_FILE})")
-        if checkpoint_method(folder) == "harma":
+        method = checkpoint_method(folder)
+        if method == "harma":
             saved = torch.load(os.path.join(folder, HARMA_FILE), map_location="cpu", weights_only=False)
             make_tunable(encoder, {"method": "harma", **saved["settings"]})
             encoder.harma.load_state_dict(saved["state"])
-        else:
+        elif method == "lora":
             from peft import PeftModel
 
             encoder.text_tower = PeftModel.from_pretrained(encoder.text_tower, os.path.join(folder, ADAPTER_DIR))

@@ -1,5 +1,7 @@
 """Train stage: tune the dual encoder on the selected rows with Ray Train (TorchTrainer, DDP), by
-`train.method`: 'lora' (peft LoRA on the text tower) or 'harma' (HarMA adapters and loss).
+`train.method`: 'lora' (peft LoRA on the text tower), 'harma' (HarMA adapters and loss) or 'heads'
+(both towers frozen, projection heads only; the text tower's features of every selected caption
+are computed once here, before the workers start, and travel with the rows).
 
 Input:
 - `<run>/selection/manifest.parquet`: the rows with selected == True (test-split rows are never
@@ -10,7 +12,7 @@ Input:
 Output, `<run>/checkpoints/`:
 - `ray/train/`: Ray Train's run folder, one checkpoint per epoch (running the stage again with the
   same run directory resumes after the last finished epoch),
-- `final/`: `text_adapter/` (peft LoRA adapter) or `harma.pt` (HarMA adapters), `heads.pt` (heads +
+- `final/`: `text_adapter/` (peft LoRA adapter) or `harma.pt` (HarMA adapters) or neither (heads), `heads.pt` (heads +
   logit_scale), `train_meta.json` (encoder, embed_dim, method and its settings, per-epoch loss,
   trainable parameters against full fine-tuning, rows, seconds).
 Resources: `num_workers` Ray Train workers of `cpus_per_worker` CPUs each (fractional by default, so
@@ -33,7 +35,8 @@ from rsdist.config import TrainConfig
 from rsdist.io.rundir import RunDir
 from rsdist.raycluster import cluster_gpus
 from rsdist.stage import Resources, StageResult
-from rsdist.train.data import training_rows
+from rsdist.models.dual import build_encoder
+from rsdist.train.data import training_rows, with_caption_features
 from rsdist.train.loop import STATE_FILE, train_loop_per_worker
 from rsdist.train.model import ADAPTER_DIR, HARMA_FILE, HARMA_SETTINGS, HEADS_FILE
 
@@ -89,6 +92,8 @@ def method_settings(cfg: TrainConfig) -> dict:
     """The settings of the chosen tuning method, for train_meta.json."""
     if cfg.method == "harma":
         return {"harma": {k[len("harma_"):]: getattr(cfg, k) for k in (*HARMA_SETTINGS, "harma_margin")}}
+    if cfg.method == "heads":
+        return {"heads": {"embed_dim": cfg.embed_dim}}
     return {"lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "targets": list(cfg.lora_targets)}}
 
 
@@ -98,7 +103,7 @@ def write_final(run: RunDir, checkpoint_dir: str, meta: dict) -> None:
     if os.path.exists(os.path.join(checkpoint_dir, HARMA_FILE)):
         with open(os.path.join(checkpoint_dir, HARMA_FILE), "rb") as f:
             run.write_bytes(f.read(), STAGE, FINAL, HARMA_FILE)
-    else:
+    elif os.path.isdir(os.path.join(checkpoint_dir, ADAPTER_DIR)):
         adapter = os.path.join(checkpoint_dir, ADAPTER_DIR)
         for name in sorted(os.listdir(adapter)):
             with open(os.path.join(adapter, name), "rb") as f:
@@ -120,6 +125,8 @@ def run(run: RunDir, cfg: TrainConfig, encoder: str) -> StageResult:
     if rows.num_rows < cfg.num_workers:
         raise ValueError(f"train: {rows.num_rows} selected training rows, fewer than train.num_workers={cfg.num_workers}")
     log.info("train: %d selected rows, %d workers, %d epochs", rows.num_rows, cfg.num_workers, cfg.epochs)
+    if cfg.method == "heads":
+        rows = with_caption_features(rows, build_encoder(encoder, embed_dim=cfg.embed_dim, seed=cfg.seed), cfg.max_text_tokens)
     dataset = ray.data.from_arrow(rows)
     trainer = make_trainer(run, cfg, encoder, dataset, rows.num_rows)
     started = time.perf_counter()

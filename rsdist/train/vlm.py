@@ -33,7 +33,7 @@ PROJECTOR_CHOICES = ("trainable", "frozen")
 
 @dataclass
 class VlmTrainConfig:
-    model: str = _help("Image-text-to-text model: 'qwen2-vl-tiny' (random, for tests) or 'hf:<folder>' (local checkpoint).", default="qwen2-vl-tiny")
+    model: str = _help("Image-text-to-text model: 'qwen2-vl-tiny', 'llava-tiny', 'llava-next-tiny', 'idefics3-tiny' (random, for tests) or 'hf:<folder>' (local checkpoint).", default="qwen2-vl-tiny")
     vision: str = _help("Vision tower: 'frozen' or 'lora' (LoRA on its blocks' linears).", default="frozen")
     projector: str = _help("Vision-language projector: 'trainable' (fully) or 'frozen'.", default="trainable")
     lora_r: int = _help("LoRA rank.", default=8)
@@ -64,8 +64,10 @@ class VlmTrainConfig:
     def __post_init__(self) -> None:
         _choice("train.vlm.vision", self.vision, VISION_CHOICES)
         _choice("train.vlm.projector", self.projector, PROJECTOR_CHOICES)
-        if not (self.model == "qwen2-vl-tiny" or self.model.startswith("hf:")):
-            raise ConfigError(f"train.vlm.model: {self.model!r} is not one of: qwen2-vl-tiny, hf:<folder>")
+        from rsdist.train.vlm_models import TINY
+
+        if not (self.model in TINY or self.model.startswith("hf:")):
+            raise ConfigError(f"train.vlm.model: {self.model!r} is not one of: {', '.join(TINY)}, hf:<folder>")
         for name in ("lora_r", "lora_alpha", "max_pixels", "min_pixels", "max_tokens", "batch_size", "grad_accum", "epochs", "checkpoint_every", "checkpoints_to_keep", "num_workers", "cpus_per_worker", "lr"):
             _positive(f"train.vlm.{name}", getattr(self, name))
         _positive("train.vlm.weight_decay", self.weight_decay, allow_zero=True)
@@ -177,12 +179,10 @@ def apply_lora(model, cfg: VlmTrainConfig):
     """Freeze the model, add LoRA to the chosen parts, make the projector trainable when asked."""
     from peft import LoraConfig, get_peft_model
 
-    from rsdist.train.vlm_models import PARTS
+    from rsdist.train.vlm_models import PARTS, family_of
 
-    family = model.config.model_type
-    if family not in PARTS:
-        raise ValueError(f"train.vlm.model: {family!r} models are not supported; supported: {', '.join(sorted(PARTS))}")
-    parts = PARTS[family]
+    family_of(model)  # a one-line error for an unsupported family
+    parts = PARTS[model.config.model_type]
     pattern = lora_target_regex(parts, cfg)
     names = [n for n, _ in model.named_modules() if re.match(pattern, n)]
     if not any(n.startswith(parts["lm"] + ".") for n in names):

@@ -1,4 +1,4 @@
-"""VLM-internal features on tiny random Qwen2-VL and LLaVA models built from their configs."""
+"""VLM-internal features on tiny random Qwen2-VL, LLaVA and Idefics3 (SmolVLM) models built from their configs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import functools
 import pytest
 import torch
 
-from rsdist.features.vlm import language_layers, tiny_vlm, top_mass_tokens, vlm_features
+from rsdist.features.vlm import FAMILIES, language_layers, tiny_vlm, top_mass_tokens, vlm_features
 
 @functools.lru_cache(maxsize=None)
 def _model(family: str, layers: int = 4):
@@ -26,6 +26,9 @@ def _inputs(family: str, texts: list[list[int]], seed: int = 0) -> tuple[dict, t
     if family == "qwen2_vl":
         image = [252] + [250] * 4 + [253]  # a 4 x 4 patch grid merged 2 x 2 -> 4 tokens
         extra = {"pixel_values": torch.randn(16 * b, 3 * 2 * 14 * 14, generator=g), "image_grid_thw": torch.tensor([[1, 4, 4]] * b)}
+    elif family == "idefics3":
+        image = [251] + [250] * 4 + [251]  # <fake_token_around_image>, 16 patches shuffled 2 x 2 -> 4 tokens
+        extra = {"pixel_values": torch.randn(b, 1, 3, 32, 32, generator=g)}
     else:
         image = [250] * 16  # 32 px / 8 px patches
         extra = {"pixel_values": torch.randn(b, 3, 32, 32, generator=g)}
@@ -39,7 +42,7 @@ def _inputs(family: str, texts: list[list[int]], seed: int = 0) -> tuple[dict, t
     return inputs, user
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_shapes_norms_and_determinism(family):
     model = _model(family)
     inputs, user = _inputs(family, [USER + ANSWER, USER + [23, 24, 25]])
@@ -57,7 +60,7 @@ def test_shapes_norms_and_determinism(family):
     torch.testing.assert_close(single["coincide_emb"][0], out["coincide_emb"][0], rtol=1e-4, atol=1e-5)  # batching does not matter
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_forward_stops_after_the_last_layer_needed(family):
     model = _model(family)
     layers = language_layers(model)
@@ -73,7 +76,7 @@ def test_forward_stops_after_the_last_layer_needed(family):
     assert all(not layer._forward_hooks for layer in layers)  # vlm_features left no hooks behind
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_image_and_text_positions(family):
     """Image tokens come before the text, so under causal attention the image half of every COINCIDE
     layer cannot depend on the text and the text half must; ScalSelect's representation is built
@@ -88,7 +91,7 @@ def test_image_and_text_positions(family):
     assert not torch.allclose(halves_a[[1, 3]], halves_b[[1, 3]])
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_layer0_attention_matches_the_models_own(family):
     """The recomputed layer-0 attention equals the eager attention map the model itself returns
     (asked for here only as the reference), and ScalSelect's states equal hidden_states[1]."""
@@ -131,3 +134,38 @@ def test_layers_outside_the_model_are_named():
     inputs, user = _inputs("llava", [USER + ANSWER])
     with pytest.raises(ValueError, match="coincide layer 3 is outside the model's 2 language layers"):
         vlm_features(model, inputs, user, coincide_layers=(3,))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_coincide_equals_a_reference_from_hidden_states_and_attentions(family):
+    """COINCIDE's vector rebuilt from the model's own eager attention maps and hidden states (asked
+    for here only as the reference): o_proj(attn_l @ v_proj(norm(hidden_states[l]))), masked means,
+    tanh, normalise, concatenate."""
+    import math
+
+    import torch.nn.functional as F
+
+    model = tiny_vlm(family, layers=3)
+    model.config._attn_implementation = "eager"
+    model.config.text_config._attn_implementation = "eager"
+    inputs, user = _inputs(family, [USER + ANSWER, USER + [23, 24, 25]])
+    with torch.inference_mode():
+        ref = model(**inputs, output_attentions=True, output_hidden_states=True)
+        image = inputs["input_ids"] == 250
+        text = inputs["attention_mask"].bool() & ~image
+        parts = []
+        for l in (0, 2):
+            layer = language_layers(model)[l]
+            attn = layer.self_attn
+            v = attn.v_proj(layer.input_layernorm(ref.hidden_states[l]))
+            b, t, _ = v.shape
+            v = v.view(b, t, -1, attn.head_dim).transpose(1, 2)
+            weights = ref.attentions[l]
+            v = v.repeat_interleave(weights.shape[1] // v.shape[1], dim=1)
+            o = attn.o_proj((weights @ v).transpose(1, 2).reshape(b, t, -1))
+            for mask in (image, text):
+                m = mask.unsqueeze(-1).float()
+                parts.append(F.normalize(torch.tanh((o * m).sum(1) / m.sum(1)), dim=-1))
+        expected = torch.cat(parts, dim=-1) / math.sqrt(len(parts))
+    out = vlm_features(model, inputs, user, coincide_layers=(0, 2), scalselect=False)
+    torch.testing.assert_close(out["coincide_emb"], expected, rtol=1e-4, atol=1e-5)

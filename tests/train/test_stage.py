@@ -92,3 +92,33 @@ def test_memory_run_dir_is_refused_with_one_line_naming_it():
     with pytest.raises(ValueError) as e:
         train.storage_path(RunDir("memory://train-refused"))
     assert "memory://train-refused" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_caption_features_match_the_text_tower_per_caption(run_dir):
+    from rsdist.models.dual import build_encoder
+    from rsdist.train.data import with_caption_features
+
+    make_run(run_dir, n_train=8, n_test=0, select=4)
+    rows, _ = training_rows(run_dir)
+    encoder = build_encoder("tiny", embed_dim=16)
+    out = with_caption_features(rows, encoder, max_tokens=16, batch_size=3)
+    for caps, flat in zip(out.column("captions").to_pylist(), out.column("caption_feats").to_pylist()):
+        per_caption = torch.tensor(flat).reshape(len(caps), encoder.text_dim)
+        tokens = encoder.tokenize(caps, 16)
+        with torch.no_grad():
+            expected = encoder.encode_text_features(tokens["input_ids"], tokens["attention_mask"])
+        assert torch.allclose(per_caption, expected, atol=1e-5)
+
+
+def test_heads_method_trains_only_the_heads_and_saves_no_adapter(ray_session, run_dir):
+    make_run(run_dir, n_train=40, n_test=8, select=32)
+    result = train.run(run_dir, small_config(method="heads", epochs=2), "tiny")
+    meta = run_dir.read_json("checkpoints", "final", "train_meta.json")
+    encoder = load_trained("tiny", 16, None)
+    heads = sum(p.numel() for m in (encoder.image_head, encoder.text_head) for p in m.parameters()) + 1
+    assert result.extra["trainable_params"] == heads
+    assert meta["method"] == "heads" and meta["history"][1]["loss"] < meta["history"][0]["loss"]
+    assert not run_dir.exists("checkpoints", "final", "text_adapter")
+    trained = load_trained("tiny", 16, run_dir.path("checkpoints", "final"))
+    assert not torch.equal(trained.text_head.weight, encoder.text_head.weight)
+    assert all(torch.equal(a, b) for a, b in zip(trained.text_tower.parameters(), encoder.text_tower.parameters()))
