@@ -5,7 +5,8 @@
     rsdist ingest|features|cluster|select|train|eval [CONFIG.yaml] --out DIR [stage flags]
     rsdist experiment CONFIG.yaml [--out DIR]
     rsdist report --out DIR
-    rsdist bench ingest|features|kmeans|select|train [flags]
+    rsdist vlm train|eval [CONFIG.yaml] --out DIR [--task scene|vqa] [--set train.vlm.FIELD=VALUE ...]
+    rsdist bench ingest|features|kmeans|select|train|vlm-train [flags]
 
 Every stage reads and writes the run directory given by --out (any fsspec URI). A bad setting
 or a bad input ends with one line naming the field, file or row.
@@ -25,7 +26,8 @@ import yaml
 from rsdist.config import ConfigError, RunConfig, config_from_dict, config_to_dict, load_config
 from rsdist.pipeline import STAGE_NAMES
 
-BENCHES = {"ingest": "rsdist.io.bench", "features": "rsdist.features.bench", "kmeans": "rsdist.cluster.bench", "select": "rsdist.select.bench", "train": "rsdist.train.bench"}
+BENCHES = {"ingest": "rsdist.io.bench", "features": "rsdist.features.bench", "kmeans": "rsdist.cluster.bench", "select": "rsdist.select.bench", "train": "rsdist.train.bench",
+           "vlm-train": "rsdist.train.vlm_bench"}
 
 
 def _set(values: dict, dotted: str, raw: str) -> None:
@@ -107,6 +109,10 @@ def make_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="rewrite report.md from a run's summary.json")
     rep.add_argument("--out", required=True, help="run directory")
 
+    from rsdist.train.vlm_cli import add_parser as add_vlm_parser
+
+    add_vlm_parser(sub)
+
     bench = sub.add_parser("bench", help="benchmarks; figures as one JSON object on the last line")
     bench.add_argument("name", choices=sorted(BENCHES))
     bench.add_argument("args", nargs=argparse.REMAINDER)
@@ -133,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
             figures = module.bench(args.args)
             print(json.dumps(figures, sort_keys=True, default=float))
             return 0
+        if args.command == "vlm":
+            from rsdist.train.vlm_cli import main as vlm_main
+
+            return vlm_main(args)
         if args.command == "experiment":
             from rsdist.experiment import load_experiment, run_experiment
 

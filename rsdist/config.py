@@ -48,12 +48,14 @@ PARQUET_ROLES = ("image", "text", "captions", "label", "key", "split", "answer",
 ENCODERS = ("composite", "tiny", "clip-tiny", "siglip-tiny", "hf:<folder>")
 PERTURBATIONS = ("noise", "rotate", "crop", "flip", "blur", "jpeg", "token_dropout", "word_shuffle")
 FEATURE_DTYPES = ("float32", "float16")
+VLM_MODELS = ("none", "qwen2-vl-tiny", "hf:<folder>")
+VLM_FEATURES = ("coincide", "scalselect")
 CLUSTER_SPACES = ("joint", "image", "text")
 CLUSTER_MODES = ("minibatch", "lloyd")
 CLUSTER_METRICS = ("euclidean", "cosine")
 CLUSTER_INITS = ("auto", "k-means++", "k-means||", "random")
 CLUSTER_BACKENDS = ("auto", "torch", "cupy", "cuml")
-SELECT_METHODS = ("shift", "random", "cluster-random", "coincide", "scalselect", "semdedup", "error-driven")
+SELECT_METHODS = ("shift", "random", "cluster-random", "coincide", "scalselect", "semdedup", "error-driven", "caption-diversity")
 SELECT_SPACES = ("joint", "image", "text")
 DEDUP_KEEP_RULES = ("farthest", "nearest", "first")
 QUOTA_RULES = ("proportional", "equal")
@@ -102,6 +104,11 @@ class FeaturesConfig:
     max_text_tokens: int = _help("Captions are truncated to this many tokens.", default=48)
     seed: int = _help("Seed of the perturbations.", default=0)
     perturb_in: str = _help("Where image perturbations are made, one of auto, actor, cpu: 'actor' = in the model actor just before its forward (one image per row crosses the object store), 'cpu' = in the CPU decode stage (off a GPU's critical path), 'auto' = cpu when the actors have GPUs, else actor.", default="auto")
+    vlm: str = _help("Image-text-to-text model whose internal features are stored too, as coincide_emb / scalselect_emb: 'none', 'qwen2-vl-tiny' (random, for tests) or 'hf:<folder>' (a local Qwen2-VL / Qwen2.5-VL, LLaVA / LLaVA-NeXT, Idefics3 / SmolVLM checkpoint).", default="none")
+    vlm_features: list[str] = _help(f"Which VLM-internal features to store when `vlm` is set, any of {VLM_FEATURES}.", default_factory=lambda: ["coincide", "scalselect"])
+    coincide_layers: list[int] = _help("Language-model layers (0-based) whose attention-block outputs make COINCIDE's vector; the forward stops after the last one.", default_factory=lambda: [3, 7, 11, 15, 19])
+    scalselect_mass: float = _help("ScalSelect: share of the instruction-to-vision attention the kept vision tokens must hold, in (0, 1].", default=0.9)
+    vlm_prompt: str = _help("The user instruction after the image in each sample's chat (its tokens are ScalSelect's user tokens); the assistant turn is the sample's first caption.", default="Describe the image.")
 
     def __post_init__(self) -> None:
         _choice("features.perturb_in", self.perturb_in, ("auto", "actor", "cpu"))
@@ -119,6 +126,21 @@ class FeaturesConfig:
         _positive("features.max_text_tokens", self.max_text_tokens)
         if len(set(self.perturbations)) != len(self.perturbations):
             raise ConfigError(f"features.perturbations: {self.perturbations!r} names one perturbation twice")
+        if not (self.vlm.startswith("hf:") and len(self.vlm) > 3):
+            _choice("features.vlm", self.vlm, VLM_MODELS)
+        if not self.vlm_features:
+            raise ConfigError("features.vlm_features: must name at least one of: " + ", ".join(VLM_FEATURES))
+        for f in self.vlm_features:
+            _choice("features.vlm_features", f, VLM_FEATURES)
+        for layer in self.coincide_layers:
+            if not isinstance(layer, int) or layer < 0:
+                raise ConfigError(f"features.coincide_layers: {layer!r} must be a layer index >= 0")
+        if "coincide" in self.vlm_features and not self.coincide_layers:
+            raise ConfigError("features.coincide_layers: must name at least one layer when vlm_features has coincide")
+        if not 0.0 < self.scalselect_mass <= 1.0:
+            raise ConfigError(f"features.scalselect_mass: {self.scalselect_mass!r} must be in (0, 1]")
+        if not self.vlm_prompt.strip():
+            raise ConfigError("features.vlm_prompt: must not be empty")
 
 
 @dataclass

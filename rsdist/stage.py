@@ -42,15 +42,37 @@ class StageResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _settings(x: Any) -> Any:
+    """A dataclass as the fields that differ from their defaults (nested dataclasses likewise)."""
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        out = {}
+        for f in dataclasses.fields(x):
+            value = getattr(x, f.name)
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                value = _settings(value)
+                if value:
+                    out[f.name] = value
+            elif value != _default(f):
+                out[f.name] = value
+        return out
+    return x
+
+
 def fingerprint(*parts: Any) -> str:
-    """A short hash of settings and upstream fingerprints; equal inputs give equal fingerprints."""
+    """A short hash of settings and upstream fingerprints; equal inputs give equal fingerprints.
 
-    def plain(x: Any) -> Any:
-        if dataclasses.is_dataclass(x) and not isinstance(x, type):
-            return dataclasses.asdict(x)
-        return x
-
-    blob = json.dumps([plain(p) for p in parts], sort_keys=True, default=str)
+    Dataclass settings count by their non-default fields, so a release that adds a setting (at a
+    default that keeps the old behaviour) does not invalidate finished stages of existing runs.
+    """
+    blob = json.dumps([_settings(p) for p in parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

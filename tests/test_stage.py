@@ -64,3 +64,21 @@ def test_resumable_stage_keeps_partial_output_of_same_settings_only(run_dir):
 def test_fingerprint_is_stable_and_sensitive():
     assert fingerprint({"a": 1, "b": [1, 2]}) == fingerprint({"b": [1, 2], "a": 1})
     assert fingerprint({"a": 1}) != fingerprint({"a": 2})
+
+
+def test_fingerprint_counts_settings_by_their_non_default_fields():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Old:
+        a: int = 1
+
+    @dataclasses.dataclass
+    class New:  # a later release adds a setting whose default keeps the old behaviour
+        a: int = 1
+        b: list = dataclasses.field(default_factory=lambda: [0])
+
+    assert fingerprint(Old(), "up") == fingerprint(New(), "up")
+    assert fingerprint(Old(a=2)) == fingerprint(New(a=2))
+    assert fingerprint(New(b=[1])) != fingerprint(New())
+    assert fingerprint(Old(a=2)) != fingerprint(Old())

@@ -5,7 +5,15 @@ On the same shards and model, in one run:
   actors run) with torch using all of the cluster's CPUs as threads;
 - ray_1x1 / ray_2x1: the features stage with 1 and 2 single-thread model actors.
 Ray figures are end to end (actor start and model load included, about 9 s for the composite
-encoder), the plain loop's exclude its one model load, so use enough rows for the start to amortise.
+encoder), the plain loop's exclude its one model load, so use enough rows for the start to amortise,
+and a multiple of 2 x batch size so the last batches do not leave one actor idle. The load average
+before and after is in the figures: on a shared machine only a quiet run's ratios mean much.
+
+`--gpu-clip` (CUDA only; skipped with a reason on CPU): the model adapter's batched forward
+(`rsdist.features.embed.image_features`: uint8 host images -> device, channels_last, normalise,
+bf16 autocast, `get_image_features(...).pooler_output`) of a ViT-B/16-sized CLIP built from its
+config (random weights), against the bare model forward on already normalised device tensors under
+the same autocast: images/s of each and their ratio.
 """
 
 from __future__ import annotations
@@ -94,6 +102,79 @@ def ray_pass(run, cfg) -> tuple[float, float, float]:
     return end_to_end, result.extra["steady_rows_per_second"] or 0.0, result.extra["first_result_seconds"] or 0.0
 
 
+# ViT-B/16 CLIP (openai/clip-vit-base-patch16's sizes), random weights: only the compute matters here
+VIT_B16 = {
+    "vision_config": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224, patch_size=16),
+    "text_config": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
+    "projection_dim": 512,
+}
+
+
+def _timed(fn, iters: int, sync) -> float:
+    """Seconds per call of `fn` after one warm-up call, synchronising the device around the timing."""
+    fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / iters
+
+
+def clip_adapter_vs_bare(device: str = "cuda", batch: int = 256, iters: int = 20, config: dict | None = None) -> dict:
+    """images/s of the adapter's batched forward against the bare CLIP forward (same autocast, same
+    model): the adapter adds the host -> device copy of uint8 images, the layout change and the
+    normalisation. `config` overrides the ViT-B/16 sizes (tests use a tiny one on CPU)."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    from rsdist.features.embed import _autocast, image_features
+    from rsdist.models.hf import CLIP_MEAN, CLIP_STD, HFDualEncoder
+
+    cfg = config or VIT_B16
+    torch.manual_seed(0)
+    clip = CLIPModel(CLIPConfig(**cfg)).eval()
+    size = clip.config.vision_config.image_size
+    adapter = HFDualEncoder(clip, None, size, CLIP_MEAN, CLIP_STD).to(device).eval()
+    adapter.image_tower.to(memory_format=torch.channels_last)
+    images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    tower = adapter.image_tower
+    x = ((torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() - tower.mean) / tower.std).contiguous()
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def bare():
+        with torch.inference_mode(), _autocast(device):
+            return clip.get_image_features(pixel_values=x).pooler_output
+
+    def adapted():
+        return image_features(adapter, images, device)
+
+    with torch.inference_mode():
+        torch.testing.assert_close(adapted().float(), bare().float(), rtol=5e-2, atol=5e-2)  # the same computation
+    bare_s, adapter_s = _timed(bare, iters, sync), _timed(adapted, iters, sync)
+    return {
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else device,
+        "model": "CLIP ViT-B/16 (random)" if config is None else "CLIP (config given)",
+        "dtype": "bf16 autocast" if device.startswith("cuda") else "float32",
+        "batch": batch,
+        "bare_images_per_s": round(batch / bare_s, 1),
+        "adapter_images_per_s": round(batch / adapter_s, 1),
+        "adapter_vs_bare": round(bare_s / adapter_s, 3),
+    }
+
+
+def gpu_clip_section(batch: int, iters: int) -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
+    return clip_adapter_vs_bare("cuda", batch, iters)
+
+
+def _load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
 def bench(argv: list[str]) -> dict:
     p = argparse.ArgumentParser(prog="rsdist bench features", description=__doc__)
     p.add_argument("--encoder", default="composite", help="composite | tiny")
@@ -104,13 +185,24 @@ def bench(argv: list[str]) -> dict:
     p.add_argument("--perturbations", default="noise,rotate,crop")
     p.add_argument("--images", default=None, help="folder of real images (default: synthetic 150 px JPEGs)")
     p.add_argument("--out", default=None, help="run directory for the shards (default: a temporary folder)")
+    p.add_argument("--gpu-clip", action="store_true", help="also time the adapter's bf16 forward of a ViT-B/16 CLIP against the bare model (CUDA only)")
+    p.add_argument("--gpu-clip-only", action="store_true", help="only the --gpu-clip section (no Ray passes)")
+    p.add_argument("--gpu-batch", type=int, default=256, help="images per forward in the --gpu-clip section")
+    p.add_argument("--gpu-iters", type=int, default=20, help="timed forwards per variant in the --gpu-clip section")
     args = p.parse_args(argv)
+    if args.gpu_clip_only:
+        gpu = gpu_clip_section(args.gpu_batch, args.gpu_iters)
+        _log(f"gpu clip: {gpu}")
+        return {"gpu_clip": gpu}
+    if args.rows % (2 * args.batch_size):
+        _log(f"--rows {args.rows} is not a multiple of 2 x --batch-size: the 2-actor pass ends with one actor idle")
 
     from rsdist.config import FeaturesConfig
     from rsdist.io.rundir import RunDir
     from rsdist.raycluster import cluster_cpus, init_ray
 
     init_ray()
+    load_before = _load()
     cpus = int(cluster_cpus())
     run = RunDir(args.out or tempfile.mkdtemp(prefix="rsdist-bench-features-"))
     run.remove("shards")
@@ -125,7 +217,7 @@ def bench(argv: list[str]) -> dict:
     two, two_steady, two_first = ray_pass(run, FeaturesConfig(**base, num_actors=2, threads_per_actor=1))
     _log(f"ray, 2 actors x 1 thread: {two:.2f} rows/s end to end, {two_steady:.2f} after the first result at {two_first:.1f} s")
     forwards = 1 + len([n for n in base["perturbations"] if n in ("noise", "rotate", "crop", "flip", "blur", "jpeg")])
-    return {
+    figures = {
         "encoder": args.encoder,
         "rows": args.rows,
         "image_size": args.image_size,
@@ -143,4 +235,10 @@ def bench(argv: list[str]) -> dict:
         "ray_vs_plain_steady": round(two_steady / plain, 3),
         "scaling_2_vs_1_actors_steady": round(two_steady / one_steady, 3) if one_steady else None,
         "plain_images_per_s": round(plain * forwards, 2),
+        "load_average_before": load_before,
+        "load_average_after": _load(),
     }
+    if args.gpu_clip:
+        figures["gpu_clip"] = gpu_clip_section(args.gpu_batch, args.gpu_iters)
+        _log(f"gpu clip: {figures['gpu_clip']}")
+    return figures

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from typing import Sequence
 
 import numpy as np
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from rsdist.features.perturb import perturb_batch
+from rsdist.features.vlm_embed import VlmEmbedder, VlmSpec
 from rsdist.models.dual import DualEncoder, build_encoder
 
 log = logging.getLogger("rsdist")
@@ -35,6 +37,8 @@ def load_encoder(name: str, threads: int, device: str = "cpu") -> DualEncoder:
     import transformers
 
     torch.set_num_threads(max(1, int(threads)))
+    if int(threads) <= 1:  # a single-thread actor: no tokenizer thread pool competing with the others for cores
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     transformers.logging.set_verbosity_error()  # the load report of every actor drowns the progress lines
     transformers.logging.disable_progress_bar()
     model = build_encoder(name).to(device).eval()
@@ -114,11 +118,13 @@ def embed_batch(
 
 
 class EmbedModel:
-    """Actor-pool callable: the encoder is loaded once per actor, then every batch is one fused pass."""
+    """Actor-pool callable: the encoder (and the VLM, when `vlm` names one) is loaded once per actor,
+    then every batch is one fused pass; the VLM's `*_emb` columns join the encoder's."""
 
-    def __init__(self, encoder: str, image_perturbations: Sequence[str], text_perturbations: Sequence[str], threads: int = 1, use_gpu: bool = False, max_tokens: int = 48, seed: int = 0):
+    def __init__(self, encoder: str, image_perturbations: Sequence[str], text_perturbations: Sequence[str], threads: int = 1, use_gpu: bool = False, max_tokens: int = 48, seed: int = 0, vlm: VlmSpec | None = None):
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.model = load_encoder(encoder, threads, self.device)
+        self.vlm = VlmEmbedder(vlm, self.device) if vlm is not None else None
         self.image_perturbations = list(image_perturbations)
         self.text_perturbations = list(text_perturbations)
         self.max_tokens = max_tokens
@@ -126,4 +132,7 @@ class EmbedModel:
         log.info("features actor: encoder %s on %s, %d threads", encoder, self.device, torch.get_num_threads())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return embed_batch(self.model, batch, self.image_perturbations, self.text_perturbations, self.device, self.max_tokens, self.seed)
+        out = embed_batch(self.model, batch, self.image_perturbations, self.text_perturbations, self.device, self.max_tokens, self.seed)
+        if self.vlm is not None:
+            out.update(self.vlm(batch))
+        return out

@@ -7,7 +7,9 @@ Output: `<run>/features/<shard name>.parquet`, one file per input shard, rows in
 image-tower features before the projection head), `text_emb` (fixed_size_list[text_dim], mean of
 the L2-normalised tower features of the sample's captions), `shift` (float32, mean of the
 per-perturbation shifts) and `shift_<name>` (float32) per configured perturbation; plus
-`<run>/features/features_meta.json` (encoder, dims, image_size, perturbations, seed, dtype).
+`<run>/features/features_meta.json` (encoder, dims, image_size, perturbations, seed, dtype, vlm).
+With `features.vlm` set, also `coincide_emb` and/or `scalselect_emb` (fixed_size_list, same dtype):
+the VLM-internal features of rsdist/features/vlm.py, computed in the same actors (vlm_embed.py).
 
 The pass: shards cut, in order, into row slices of one model batch (one block each) -> read through
 the run's fsspec filesystem (so any run URI works), fused with the CPU stage (decode, resize, text
@@ -42,6 +44,7 @@ import pyarrow.parquet as pq
 from rsdist.config import FeaturesConfig
 from rsdist.features.embed import EmbedModel
 from rsdist.features.preprocess import preprocess_batch, split_perturbations
+from rsdist.features.vlm_embed import VlmSpec
 from rsdist.io.rundir import RunDir
 from rsdist.stage import Resources, StageResult
 
@@ -144,7 +147,16 @@ def shard_ids(run: RunDir, path: str) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
-def output_schema(image_dim: int, text_dim: int, shift_names: list[str], dtype: str) -> pa.Schema:
+def vlm_spec(cfg: FeaturesConfig) -> VlmSpec | None:
+    """The VLM features the actors compute, or None when `features.vlm` is 'none'."""
+    if cfg.vlm == "none":
+        return None
+    methods = tuple(m for m in ("coincide", "scalselect") if m in cfg.vlm_features)
+    return VlmSpec(cfg.vlm, methods, tuple(sorted(set(cfg.coincide_layers))), cfg.scalselect_mass, cfg.vlm_prompt)
+
+
+def output_schema(image_dim: int, text_dim: int, shift_names: list[str], dtype: str, vlm_dims: dict[str, int] | None = None) -> pa.Schema:
+    """The output columns; `vlm_dims` adds one fixed-size-list column per VLM feature (name -> width)."""
     value = pa.float16() if dtype == "float16" else pa.float32()
     fields = [
         ("sample_id", pa.string()),
@@ -155,7 +167,16 @@ def output_schema(image_dim: int, text_dim: int, shift_names: list[str], dtype: 
         ("shift", pa.float32()),
     ]
     fields += [(f"shift_{n}", pa.float32()) for n in shift_names]
+    fields += [(name, pa.list_(value, dim)) for name, dim in (vlm_dims or {}).items()]
     return pa.schema(fields)
+
+
+def embedding_dims(columns: dict, extra: list[str]) -> tuple[int, int, dict[str, int]]:
+    """(image_dim, text_dim, {vlm column: dim}) from a result batch's arrays or a file schema's list types."""
+    def width(x) -> int:
+        return int(x.shape[1]) if hasattr(x, "shape") else int(x.list_size)
+
+    return width(columns["image_emb"]), width(columns["text_emb"]), {c: width(columns[c]) for c in extra}
 
 
 def _fixed_list(matrix: np.ndarray, dtype: str) -> pa.FixedSizeListArray:
@@ -193,7 +214,7 @@ class ShardCollector:
         cols = {}
         for f in schema:
             values = [r[f.name] for r in rows]
-            if f.name in ("image_emb", "text_emb"):
+            if pa.types.is_fixed_size_list(f.type):
                 cols[f.name] = _fixed_list(np.stack(values), dtype)
             elif pa.types.is_floating(f.type):
                 cols[f.name] = pa.array(np.asarray(values, dtype=np.float32))
@@ -236,6 +257,7 @@ def build_dataset(run: RunDir, slices: list[dict], cfg: FeaturesConfig, plan: Po
             "use_gpu": plan.use_gpu,
             "max_tokens": cfg.max_text_tokens,
             "seed": cfg.seed,
+            "vlm": vlm_spec(cfg),
         },
         compute=ray.data.ActorPoolStrategy(size=plan.size),
         num_cpus=plan.resources.num_cpus,
@@ -260,6 +282,8 @@ def run(run: RunDir, cfg: FeaturesConfig) -> StageResult:
     rows_in = run.count_rows("shards")
     image_names, text_names = split_perturbations(cfg.perturbations)
     shift_names = image_names + text_names
+    spec = vlm_spec(cfg)
+    vlm_columns = spec.columns if spec else []
     plan = plan_pool(cfg, ray.cluster_resources())
     log.info(
         "features: %d of %d shards to do; %d actor(s) x %s CPU, %s GPU, %d thread(s)",
@@ -270,6 +294,7 @@ def run(run: RunDir, cfg: FeaturesConfig) -> StageResult:
     rows_before_first_shard = None
     seen = first_n = 0  # rows received; rows in the first block (the steady rate starts after it)
     image_dim = text_dim = None
+    vlm_dims: dict[str, int] = {}
     start = time.perf_counter()
     if pending:
         expected = {p: shard_ids(run, p) for p in pending}
@@ -282,8 +307,8 @@ def run(run: RunDir, cfg: FeaturesConfig) -> StageResult:
         # batch_size=None: each output block as it arrives, not re-batched (which would hold rows back)
         for batch in build_dataset(run, slices, cfg, plan).iter_batches(batch_size=None, batch_format="numpy"):
             if schema is None:
-                image_dim, text_dim = batch["image_emb"].shape[1], batch["text_emb"].shape[1]
-                schema = output_schema(image_dim, text_dim, shift_names, cfg.dtype)
+                image_dim, text_dim, vlm_dims = embedding_dims(batch, vlm_columns)
+                schema = output_schema(image_dim, text_dim, shift_names, cfg.dtype, vlm_dims)
             n = len(batch["sample_id"])
             seen += n
             if first_at is None:
@@ -303,7 +328,7 @@ def run(run: RunDir, cfg: FeaturesConfig) -> StageResult:
     seconds = time.perf_counter() - start
     if image_dim is None:  # everything was already written by an earlier run
         first = pq.read_schema(run.fs.open(run.path(NAME, out_name[inputs[0]]), "rb"))
-        image_dim, text_dim = first.field("image_emb").type.list_size, first.field("text_emb").type.list_size
+        image_dim, text_dim, vlm_dims = embedding_dims({f.name: f.type for f in first}, vlm_columns)
     meta = {
         "encoder": cfg.encoder,
         "image_dim": int(image_dim),
@@ -315,6 +340,13 @@ def run(run: RunDir, cfg: FeaturesConfig) -> StageResult:
         "seed": cfg.seed,
         "dtype": cfg.dtype,
         "shift": "1 - cos(e(x), e(x~_p)), mean over p",
+        "vlm": None if spec is None else {
+            "model": spec.model,
+            "columns": vlm_dims,
+            "coincide_layers": list(spec.coincide_layers) if "coincide" in spec.methods else None,
+            "scalselect_mass": spec.mass if "scalselect" in spec.methods else None,
+            "prompt": spec.prompt,
+        },
     }
     run.write_json(meta, NAME, META)
     rows_out = run.count_rows(NAME)

@@ -5,6 +5,7 @@ Input:
   <run>/features/part-*.parquet   only the columns the method needs: `shift` (or one `shift_<name>`)
                                   for `shift`; the embedding of `space` for coincide, scalselect,
                                   semdedup, error-driven and the near-duplicate filter
+  <run>/shards/part-*.parquet     caption-diversity only: sample_id, captions (text when empty)
   failures parquet                error-driven only (see SelectConfig.failures)
 Output:
   <run>/selection/manifest.parquet  one row per pool sample, sorted by sample_id: sample_id string,
@@ -31,6 +32,7 @@ import pyarrow.parquet as pq
 from rsdist.config import SelectConfig
 from rsdist.io.rundir import RunDir
 from rsdist.select.budget import budget_count
+from rsdist.select.captions import caption_diversity_select, caption_information
 from rsdist.select.coincide import coincide_select
 from rsdist.select.error_driven import error_driven_select, load_teacher
 from rsdist.select.scalselect import GramAccumulator, dominant_subspace, leverage_scores, scalselect_select
@@ -170,6 +172,21 @@ def streamed_leverage(run: RunDir, pool: Pool, space: str, energy: float, batch_
     return scores, sub
 
 
+def pool_captions(run: RunDir, pool: Pool) -> list[list[str]]:
+    """Every pool row's captions (its `text` when the list is empty), in pool order, streamed from shards/."""
+    where = run.url("shards")
+    captions: list[list[str] | None] = [None] * pool.size
+    for batch in run.iter_batches("shards", columns=["sample_id", "captions", "text"], batch_size=4096):
+        rows, pos = _positions(pool, batch.column(0), where)
+        caps, text = batch.column(1).to_pylist(), batch.column(2).to_pylist()
+        for r, p in zip(rows, pos):
+            captions[p] = [c for c in (caps[r] or []) if c] or ([text[r]] if text[r] else [])
+    missing = [i for i, c in enumerate(captions) if c is None]
+    if missing:
+        raise ValueError(f"{where}: no row for sample_id {pool.ids[missing[0]].as_py()!r} of the cluster pool ({len(missing)} missing)")
+    return captions
+
+
 def read_failures(run: RunDir, cfg: SelectConfig) -> tuple[np.ndarray, list, np.ndarray | None]:
     """(embeddings, ids, weights) of the failing validation samples for error-driven selection."""
     uri = cfg.failures or run.url("eval", "failures.parquet")
@@ -204,6 +221,8 @@ def choose(run: RunDir, pool: Pool, cfg: SelectConfig, budget: int) -> Selection
             log.warning("select: %d pool rows have no %s; they are taken last", int(np.isnan(shift).sum()), cfg.shift_column)
     if method == "scalselect":
         lev_scores, sub = streamed_leverage(run, pool, cfg.space, cfg.energy)
+    if method == "caption-diversity":
+        information, distinct = caption_information(pool_captions(run, pool))
     red = redundancy(x, pool.groups, cfg.dedup_keep) if (method == "semdedup" or cfg.dedup_threshold is not None) else None
 
     def strategy(rows: np.ndarray, b: int) -> Selection:
@@ -216,6 +235,10 @@ def choose(run: RunDir, pool: Pool, cfg: SelectConfig, budget: int) -> Selection
             return shift_select(k, g, shift[rows], b, cfg.quota, cfg.keep)
         if method == "scalselect":
             return scalselect_select(k, g, lev_scores[rows], b, sub)
+        if method == "caption-diversity":
+            sel = caption_diversity_select(k, g, information[rows], b, cfg.quota, cfg.seed)
+            sel.info.update(distinct_captions_pool=int(distinct[rows].sum()), distinct_captions_selected=int(distinct[rows][sel.selected].sum()))
+            return sel
         if method == "semdedup":
             sub_red = type(red)(red.max_cos[rows], red.duplicate_of[rows])
             return semdedup_select(k, g, sub_red, b, ids)

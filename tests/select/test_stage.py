@@ -11,7 +11,7 @@ from rsdist.select import stage as select
 from rsdist.stage import fingerprint, run_stage
 
 DIM = 8
-METHODS = ["shift", "random", "cluster-random", "scalselect", "semdedup", "coincide", "error-driven"]
+METHODS = ["shift", "random", "cluster-random", "scalselect", "semdedup", "coincide", "error-driven", "caption-diversity"]
 
 
 def emb_array(m):
@@ -48,6 +48,9 @@ def write_inputs(run, n=60, k=4, n_test=6, seed=0):
     run.write_table(clusters.slice(0, 25), "clusters", "part-00000.parquet")
     run.write_table(clusters.slice(25), "clusters", "part-00001.parquet")
     np.save(run.path("clusters", "centroids.npy"), centres)
+    # shards/: every third image repeats one generic sentence, the others have their own captions.
+    captions = [["a generic scene ."] * 3 if i % 3 == 0 else [f"scene {i} view {j}" for j in range(1 + i % 3)] for i in range(n + n_test)]
+    run.write_table(pa.table({"sample_id": ids, "captions": captions, "text": [c[0] for c in captions]}), "shards", "part-00000.parquet")
     return ids
 
 
@@ -73,6 +76,10 @@ def test_every_method_writes_an_exact_manifest(run_dir, ray_session, method):
     assert sum(c["selected"] for c in info["clusters"].values()) == 15
     if method in ("shift", "cluster-random"):
         assert sum(c["quota"] for c in info["clusters"].values()) == 15
+    if method == "caption-diversity":
+        kept = [int(r["sample_id"] in set(manifest.filter(manifest.column("selected")).column("sample_id").to_pylist())) for r in manifest.to_pylist()]
+        assert not any(ids.index(s) % 3 == 0 for s, k in zip(manifest.column("sample_id").to_pylist(), kept) if k)
+        assert info["info"]["distinct_captions_selected"] > 15
     if method == "semdedup":
         dup_ids = {ids[i] for i in range(51, 55)}
         kept = set(manifest.filter(manifest.column("selected")).column("sample_id").to_pylist())

@@ -1,0 +1,56 @@
+"""VLM evaluation metrics on constructed cases with hand-computed values."""
+
+from __future__ import annotations
+
+import pytest
+
+from rsdist.eval.vlm_metrics import classification_metrics, match_class, normalize_answer, vqa_metrics
+
+CLASSES = ["airport", "dense residential", "residential", "baseball field", "forest"]
+
+
+def test_normalize_answer():
+    assert normalize_answer("The Dense_Residential area.") == "dense residential area"
+    assert normalize_answer("DenseResidential") == "dense residential"
+    assert normalize_answer("  An  airport!! ") == "airport"
+    assert normalize_answer("Two") == "2"
+    assert normalize_answer("storage-tanks") == "storage tanks"
+    assert normalize_answer(None) == ""
+
+
+def test_match_class_exact_then_longest_contained():
+    assert match_class("Airport.", CLASSES) == "airport"
+    assert match_class("baseballfield", CLASSES) == "baseball field"
+    assert match_class("BaseballField", CLASSES) == "baseball field"
+    assert match_class("it is a dense residential area", CLASSES) == "dense residential"  # longest wins over 'residential'
+    assert match_class("residential", CLASSES) == "residential"
+    assert match_class("forests", CLASSES) is None  # whole words only
+    assert match_class("", CLASSES) is None
+
+
+def test_classification_metrics_by_hand():
+    answers = ["airport", "An airport.", "forest", "dense residential", "beach", "Residential"]
+    targets = ["airport", "forest", "forest", "dense residential", "forest", "dense residential"]
+    m = classification_metrics(answers, targets, CLASSES)
+    # airport 1/1; forest: 'airport' wrong, 'forest' right, 'beach' unmatched -> 1/3; dense residential 1/2
+    assert m["count"] == 6 and m["correct"] == 3 and m["accuracy"] == pytest.approx(0.5)
+    assert m["unmatched"] == 1
+    assert m["per_class"] == {"airport": {"accuracy": 1.0, "correct": 1, "count": 1}, "dense residential": {"accuracy": 0.5, "correct": 1, "count": 2},
+                              "forest": {"accuracy": pytest.approx(1 / 3), "correct": 1, "count": 3}}
+    assert m["mean_class_accuracy"] == pytest.approx((1 + 0.5 + 1 / 3) / 3)
+    with pytest.raises(ValueError, match="target class\\(es\\) desert not in the class list"):
+        classification_metrics(["x"], ["desert"], CLASSES)
+
+
+def test_vqa_metrics_by_hand():
+    answers = ["Yes", "no", "two", "3", "rural.", "yes"]
+    targets = ["yes", "yes", "2", "4", "Rural", "yes"]
+    types = ["presence", "presence", "count", "count", "rural_urban", None]
+    m = vqa_metrics(answers, targets, types)
+    # presence 1/2, count 1/2, rural_urban 1/1, all (no type) 1/1 -> overall 4/6, average (0.5 + 0.5 + 1 + 1) / 4
+    assert m["correct"] == 4 and m["count"] == 6 and m["accuracy"] == pytest.approx(4 / 6)
+    assert m["per_type"]["presence"] == {"accuracy": 0.5, "correct": 1, "count": 2}
+    assert m["per_type"]["rural_urban"]["accuracy"] == 1.0 and m["per_type"]["all"]["count"] == 1
+    assert m["average_over_types"] == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="must be as many"):
+        vqa_metrics(["a"], ["a", "b"], [None])
