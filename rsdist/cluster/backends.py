@@ -6,7 +6,10 @@ backend-agnostic; CuPy and cuML receive the same memory through DLPack without a
 - `dists` is the squared Euclidean distance for metric "euclidean", and 1 - cos for "cosine"
   (rows and centroids are unit vectors there, so the nearest centroid is the largest dot product).
 - The batch is processed in row chunks so that one rows-by-k distance block (and its temporary)
-  stays within `chunk_bytes`, whatever k is.
+  stays within `chunk_bytes`, whatever k is; on CPU a chunk is also at most `CPU_CHUNK_ROWS` rows,
+  which keeps the block cache-sized (measured: 4,096-row chunks beat 16,384-row ones by ~20%).
+- Euclidean distances are one fused `addmm` per chunk (||c||^2 - 2 x.c, centroid norms computed
+  once per call), then a row-wise min; the rows' own norms are added to the winners only.
 
 torch runs on CPU and CUDA; CuPy and cuML need a GPU actor and `rsdist[gpu]` (not exercised by
 the CPU test suite). `make_backend` picks from what the actor was given and falls back to torch
@@ -24,9 +27,14 @@ log = logging.getLogger("rsdist")
 METRICS = ("euclidean", "cosine")
 
 
-def rows_per_chunk(k: int, chunk_bytes: int) -> int:
-    """Rows whose distance block to k centroids (float32, plus one temporary) fits `chunk_bytes`."""
-    return max(1, int(chunk_bytes // (8 * max(1, k))))
+CPU_CHUNK_ROWS = 4096
+
+
+def rows_per_chunk(k: int, chunk_bytes: int, max_rows: int | None = None) -> int:
+    """Rows whose distance block to k centroids (float32, plus one temporary) fits `chunk_bytes`,
+    and at most `max_rows` when given."""
+    rows = max(1, int(chunk_bytes // (8 * max(1, k))))
+    return min(rows, max_rows) if max_rows else rows
 
 
 class TorchBackend:
@@ -39,25 +47,24 @@ class TorchBackend:
         self.chunk_bytes = int(chunk_bytes)
         self.device = torch.device(device)
         self.name = f"torch-{self.device.type}"
+        self.max_rows = CPU_CHUNK_ROWS if self.device.type == "cpu" else None
 
     def assign(self, x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k = centroids.shape[0]
-        step = rows_per_chunk(k, self.chunk_bytes)
+        step = rows_per_chunk(k, self.chunk_bytes, self.max_rows)
         labels = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
         dists = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
         c_t = centroids.t().contiguous()
         c_sq = (centroids * centroids).sum(1) if self.metric == "euclidean" else None
         for lo in range(0, x.shape[0], step):
             xb = x[lo : lo + step]
-            prod = xb @ c_t
             if self.metric == "cosine":
-                best, idx = prod.max(1)
-                dists[lo : lo + step] = (1.0 - best).clamp_(min=0.0)
+                best, idx = torch.max(xb @ c_t, 1)
+                torch.clamp(1.0 - best, min=0.0, out=dists[lo : lo + step])
             else:
                 # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; the ||x||^2 term does not change the argmin.
-                prod.mul_(-2.0).add_(c_sq)
-                best, idx = prod.min(1)
-                dists[lo : lo + step] = (best + (xb * xb).sum(1)).clamp_(min=0.0)
+                best, idx = torch.min(torch.addmm(c_sq, xb, c_t, beta=1.0, alpha=-2.0), 1)
+                torch.clamp(best.add_(torch.linalg.vector_norm(xb, dim=1).square_()), min=0.0, out=dists[lo : lo + step])
             labels[lo : lo + step] = idx
         return labels, dists
 

@@ -45,6 +45,7 @@ class FitResult:
     init: str = ""
     seconds: float = 0.0
     history: list[float] = field(default_factory=list)
+    init_seconds: float = 0.0  # of `seconds`: initialisation; the rest is the iterations
 
 
 def auto_k(n: int) -> int:
@@ -64,6 +65,21 @@ def share(total: int, sizes: list[int]) -> list[int]:
     for i in sorted(range(len(sizes)), key=lambda i: (out[i] - raw[i], i))[: total - sum(out)]:
         out[i] += 1
     return out
+
+
+def merge_sparse(results: list[dict], dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merge the actors' sparse (idx, sums, counts): the touched centroids, their summed rows and
+    counts. Each actor's idx holds distinct centroids, so one fancy-indexed add per actor is exact."""
+    touched, inverse = np.unique(np.concatenate([r["idx"] for r in results]), return_inverse=True)
+    sums = np.zeros((len(touched), dim), np.float64)
+    counts = np.zeros(len(touched), np.float64)
+    lo = 0
+    for r in results:
+        at = inverse[lo : lo + len(r["idx"])]
+        sums[at] += r["sums"]
+        counts[at] += r["counts"]
+        lo += len(r["idx"])
+    return touched, sums, counts
 
 
 def pair_dists(x: torch.Tensor, c: torch.Tensor, metric: str, x_sq: torch.Tensor | None = None) -> torch.Tensor:
@@ -179,19 +195,15 @@ class KMeansDriver:
         if self.cfg.metric == "cosine":
             c = normalise_rows(c)
         method = "given" if init is not None else self.init_method()
+        init_seconds = time.perf_counter() - start
         res = self._lloyd(c) if self.cfg.mode == "lloyd" else self._minibatch(c)
         res.init = method
         res.seconds = time.perf_counter() - start
+        res.init_seconds = init_seconds
         return res
 
     def _update_sculley(self, c: np.ndarray, v: np.ndarray, results: list[dict]) -> float:
-        idx = np.concatenate([r["idx"] for r in results])
-        sums = np.concatenate([r["sums"] for r in results])
-        counts = np.concatenate([r["counts"] for r in results]).astype(np.float64)
-        touched, inverse = np.unique(idx, return_inverse=True)
-        s = np.zeros((len(touched), c.shape[1]), np.float64)
-        np.add.at(s, inverse, sums)
-        n = np.bincount(inverse, weights=counts, minlength=len(touched))
+        touched, s, n = merge_sparse(results, c.shape[1])
         v[touched] += n
         eta = (n / v[touched])[:, None]
         old = c[touched].astype(np.float64)

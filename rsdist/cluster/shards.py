@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import posixpath
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+from fsspec.implementations.local import LocalFileSystem
 
 from rsdist.cluster.backends import make_backend
 from rsdist.io.rundir import RunDir
@@ -77,14 +79,20 @@ def split_units(units: list[Unit], parts: int) -> list[list[Unit]]:
 
 
 def read_unit(run: RunDir, unit: Unit, columns: list[str]) -> pa.Table:
-    with run.fs.open(run.path(unit.path), "rb") as fh:
-        table = pq.ParquetFile(fh).read_row_group(unit.row_group, columns=columns)
+    if isinstance(run.fs, LocalFileSystem):  # arrow's own reader, memory-mapped: no Python file object in between
+        table = pq.ParquetFile(run.path(unit.path), memory_map=True).read_row_group(unit.row_group, columns=columns)
+    else:
+        with run.fs.open(run.path(unit.path), "rb") as fh:
+            table = pq.ParquetFile(fh).read_row_group(unit.row_group, columns=columns)
     return table.slice(unit.start, unit.rows)
 
 
 def embedding_matrix(column: pa.ChunkedArray | pa.Array, name: str, where: str) -> np.ndarray:
     """A list-of-float column as an (n, d) float32 matrix; nulls, ragged rows and NaNs name the row."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if isinstance(column, pa.ChunkedArray):
+        arr = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    else:
+        arr = column
     if arr.null_count:
         row = int(pc.index(pc.is_null(arr), True).as_py())
         raise ValueError(f"{where}: column {name} is null in row {row}")
@@ -106,28 +114,68 @@ def embedding_matrix(column: pa.ChunkedArray | pa.Array, name: str, where: str) 
     return values
 
 
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+def l2_normalise(x: np.ndarray, out: np.ndarray | None = None, scale: float = 1.0) -> np.ndarray:
+    """`scale` x each row / its L2 norm (zero rows stay zero), written into `out` when given."""
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+    inv = (np.float32(scale) / np.maximum(norms, np.float32(1e-12))).astype(np.float32, copy=False)
+    return np.multiply(x, inv[:, None], out=out)
 
 
-def space_vectors(table: pa.Table, space: str, where: str) -> np.ndarray:
-    """The rows' vectors in the clustering space: each tower l2-normalised; joint = concat / sqrt(2)."""
-    parts = [l2_normalise(embedding_matrix(table.column(c), c, where)) for c in SPACE_COLUMNS[space]]
-    if len(parts) == 1:
-        return parts[0]
-    return np.concatenate(parts, axis=1) / np.float32(math.sqrt(len(parts)))
+def space_dim(table: pa.Table, space: str, where: str) -> int:
+    return sum(embedding_matrix(table.column(c).slice(0, 1), c, where).shape[1] for c in SPACE_COLUMNS[space])
+
+
+def space_vectors(table: pa.Table, space: str, where: str, out: np.ndarray | None = None) -> np.ndarray:
+    """The rows' vectors in the clustering space: each tower l2-normalised; joint = concat / sqrt(2).
+    Written into `out` (rows x dim, float32) when given, without an intermediate copy."""
+    columns = SPACE_COLUMNS[space]
+    parts = [embedding_matrix(table.column(c), c, where) for c in columns]
+    dim = sum(p.shape[1] for p in parts)
+    if out is None:
+        out = np.empty((table.num_rows, dim), np.float32)
+    elif out.shape != (table.num_rows, dim):
+        raise ValueError(f"{where}: vectors of {dim} values in space {space!r}, expected {out.shape[1]}")
+    scale = 1.0 / math.sqrt(len(parts))
+    col = 0
+    for p in parts:
+        l2_normalise(p, out=out[:, col : col + p.shape[1]], scale=scale)
+        col += p.shape[1]
+    return out
 
 
 def train_rows(table: pa.Table, where: str) -> pa.Table:
     if "split" not in table.column_names:
         raise ValueError(f"{where}: column 'split' is missing")
-    return table.filter(pc.equal(table.column("split"), "train"))
+    keep = pc.equal(table.column("split"), "train")
+    if pc.all(keep).as_py() and not keep.null_count:
+        return table  # all training rows: no filtered copy
+    return table.filter(keep)
+
+
+def batch_sums(backend, xb: torch.Tensor, centroids: torch.Tensor) -> dict:
+    """Assign the batch rows; per-centroid sums and counts of the touched centroids only (sparse,
+    so large k costs what the batch touches), and the batch inertia."""
+    labels, dists = backend.assign(xb, centroids)
+    touched, inverse = torch.unique(labels, return_inverse=True)
+    sums = torch.zeros(len(touched), xb.shape[1], device=xb.device).index_add_(0, inverse, xb)
+    counts = torch.bincount(inverse, minlength=len(touched))
+    return {"idx": touched.cpu().numpy(), "sums": sums.cpu().numpy(), "counts": counts.cpu().numpy(), "inertia": float(dists.double().sum())}
+
+
+def full_sums(backend, x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One full pass over `x`: dense per-centroid sums and counts (on x's device), and the inertia."""
+    labels, dists = backend.assign(x, centroids)
+    sums = torch.zeros_like(centroids).index_add_(0, labels, x)
+    counts = torch.bincount(labels, minlength=centroids.shape[0])
+    return sums, counts, float(dists.double().sum())
 
 
 class ShardActor:
-    """Owns some units' training rows as one matrix on its device; made a Ray actor by the stage."""
+    """Owns some units' training rows as one matrix on its device (and their sample_ids, for the
+    labelling pass); made a Ray actor by the stage."""
 
     def __init__(self, run_uri: str, units: list[Unit], space: str, metric: str, backend: str, chunk_bytes: int, threads: int = 1):
+        t0 = time.perf_counter()
         torch.set_num_threads(max(1, int(threads)))
         import ray
 
@@ -138,21 +186,44 @@ class ShardActor:
         self.metric = metric
         self.backend = make_backend(backend, metric, chunk_bytes, has_gpu)
         self.device = self.backend.device
-        blocks = [self._vectors(u)[1] for u in units]
-        x = np.concatenate(blocks) if blocks else np.zeros((0, 0), np.float32)
+        x, self.ids, self.spans = self._load(units)
         self.x = torch.from_numpy(x).to(self.device)
         self.d2: torch.Tensor | None = None
+        self.load_seconds = time.perf_counter() - t0
 
-    def _vectors(self, unit: Unit, extra: list[str] = ()) -> tuple[pa.Table, np.ndarray]:
-        where = f"{self.run.url(unit.path)} (row group {unit.row_group}, rows {unit.start}-{unit.stop})"
-        table = train_rows(read_unit(self.run, unit, list(extra) + ["split"] + SPACE_COLUMNS[self.space]), where)
-        return table, space_vectors(table, self.space, where)
+    def _where(self, unit: Unit) -> str:
+        return f"{self.run.url(unit.path)} (row group {unit.row_group}, rows {unit.start}-{unit.stop})"
+
+    def _load(self, units: list[Unit]) -> tuple[np.ndarray, dict, dict]:
+        """Read every unit's training rows straight into one preallocated float32 matrix (sized by
+        the units' row counts, trimmed when test rows left much of it unused); sample_ids and each
+        unit's row span in the matrix are kept for the labelling pass."""
+        buf, n, ids, spans = None, 0, {}, {}
+        capacity = sum(u.rows for u in units)
+        for u in units:
+            where = self._where(u)
+            table = train_rows(read_unit(self.run, u, ["sample_id", "split"] + SPACE_COLUMNS[self.space]), where)
+            if buf is None and table.num_rows:
+                buf = np.empty((capacity, space_dim(table, self.space, where)), np.float32)
+            if table.num_rows:
+                space_vectors(table, self.space, where, out=buf[n : n + table.num_rows])
+            ids[u] = table.column("sample_id").cast(pa.string())
+            spans[u] = (n, n + table.num_rows)
+            n += table.num_rows
+        if buf is None:
+            return np.zeros((0, 0), np.float32), ids, spans
+        return (buf[:n].copy() if n < 0.9 * capacity else buf[:n]), ids, spans
 
     def _centroids(self, centroids: np.ndarray) -> torch.Tensor:
         return torch.tensor(np.asarray(centroids, dtype=np.float32), device=self.device)
 
     def info(self) -> dict:
-        return {"rows": int(self.x.shape[0]), "dim": int(self.x.shape[1]) if self.x.ndim == 2 else 0, "backend": self.backend.name}
+        return {
+            "rows": int(self.x.shape[0]),
+            "dim": int(self.x.shape[1]) if self.x.ndim == 2 else 0,
+            "backend": self.backend.name,
+            "load_seconds": self.load_seconds,
+        }
 
     def sample(self, m: int, seed: list[int]) -> np.ndarray:
         """`m` of this actor's rows drawn uniformly without replacement."""
@@ -161,32 +232,19 @@ class ShardActor:
         return self.x[torch.from_numpy(np.sort(idx))].cpu().numpy()
 
     def minibatch_step(self, centroids: np.ndarray, m: int, seed: list[int], pool: int = 0) -> dict:
-        """Assign `m` rows drawn with replacement; return per-centroid sums and counts of the touched
-        centroids only (sparse, so large k costs what the batch touches), the batch inertia, and
-        `pool` of the batch rows as re-seeding candidates."""
+        """Assign `m` rows drawn with replacement; return `batch_sums` of them, and `pool` of the
+        batch rows as re-seeding candidates."""
         rng = np.random.default_rng(seed)
-        xb = self.x[torch.from_numpy(rng.integers(0, self.x.shape[0], size=m))]
-        labels, dists = self.backend.assign(xb, self._centroids(centroids))
-        touched, inverse = torch.unique(labels, return_inverse=True)
-        sums = torch.zeros(len(touched), xb.shape[1], device=self.device).index_add_(0, inverse, xb)
-        counts = torch.bincount(inverse, minlength=len(touched))
-        out = {
-            "idx": touched.cpu().numpy(),
-            "sums": sums.cpu().numpy(),
-            "counts": counts.cpu().numpy(),
-            "inertia": float(dists.double().sum()),
-        }
+        xb = self.x[torch.from_numpy(rng.integers(0, self.x.shape[0], size=m)).to(self.device)]
+        out = batch_sums(self.backend, xb, self._centroids(centroids))
         if pool:
-            out["pool"] = xb[torch.from_numpy(rng.choice(m, size=min(pool, m), replace=False))].cpu().numpy()
+            out["pool"] = xb[torch.from_numpy(rng.choice(m, size=min(pool, m), replace=False)).to(self.device)].cpu().numpy()
         return out
 
     def lloyd_step(self, centroids: np.ndarray) -> dict:
         """One full pass: dense per-centroid sums and counts of every owned row, and its inertia."""
-        c = self._centroids(centroids)
-        labels, dists = self.backend.assign(self.x, c)
-        sums = torch.zeros_like(c).index_add_(0, labels, self.x)
-        counts = torch.bincount(labels, minlength=c.shape[0])
-        return {"sums": sums.cpu().numpy(), "counts": counts.cpu().numpy(), "inertia": float(dists.double().sum())}
+        sums, counts, inertia = full_sums(self.backend, self.x, self._centroids(centroids))
+        return {"sums": sums.cpu().numpy(), "counts": counts.cpu().numpy(), "inertia": inertia}
 
     def farthest(self, centroids: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
         """The `m` owned rows farthest from their nearest centroid, with those distances."""
@@ -215,30 +273,26 @@ class ShardActor:
         return torch.bincount(labels, minlength=c.shape[0]).cpu().numpy()
 
     def label_unit(self, unit: Unit, centroids: np.ndarray, folder: str) -> dict:
-        """Write `<folder>/<unit>.parquet` (sample_id, cluster, dist) unless it is already there, and
-        return its per-cluster counts and inertia, so a resumed pass redoes only missing units."""
+        """Write `<folder>/<unit>.parquet` (sample_id, cluster, dist) from the rows in memory unless
+        it is already there, and return its per-cluster counts and inertia, so a resumed pass
+        redoes only missing units."""
         k = len(centroids)
         name = unit.output_name()
         if self.run.exists(folder, name):
             t = self.run.read_table(folder, name, columns=["cluster", "dist"])
             labels = t.column("cluster").to_numpy()
-            dists = t.column("dist").to_numpy().astype(np.float64)
+            dist = t.column("dist").to_numpy()
             skipped = True
         else:
-            table, x = self._vectors(unit, extra=["sample_id"])
-            lab, d = self.backend.assign(torch.from_numpy(x).to(self.device), self._centroids(centroids))
-            labels = lab.cpu().numpy().astype(np.int32)
-            d = d.cpu().numpy()
-            dists = np.sqrt(d) if self.metric == "euclidean" else d
-            out = pa.table(
-                {
-                    "sample_id": table.column("sample_id").cast(pa.string()),
-                    "cluster": pa.array(labels, pa.int32()),
-                    "dist": pa.array(dists.astype(np.float32), pa.float32()),
-                }
-            )
+            lo, hi = self.spans[unit]
+            lab, d = self.backend.assign(self.x[lo:hi], self._centroids(centroids))
+            if self.metric == "euclidean":
+                d = d.sqrt_()
+            labels = lab.to(torch.int32).cpu().numpy()
+            dist = d.cpu().numpy()
+            out = pa.table({"sample_id": self.ids[unit], "cluster": pa.array(labels, pa.int32()), "dist": pa.array(dist, pa.float32())})
             self.run.write_table(out, folder, name)
-            dists = dists.astype(np.float64)
             skipped = False
-        inertia = float((dists**2).sum() if self.metric == "euclidean" else dists.sum())
+        dist = dist.astype(np.float64)
+        inertia = float(np.dot(dist, dist) if self.metric == "euclidean" else dist.sum())
         return {"rows": int(len(labels)), "counts": np.bincount(labels, minlength=k), "inertia": inertia, "skipped": skipped}

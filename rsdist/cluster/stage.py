@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import time
 
 import numpy as np
 
@@ -69,7 +70,10 @@ def save_fit(run: RunDir, fit: FitResult, k: int, backend: str) -> dict:
     buf = io.BytesIO()
     np.save(buf, fit.centroids.astype(np.float32))
     run.write_bytes(buf.getvalue(), NAME, "centroids.npy")
-    record = {"k": k, "iterations": fit.iterations, "fit_inertia": fit.inertia, "reseeded": fit.reseeded, "init": fit.init, "fit_seconds": round(fit.seconds, 3), "backend": backend}
+    record = {
+        "k": k, "iterations": fit.iterations, "fit_inertia": fit.inertia, "reseeded": fit.reseeded, "init": fit.init, "backend": backend,
+        "fit_seconds": round(fit.seconds, 3), "init_seconds": round(fit.init_seconds, 3), "iterate_seconds": round(fit.seconds - fit.init_seconds, 3),
+    }
     run.write_json(record, NAME, "fit.json")
     return record
 
@@ -106,9 +110,11 @@ def run(run: RunDir, cfg: ClusterConfig) -> StageResult:
     units = plan_units(run, "features")
     res = actor_resources(cfg)
     owners = split_units(units, actor_count(cfg, res, len(units)))
+    t0 = time.perf_counter()
     actors = start_actors(run, owners, cfg, res)
     try:
         infos = ray.get([a.info.remote() for a in actors])
+        read_seconds = time.perf_counter() - t0
         sizes = [i["rows"] for i in infos]
         n = sum(sizes)
         if n == 0:
@@ -126,7 +132,9 @@ def run(run: RunDir, cfg: ClusterConfig) -> StageResult:
             fit = KMeansDriver(actors, sizes, k, cfg).fit()
             record = save_fit(run, fit, k, backend)
             centroids = fit.centroids
+        t0 = time.perf_counter()
         labels = label_all(run, actors, owners, centroids)
+        label_seconds = time.perf_counter() - t0
     finally:
         for a in actors:
             ray.kill(a)
@@ -142,5 +150,15 @@ def run(run: RunDir, cfg: ClusterConfig) -> StageResult:
         "fit_seconds": record["fit_seconds"],
         "empty_clusters": int((labels["counts"] == 0).sum()),
     }
+    # where this run's wall time went (in the StageResult only, so sizes.json stays the same on a
+    # resumed run): actors started and read their rows (the slowest actor's read alone in
+    # read_only_seconds), initialisation, iterations (a resumed run's are the interrupted run's), labelling
+    timings = {
+        "read_seconds": round(read_seconds, 3),
+        "read_only_seconds": round(max(i["load_seconds"] for i in infos), 3),
+        "init_seconds": record.get("init_seconds", 0.0),
+        "iterate_seconds": record.get("iterate_seconds", record["fit_seconds"]),
+        "label_seconds": round(label_seconds, 3),
+    }
     run.write_json({**{str(c): int(v) for c, v in enumerate(labels["counts"])}, **summary}, NAME, "sizes.json")
-    return StageResult(rows_in=n, rows_out=labels["rows"], extra={**summary, "resumed_units": labels["skipped_units"]})
+    return StageResult(rows_in=n, rows_out=labels["rows"], extra={**summary, **timings, "resumed_units": labels["skipped_units"]})

@@ -359,6 +359,7 @@ def run(run: RunDir, cfg: FeaturesConfig) -> StageResult:
         rows_out=rows_out,
         extra={
             "encoder": cfg.encoder,
+            "vlm": cfg.vlm,
             "perturbations": list(cfg.perturbations),
             "rows_per_second": round(rate, 2),
             "first_result_seconds": round(first_at - start, 2) if first_at else None,

@@ -16,8 +16,8 @@ hook ends the forward there. No layer's attention map is ever requested from the
 is recomputed, for the user rows only, from its hooked q/k projections and rotary embedding.
 
 Entry point: `vlm_features(model, inputs, user_mask, ...)`; `tiny_vlm(family)` builds a random model
-from each family's config (tests, benchmarks). The features stage does not call this yet: a
-`vlm:<folder>` encoder needs the checkpoint's processor and a prompt template per sample.
+from each family's config (tests, benchmarks). The features stage calls it from its model actors
+when `features.vlm` names a model (rsdist/features/vlm_embed.py: processor, chat and user tokens).
 """
 
 from __future__ import annotations
