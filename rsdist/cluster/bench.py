@@ -6,6 +6,19 @@ only re-normalises the rows), then fits MiniBatchKMeans with the same batch size
 sample, re-assignment ratio and stopping rule on the same matrix in memory, and returns wall
 times, their ratio, full-data inertias, their ratio and each one's adjusted Rand index against the
 true blob labels. `write_blob_features` is also what the tests use to build their input.
+
+What is timed (`timed` in the figures): for rsdist the whole stage, i.e. starting the shard
+actors, reading and normalising the features parquet, initialisation, iterations, and the
+labelling pass that writes sample_id / cluster / dist parquet, split into those parts; for
+scikit-learn `fit` on the matrix already in memory, which includes its final labels_ / inertia_
+pass over every row. Generating the blobs and writing them to parquet is timed on neither side;
+Ray is shut down before scikit-learn runs, so its idle processes do not share its cores.
+
+`--device-pass` times the backends instead (no Ray, no parquet): blobs are generated on the
+device in chunks (never as one host array), and each backend runs `--iters` full Lloyd passes;
+the figures are seconds per pass against the memory-bandwidth floor of reading the data once
+(bytes / bandwidth, the bandwidth from `--bandwidth-gbs` or measured with a device copy).
+Without CUDA it runs torch on the CPU and reports the GPU-only backends as skipped.
 """
 
 from __future__ import annotations
@@ -54,7 +67,7 @@ def write_blob_features(
     "test"."""
     centers = blob_centers(k, dim, seed)
     text_centers = blob_centers(k, text_dim, seed + 1) if text_dim else None
-    truth = np.random.default_rng([seed, 2]).integers(0, k, size=rows)
+    truth = blob_truth(rows, k, seed)
     for part, lo in enumerate(range(0, rows, shard_rows)):
         hi = min(rows, lo + shard_rows)
         rng = np.random.default_rng([seed, 3, part])
@@ -90,7 +103,27 @@ def read_matrix(run: RunDir) -> np.ndarray:
     return l2_normalise(np.concatenate(parts))
 
 
-def bench(argv: list[str]) -> dict:
+def blob_truth(rows: int, k: int, seed: int) -> np.ndarray:
+    """The true blob of every row of `write_blob_features(..., rows, k, seed=seed)`."""
+    return np.random.default_rng([seed, 2]).integers(0, k, size=rows)
+
+
+def blob_features(run: RunDir, a: argparse.Namespace) -> np.ndarray:
+    """Write the blobs unless `run` already holds the same ones (so a benchmark can be repeated on
+    one generated folder); return the true labels."""
+    spec = {"rows": a.rows, "dim": a.dim, "k": a.k, "seed": a.seed, "spread": a.spread}
+    if run.exists("features", "blobs.json") and run.read_json("features", "blobs.json") == spec:
+        print(f"reusing {a.rows} x {a.dim} blobs (k = {a.k}) in {run.url('features')}", file=sys.stderr)
+        return blob_truth(a.rows, a.k, a.seed)
+    run.remove("features")
+    t0 = time.perf_counter()
+    truth = write_blob_features(run, a.rows, a.dim, a.k, seed=a.seed, spread=a.spread)
+    run.write_json(spec, "features", "blobs.json")
+    print(f"generated {a.rows} x {a.dim} blobs (k = {a.k}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return truth
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="rsdist bench kmeans", description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=100_000)
     p.add_argument("--dim", type=int, default=384)
@@ -100,12 +133,28 @@ def bench(argv: list[str]) -> dict:
     p.add_argument("--max-no-improvement", type=int, default=10)
     p.add_argument("--spread", type=float, default=0.5, help="blob noise norm (centers are unit vectors)")
     p.add_argument("--actors", type=int, default=0, help="shard actors; 0 = from the cluster's CPUs")
+    p.add_argument("--cpus-per-actor", type=float, default=0.5, help="CPUs per shard actor (its torch threads: this, rounded up)")
     p.add_argument("--mode", default="minibatch", choices=["minibatch", "lloyd"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="run directory (default: a temporary folder)")
+    p.add_argument("--out", default=None, help="run directory (default: a temporary folder); blobs already there with the same flags are reused")
     p.add_argument("--skip-sklearn", action="store_true")
-    a = p.parse_args(argv)
+    g = p.add_argument_group("--device-pass: the backends' full passes on one device (no Ray, no parquet)")
+    g.add_argument("--device-pass", action="store_true", help="time backends on the device instead of the stage against scikit-learn")
+    g.add_argument("--backends", default="torch,cupy", help="comma-separated backends to time (torch, cupy, cuml)")
+    g.add_argument("--iters", type=int, default=3, help="timed full passes per backend (after one untimed warm-up pass)")
+    g.add_argument("--bandwidth-gbs", type=float, default=0.0, help="device memory bandwidth in GB/s for the floor; 0 = measure with a device copy")
+    g.add_argument("--chunk-mb", type=int, default=1024, help="memory bound of one rows-by-k distance block")
+    g.add_argument("--gen-rows", type=int, default=1 << 20, help="rows generated per chunk on the device")
+    return p.parse_args(argv)
 
+
+def bench(argv: list[str]) -> dict:
+    a = parse(argv)
+    return device_pass_bench(a) if a.device_pass else stage_bench(a)
+
+
+def stage_bench(a: argparse.Namespace) -> dict:
+    import ray
     from sklearn.metrics import adjusted_rand_score
 
     from rsdist.cluster.stage import run as cluster_run
@@ -114,49 +163,160 @@ def bench(argv: list[str]) -> dict:
 
     tmp = None if a.out else tempfile.TemporaryDirectory(prefix="rsdist-kmeans-")
     run = RunDir(a.out or tmp.name)
-    t0 = time.perf_counter()
-    truth = write_blob_features(run, a.rows, a.dim, a.k, seed=a.seed, spread=a.spread)
-    print(f"generated {a.rows} x {a.dim} blobs (k = {a.k}) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    truth = blob_features(run, a)
 
+    started_ray = not ray.is_initialized()
     init_ray()
     init_sample = max(3 * a.batch, 3 * a.k)
     max_iter = max(1, a.epochs * a.rows // a.batch)
     cfg = ClusterConfig(
         k=a.k, space="image", mode=a.mode, batch_size=a.batch, max_iter=max_iter if a.mode == "minibatch" else a.epochs,
-        tol=0.0, max_no_improvement=a.max_no_improvement, init="k-means++", init_sample=init_sample, num_actors=a.actors, seed=a.seed,
+        tol=0.0, max_no_improvement=a.max_no_improvement, init="k-means++", init_sample=init_sample, num_actors=a.actors,
+        cpus_per_actor=a.cpus_per_actor, seed=a.seed,
     )
     run.remove("clusters")
     run.makedirs("clusters")
     t0 = time.perf_counter()
     res = cluster_run(run, cfg)
     ours_s = time.perf_counter() - t0
+    if started_ray:
+        ray.shutdown()
+    x = res.extra
     ours_ari = adjusted_rand_score(truth, stage_labels(run, a.rows))
-    print(f"rsdist: {ours_s:.1f}s (fit {res.extra['fit_seconds']:.1f}s, {res.extra['iterations']} iterations), inertia {res.extra['inertia']:.6g}, ARI {ours_ari:.4f}", file=sys.stderr)
+    split = {p: x[f"{p}_seconds"] for p in ("read", "init", "iterate", "label")}
+    print(f"rsdist: {ours_s:.1f}s ({', '.join(f'{p} {v:.1f}s' for p, v in split.items())}; {x['iterations']} iterations), inertia {x['inertia']:.6g}, ARI {ours_ari:.4f}", file=sys.stderr)
     out = {
-        "rows": a.rows, "dim": a.dim, "k": a.k, "batch": a.batch, "mode": a.mode,
-        "rsdist_seconds": round(ours_s, 3), "rsdist_fit_seconds": res.extra["fit_seconds"], "rsdist_iterations": res.extra["iterations"],
-        "rsdist_inertia": res.extra["inertia"], "rsdist_ari": round(float(ours_ari), 5), "rsdist_backend": res.extra["backend"],
+        "rows": a.rows, "dim": a.dim, "k": a.k, "batch": a.batch, "mode": a.mode, "actors": a.actors, "cpus_per_actor": a.cpus_per_actor,
+        "timed": {
+            "rsdist": "whole cluster stage: actor start-up + parquet read (read), k-means++ on the sample (init), iterations (iterate), labelling pass writing parquet (label)",
+            "sklearn": "MiniBatchKMeans.fit on the in-memory matrix, including its final labels_/inertia_ pass; the parquet read is not timed",
+        },
+        "rsdist_seconds": round(ours_s, 3), "rsdist_split_seconds": split, "rsdist_read_only_seconds": x["read_only_seconds"],
+        "rsdist_fit_seconds": x["fit_seconds"], "rsdist_iterations": x["iterations"],
+        "rsdist_inertia": x["inertia"], "rsdist_ari": round(float(ours_ari), 5), "rsdist_backend": x["backend"],
     }
     if not a.skip_sklearn:
-        from sklearn.cluster import MiniBatchKMeans
-
-        x = read_matrix(run)
-        km = MiniBatchKMeans(
-            n_clusters=a.k, batch_size=a.batch, max_iter=a.epochs, n_init=1, init="k-means++", init_size=init_sample,
-            reassignment_ratio=0.01, max_no_improvement=a.max_no_improvement, tol=0.0, random_state=a.seed,
-        )
-        t0 = time.perf_counter()
-        km.fit(x)
-        sk_s = time.perf_counter() - t0
-        sk_ari = adjusted_rand_score(truth, km.labels_)
-        print(f"sklearn: {sk_s:.1f}s ({km.n_steps_} steps), inertia {km.inertia_:.6g}, ARI {sk_ari:.4f}", file=sys.stderr)
+        out.update(sklearn_figures(a, read_matrix(run), truth, init_sample))
         out.update(
-            sklearn_seconds=round(sk_s, 3), sklearn_steps=int(km.n_steps_), sklearn_inertia=float(km.inertia_), sklearn_ari=round(float(sk_ari), 5),
-            wall_ratio=round(ours_s / sk_s, 4), fit_wall_ratio=round(res.extra["fit_seconds"] / sk_s, 4), inertia_ratio=round(res.extra["inertia"] / float(km.inertia_), 5),
+            wall_ratio=round(ours_s / out["sklearn_seconds"], 4),
+            fit_wall_ratio=round(x["fit_seconds"] / out["sklearn_seconds"], 4),
+            inertia_ratio=round(x["inertia"] / out["sklearn_inertia"], 5),
         )
     if tmp is not None:
         tmp.cleanup()
     return out
+
+
+def sklearn_figures(a: argparse.Namespace, x: np.ndarray, truth: np.ndarray, init_sample: int) -> dict:
+    from sklearn.cluster import MiniBatchKMeans
+    from sklearn.metrics import adjusted_rand_score
+
+    km = MiniBatchKMeans(
+        n_clusters=a.k, batch_size=a.batch, max_iter=a.epochs, n_init=1, init="k-means++", init_size=init_sample,
+        reassignment_ratio=0.01, max_no_improvement=a.max_no_improvement, tol=0.0, random_state=a.seed,
+    )
+    t0 = time.perf_counter()
+    km.fit(x)
+    sk_s = time.perf_counter() - t0
+    sk_ari = adjusted_rand_score(truth, km.labels_)
+    print(f"sklearn: {sk_s:.1f}s ({km.n_steps_} steps), inertia {km.inertia_:.6g}, ARI {sk_ari:.4f}", file=sys.stderr)
+    return {"sklearn_seconds": round(sk_s, 3), "sklearn_steps": int(km.n_steps_), "sklearn_inertia": float(km.inertia_), "sklearn_ari": round(float(sk_ari), 5)}
+
+
+# ----- --device-pass ----------------------------------------------------------------------------
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_blobs(rows: int, dim: int, k: int, seed: int, spread: float, device, chunk_rows: int):
+    """Blobs as one (rows, dim) float32 tensor generated on `device` chunk by chunk, with the same
+    geometry as `write_blob_features` (unit-norm centers, noise of norm about `spread`)."""
+    import torch
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    centers = torch.randn(k, dim, generator=gen, device=device)
+    centers /= torch.linalg.vector_norm(centers, dim=1, keepdim=True)
+    x = torch.empty(rows, dim, device=device)
+    for lo in range(0, rows, chunk_rows):
+        block = x[lo : lo + chunk_rows]
+        lab = torch.randint(0, k, (block.shape[0],), generator=gen, device=device)
+        block.normal_(0.0, spread / math.sqrt(dim), generator=gen).add_(centers[lab])
+    return x
+
+
+def copy_bandwidth(device, nbytes: int = 1 << 30) -> float:
+    """Bytes per second of a device-to-device copy (counting the read and the write), best of 3."""
+    import torch
+
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    best = math.inf
+    for _ in range(3):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
+
+
+def time_passes(backend, x, c, iters: int) -> list[float]:
+    """Seconds of each of `iters` full Lloyd passes (assign + per-centroid sums), after a warm-up."""
+    from rsdist.cluster.shards import full_sums
+
+    times = []
+    for i in range(iters + 1):
+        sync(x.device)
+        t0 = time.perf_counter()
+        full_sums(backend, x, c)
+        sync(x.device)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def device_pass_bench(a: argparse.Namespace) -> dict:
+    import torch
+
+    from rsdist.cluster.backends import make_backend
+
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    t0 = time.perf_counter()
+    x = device_blobs(a.rows, a.dim, a.k, a.seed, a.spread, device, a.gen_rows)
+    c = x[torch.randperm(a.rows, generator=torch.Generator().manual_seed(a.seed))[: a.k].to(device)].clone()
+    sync(device)
+    print(f"generated {a.rows} x {a.dim} blobs on {device} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    data_bytes = a.rows * a.dim * 4
+    bandwidth = a.bandwidth_gbs * 1e9 if a.bandwidth_gbs > 0 else copy_bandwidth(device, min(1 << 30, max(64 << 20, data_bytes)))
+    floor = data_bytes / bandwidth
+    out = {
+        "rows": a.rows, "dim": a.dim, "k": a.k, "device": torch.cuda.get_device_name(device) if gpu else "cpu",
+        "timed": "one full Lloyd pass (assign every row + per-centroid sums) on data already on the device",
+        "data_bytes": data_bytes, "bandwidth_gbs": round(bandwidth / 1e9, 1), "bandwidth_source": "flag" if a.bandwidth_gbs > 0 else "device copy",
+        "floor_seconds": round(floor, 6), "backends": {},
+    }
+    for name in [b.strip() for b in a.backends.split(",") if b.strip()]:
+        backend = make_backend(name, "euclidean", a.chunk_mb << 20, has_gpu=gpu)
+        if not backend_is(backend, name):
+            out["backends"][name] = {"skipped": f"needs CUDA and rsdist[gpu]; got {backend.name}"}
+            continue
+        times = time_passes(backend, x, c, a.iters)
+        per_pass = float(np.median(times))
+        out["backends"][name] = {
+            "backend": backend.name, "seconds_per_iter": round(per_pass, 6), "iters": len(times),
+            "x_floor": round(per_pass / floor, 2), "tflops": round(2 * a.rows * a.k * a.dim / per_pass / 1e12, 2),
+        }
+        print(f"{backend.name}: {per_pass:.4f}s per pass, {per_pass / floor:.1f} x the bandwidth floor {floor:.4f}s", file=sys.stderr)
+    return out
+
+
+def backend_is(backend, name: str) -> bool:
+    """Whether `make_backend` gave the backend asked for (it falls back to torch without a GPU)."""
+    return backend.name.startswith("torch") if name in ("auto", "torch") else backend.name == name
 
 
 if __name__ == "__main__":

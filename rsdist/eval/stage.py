@@ -29,6 +29,7 @@ from rsdist.config import EvalConfig
 from rsdist.eval.metrics import class_prompts, classification_accuracy, retrieval_metrics
 from rsdist.io.rundir import RunDir
 from rsdist.stage import Resources, StageResult
+from rsdist.models.text_cache import frozen_text_features
 from rsdist.train.data import feature_rows, join_captions
 from rsdist.train.model import load_trained
 
@@ -57,7 +58,11 @@ def class_names(run: RunDir) -> list[str]:
 
 
 @torch.no_grad()
-def encode_texts(encoder, texts: list[str], batch_size: int, max_tokens: int) -> torch.Tensor:
+def encode_texts(encoder, texts: list[str], batch_size: int, max_tokens: int, frozen=None) -> torch.Tensor:
+    """Projected text embeddings; with `frozen` (a FrozenTextFeatures of this encoder's untuned
+    text tower) the tower features come from that cache."""
+    if frozen is not None:
+        return encoder.project_text(torch.from_numpy(frozen.of(texts)))
     out = []
     for start in range(0, len(texts), batch_size):
         tokens = encoder.tokenize(texts[start:start + batch_size], max_tokens)
@@ -76,20 +81,21 @@ def image_matrix(rows: pa.Table) -> np.ndarray:
     return np.array(emb.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(emb), -1)
 
 
-def evaluate_model(encoder, rows: pa.Table, classes: list[str], cfg: EvalConfig) -> dict:
-    """Retrieval and zero-shot metrics of `encoder` on `rows` (sample_id, label, image_emb, captions)."""
+def evaluate_model(encoder, rows: pa.Table, classes: list[str], cfg: EvalConfig, frozen=None) -> dict:
+    """Retrieval and zero-shot metrics of `encoder` on `rows` (sample_id, label, image_emb, captions);
+    `frozen`: see encode_texts (only for an encoder whose text tower is not tuned)."""
     captions = rows.column("captions").to_pylist()
     texts = [c for caps in captions for c in caps]
     text_image = np.repeat(np.arange(len(captions)), [len(c) for c in captions])
     images = encode_images(encoder, image_matrix(rows), cfg.batch_size)
-    text = encode_texts(encoder, texts, cfg.batch_size, cfg.max_text_tokens)
+    text = encode_texts(encoder, texts, cfg.batch_size, cfg.max_text_tokens, frozen)
     metrics = retrieval_metrics((images @ text.t()).numpy(), text_image, cfg.recall_ks)
     metrics.update(images=int(len(captions)), texts=len(texts))
 
     labels = rows.column("label").to_pylist()
     known = [i for i, label in enumerate(labels) if label in classes]
     if classes and known:
-        prompts = encode_texts(encoder, class_prompts(classes, cfg.prompt), cfg.batch_size, cfg.max_text_tokens)
+        prompts = encode_texts(encoder, class_prompts(classes, cfg.prompt), cfg.batch_size, cfg.max_text_tokens, frozen)
         scores = (images[known] @ prompts.t()).numpy()
         index = {c: i for i, c in enumerate(classes)}
         zs = classification_accuracy(scores, np.array([index[labels[i]] for i in known]), classes)
@@ -124,12 +130,16 @@ def run(run: RunDir, cfg: EvalConfig, encoder: str) -> StageResult:
     rows, classes = held_out_rows(run), class_names(run)
     log.info("eval: %d held-out images, %d captions, %d classes", rows.num_rows, sum(len(c) for c in rows.column("captions").to_pylist()), len(classes))
     started = time.perf_counter()
+    # The text tower is untuned for 'heads' checkpoints and the untrained baseline: reuse its features.
+    heads_only = meta.get("method") == "heads"
+    frozen = frozen_text_features(encoder, meta.get("seed", 0), cfg.max_text_tokens) if (heads_only or cfg.baseline) else None
     with tempfile.TemporaryDirectory() as tmp:
-        trained = evaluate_model(load_trained(encoder, meta["embed_dim"], local_checkpoint(run, tmp), seed=meta.get("seed", 0)), rows, classes, cfg)
+        model = load_trained(encoder, meta["embed_dim"], local_checkpoint(run, tmp), seed=meta.get("seed", 0))
+        trained = evaluate_model(model, rows, classes, cfg, frozen if heads_only else None)
     log.info("eval: trained mR %.2f, zero-shot %.2f%%", trained["mR"], trained.get("zero_shot_acc", float("nan")))
     report = {"trained": trained, "settings": {**dataclasses.asdict(cfg), "encoder": encoder, "embed_dim": meta["embed_dim"], "method": meta.get("method", "lora"), "checkpoint": run.url(*FINAL), "trained_epochs": meta.get("epochs")}}
     if cfg.baseline:
-        report["untrained"] = evaluate_model(load_trained(encoder, meta["embed_dim"], None, seed=meta.get("seed", 0)), rows, classes, cfg)
+        report["untrained"] = evaluate_model(load_trained(encoder, meta["embed_dim"], None, seed=meta.get("seed", 0)), rows, classes, cfg, frozen)
         log.info("eval: untrained mR %.2f, zero-shot %.2f%%", report["untrained"]["mR"], report["untrained"].get("zero_shot_acc", float("nan")))
     report["seconds"] = round(time.perf_counter() - started, 3)
     run.write_json(report, STAGE, "metrics.json")

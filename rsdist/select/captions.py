@@ -10,7 +10,8 @@ Score of image i: its caption information, the sum over its distinct (normalised
 1 / df(c), where df(c) is the number of pool images that have caption c. So a unique sentence
 counts 1 and a sentence shared by 100 images counts 0.01. The budget is split over clusters by
 the quota rule (proportional keeps the scene mix of the pool), and each cluster keeps its
-highest-scoring images; equal scores are ordered by a seeded random draw.
+highest-scoring images (`select.keep: lowest` keeps the most repeated captions instead); equal
+scores are ordered by a seeded random draw.
 """
 
 from __future__ import annotations
@@ -42,12 +43,15 @@ def caption_information(captions: Sequence[Sequence[str]]) -> tuple[np.ndarray, 
     return info, counts
 
 
-def caption_diversity_select(k: int, groups: np.ndarray, information: np.ndarray, budget: int, quota: str, seed: int) -> Selection:
-    """Per-cluster quotas, then the highest caption information in each cluster (seeded ties)."""
+def caption_diversity_select(k: int, groups: np.ndarray, information: np.ndarray, budget: int, quota: str, seed: int, keep: str = "highest") -> Selection:
+    """Per-cluster quotas, then the `keep` end ('highest' = most informative captions, 'lowest' =
+    most repeated ones) of the caption information in each cluster (seeded ties)."""
+    if keep not in ("highest", "lowest"):
+        raise ValueError(f"keep {keep!r} is not one of: highest, lowest")
     information = np.asarray(information, dtype=np.float64)
     quotas = cluster_quotas(groups, k, budget, quota)
     # Order by information first and a seeded draw second: dense rank + a draw in [0, 0.5).
-    dense = np.unique(information, return_inverse=True)[1].astype(np.float64)
+    dense = np.unique(information if keep == "highest" else -information, return_inverse=True)[1].astype(np.float64)
     key = dense + 0.5 * np.random.default_rng(seed).random(len(groups))
     selected, rank = top_per_group(groups, key, quotas)
     reason = np.empty(len(groups), dtype=object)

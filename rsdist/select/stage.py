@@ -236,7 +236,7 @@ def choose(run: RunDir, pool: Pool, cfg: SelectConfig, budget: int) -> Selection
         if method == "scalselect":
             return scalselect_select(k, g, lev_scores[rows], b, sub)
         if method == "caption-diversity":
-            sel = caption_diversity_select(k, g, information[rows], b, cfg.quota, cfg.seed)
+            sel = caption_diversity_select(k, g, information[rows], b, cfg.quota, cfg.seed, cfg.keep)
             sel.info.update(distinct_captions_pool=int(distinct[rows].sum()), distinct_captions_selected=int(distinct[rows][sel.selected].sum()))
             return sel
         if method == "semdedup":

@@ -116,22 +116,14 @@ def pick_caption(captions, seed: int, epoch: int, sample_id: str) -> str:
     return str(captions[pick_caption_index(len(captions), seed, epoch, sample_id)])
 
 
-def with_caption_features(rows: pa.Table, encoder, max_tokens: int, batch_size: int = 256) -> pa.Table:
+def with_caption_features(rows: pa.Table, text_features) -> pa.Table:
     """Add `caption_feats`: the frozen text tower's features of every caption of each row, flattened
-    (n_captions x text_dim float32 values, caption order kept). Each distinct caption is encoded once.
+    (n_captions x dim float32 values, caption order kept); `text_features` is a FrozenTextFeatures.
 
     With a frozen text tower (train.method 'heads') these never change, so training reads them
     instead of running the tower on every step of every epoch."""
-    import torch
-
     captions = rows.column("captions").to_pylist()
-    distinct = sorted({c for caps in captions for c in caps})
-    index = {c: i for i, c in enumerate(distinct)}
-    parts = []
-    with torch.inference_mode():
-        for start in range(0, len(distinct), batch_size):
-            tokens = encoder.tokenize(distinct[start:start + batch_size], max_tokens)
-            parts.append(encoder.encode_text_features(tokens["input_ids"], tokens["attention_mask"]).float().numpy())
-    table = np.concatenate(parts) if parts else np.zeros((0, encoder.text_dim), np.float32)
-    flat = [table[[index[c] for c in caps]].reshape(-1) for caps in captions]
+    table = text_features.of([c for caps in captions for c in caps])
+    ends = np.cumsum([len(caps) for caps in captions])
+    flat = [part.reshape(-1) for part in np.split(table, ends[:-1])] if captions else []
     return rows.append_column("caption_feats", pa.array(flat, type=pa.list_(pa.float32())))

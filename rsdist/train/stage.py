@@ -35,7 +35,7 @@ from rsdist.config import TrainConfig
 from rsdist.io.rundir import RunDir
 from rsdist.raycluster import cluster_gpus
 from rsdist.stage import Resources, StageResult
-from rsdist.models.dual import build_encoder
+from rsdist.models.text_cache import frozen_text_features
 from rsdist.train.data import training_rows, with_caption_features
 from rsdist.train.loop import STATE_FILE, train_loop_per_worker
 from rsdist.train.model import ADAPTER_DIR, HARMA_FILE, HARMA_SETTINGS, HEADS_FILE
@@ -126,7 +126,7 @@ def run(run: RunDir, cfg: TrainConfig, encoder: str) -> StageResult:
         raise ValueError(f"train: {rows.num_rows} selected training rows, fewer than train.num_workers={cfg.num_workers}")
     log.info("train: %d selected rows, %d workers, %d epochs", rows.num_rows, cfg.num_workers, cfg.epochs)
     if cfg.method == "heads":
-        rows = with_caption_features(rows, build_encoder(encoder, embed_dim=cfg.embed_dim, seed=cfg.seed), cfg.max_text_tokens)
+        rows = with_caption_features(rows, frozen_text_features(encoder, cfg.seed, cfg.max_text_tokens))
     dataset = ray.data.from_arrow(rows)
     trainer = make_trainer(run, cfg, encoder, dataset, rows.num_rows)
     started = time.perf_counter()

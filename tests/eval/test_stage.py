@@ -68,3 +68,18 @@ def test_no_held_out_rows_is_one_clear_error(run_dir):
     make_run(run_dir, n_train=8, n_test=0, select=4)
     with pytest.raises(ValueError, match="split == 'test'"):
         evaluate.held_out_rows(run_dir)
+
+
+def test_cached_frozen_text_features_give_the_same_metrics(run_dir):
+    from rsdist.models.text_cache import FrozenTextFeatures
+    from rsdist.train.model import load_trained
+
+    make_run(run_dir, n_train=20, n_test=12)
+    model = load_trained("tiny", 16, None)
+    rows, classes, cfg = evaluate.held_out_rows(run_dir), evaluate.class_names(run_dir), EvalConfig(batch_size=5)
+    cache = FrozenTextFeatures(build_encoder("tiny", embed_dim=16), cfg.max_text_tokens, batch_size=7)
+    direct = evaluate.evaluate_model(model, rows, classes, cfg)
+    cached = evaluate.evaluate_model(model, rows, classes, cfg, cache)
+    again = evaluate.evaluate_model(model, rows, classes, cfg, cache)  # every text already cached
+    for key in ("mR", "i2t_r1", "t2i_r1", "zero_shot_acc"):
+        assert cached[key] == pytest.approx(direct[key]) and again[key] == cached[key]

@@ -40,3 +40,10 @@ def test_seed_only_reorders_ties():
     assert all(set(p) <= {0, 1, 2, 3} for p in picks) and len(picks) > 1
     again = caption_diversity_select(1, groups, info, 2, "proportional", 7)
     assert np.array_equal(again.selected, caption_diversity_select(1, groups, info, 2, "proportional", 7).selected)
+
+
+def test_keep_lowest_takes_the_most_repeated_captions():
+    groups = np.zeros(6, dtype=np.int64)
+    info = np.array([3.0, 0.1, 2.0, 0.2, 1.0, 0.3])
+    sel = caption_diversity_select(1, groups, info, 3, "proportional", 0, keep="lowest")
+    assert np.flatnonzero(sel.selected).tolist() == [1, 3, 5]

@@ -96,12 +96,16 @@ def test_memory_run_dir_is_refused_with_one_line_naming_it():
 
 def test_caption_features_match_the_text_tower_per_caption(run_dir):
     from rsdist.models.dual import build_encoder
+    from rsdist.models.text_cache import FrozenTextFeatures
     from rsdist.train.data import with_caption_features
 
     make_run(run_dir, n_train=8, n_test=0, select=4)
     rows, _ = training_rows(run_dir)
     encoder = build_encoder("tiny", embed_dim=16)
-    out = with_caption_features(rows, encoder, max_tokens=16, batch_size=3)
+    cache = FrozenTextFeatures(encoder, max_tokens=16, batch_size=3)
+    out = with_caption_features(rows, cache)
+    distinct = {c for caps in rows.column("captions").to_pylist() for c in caps}
+    assert len(cache) == len(distinct)  # each distinct caption encoded once
     for caps, flat in zip(out.column("captions").to_pylist(), out.column("caption_feats").to_pylist()):
         per_caption = torch.tensor(flat).reshape(len(caps), encoder.text_dim)
         tokens = encoder.tokenize(caps, 16)
