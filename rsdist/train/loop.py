@@ -145,7 +145,7 @@ def train_loop_per_worker(config: dict) -> None:
             "rows": int(rows_total),
             "steps": steps,
             "seconds": round(time.perf_counter() - started, 3),
-            "logit_scale": float(encoder.logit_scale.exp()),
+            "logit_scale": float(encoder.logit_scale.detach().exp()),
         }
         history.append(record)
         metrics = {**record, "trainable_params": trainable, "total_params": total, "full_finetune_params": full}

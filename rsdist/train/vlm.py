@@ -16,6 +16,7 @@ frozen or LoRA (`vision`), projector trainable (saved with the adapter through p
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import re
@@ -29,6 +30,7 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 IMAGE = "<image>"
 VISION_CHOICES = ("frozen", "lora")
 PROJECTOR_CHOICES = ("trainable", "frozen")
+STRATEGY_CHOICES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -52,11 +54,12 @@ class VlmTrainConfig:
     warmup_fraction: float = _help("Share of optimizer steps with linear warm-up; then linear decay to 0.", default=0.03)
     checkpoint_every: int = _help("Optimizer steps between checkpoints (and one at the end).", default=50)
     checkpoints_to_keep: int = _help("Step checkpoints kept (oldest removed).", default=2)
-    num_workers: int = _help("Ray Train workers (DDP).", default=1)
+    num_workers: int = _help("Ray Train workers (data parallel, see strategy).", default=1)
     cpus_per_worker: float = _help("CPUs each worker asks Ray for.", default=1.0)
-    bf16: bool = _help("bf16 autocast on GPU (untested without a GPU; ignored on CPU).", default=True)
-    gradient_checkpointing: bool = _help("Recompute activations in the backward pass to save memory.", default=False)
-    fsdp: bool = _help("Shard with FSDP instead of DDP, for models that do not fit one GPU (GPU only; untested here).", default=False)
+    bf16: bool = _help("bf16 autocast of the forward pass on GPU (ignored on CPU).", default=True)
+    gradient_checkpointing: bool = _help("Recompute each layer's activations in the backward pass (saves memory, same loss).", default=False)
+    strategy: str = _help("Data parallelism: 'ddp' (every worker holds the whole model) or 'fsdp' (torch FSDP2: parameters, "
+                          "gradients and optimizer state sharded per layer over the workers, for models that do not fit one GPU).", default="ddp")
     max_failures: int = _help("Worker failures Ray Train recovers from (restarting at the last checkpoint).", default=0)
     seed: int = _help("Seed of initialisation and shuffling.", default=0)
     max_steps: int = _help("Stop after this many optimizer steps in all (0 = run every epoch); a later run resumes.", default=0)
@@ -64,6 +67,7 @@ class VlmTrainConfig:
     def __post_init__(self) -> None:
         _choice("train.vlm.vision", self.vision, VISION_CHOICES)
         _choice("train.vlm.projector", self.projector, PROJECTOR_CHOICES)
+        _choice("train.vlm.strategy", self.strategy, STRATEGY_CHOICES)
         from rsdist.train.vlm_models import TINY
 
         if not (self.model in TINY or self.model.startswith("hf:")):
@@ -164,6 +168,41 @@ def encode_batch(processor, rows: list[dict], max_pixels: int, min_pixels: int =
     batch = dict(out)
     batch["labels"] = batch["input_ids"].masked_fill(~mask, -100)
     return batch
+
+
+# -- one optimizer step over several micro-batches --------------------------------------------------
+def supervised_tokens(batch: dict) -> int:
+    """Tokens the causal-LM loss counts in `batch`: labels other than -100 after the one-token shift."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def accumulate_gradients(model, batches: list[dict], sync=None, autocast=None) -> float:
+    """Forward and backward over the micro-batches of one optimizer step; returns the step's loss.
+
+    Each micro-batch's token losses are summed and divided by the supervised tokens of the whole
+    step (`num_items_in_batch`), so the accumulated gradients are those of one batch of all rows,
+    whatever the padding and answer lengths of each micro-batch. `sync(last)` is a context entered
+    around each micro-batch (DDP's no_sync except on the last); `autocast` wraps the forward only.
+    """
+    items = sum(supervised_tokens(b) for b in batches)
+    if items == 0:
+        raise ValueError("train.vlm: an optimizer step has no supervised token (answers truncated away? raise train.vlm.max_tokens)")
+    total = 0.0
+    for i, batch in enumerate(batches):
+        with sync(i == len(batches) - 1) if sync else contextlib.nullcontext():
+            with autocast or contextlib.nullcontext():
+                loss = model(**batch, num_items_in_batch=items).loss
+            loss.backward()
+        total += float(loss.detach())
+    return total
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Activation checkpointing on every layer that supports it (non-reentrant: works with frozen
+    inputs, DDP and FSDP); a model that has none raises a one-line error."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"train.vlm.gradient_checkpointing: {type(model).__name__} does not support gradient checkpointing")
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 # -- LoRA on the chosen parts ------------------------------------------------------------------------

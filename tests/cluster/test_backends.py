@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from rsdist.cluster.backends import TorchBackend, make_backend, rows_per_chunk
+from rsdist.cluster.backends import CPU_CHUNK_ROWS, TorchBackend, make_backend, rows_per_chunk
+from rsdist.cluster.bench import bench, device_blobs
+from rsdist.cluster.shards import full_sums, l2_normalise, space_vectors
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
@@ -22,6 +24,7 @@ def test_chunked_assign_matches_brute_force(metric):
         ref = ((x[:, None] - c[None]) ** 2).sum(-1)
     chunk = 8 * 37 * 50  # 50 rows per block
     assert rows_per_chunk(37, chunk) == 50
+    assert rows_per_chunk(10, 1 << 30, max_rows=CPU_CHUNK_ROWS) == CPU_CHUNK_ROWS
     labels, dists = TorchBackend(metric, chunk_bytes=chunk).assign(torch.from_numpy(x), torch.from_numpy(c))
     np.testing.assert_array_equal(labels.numpy(), ref.argmin(1))
     np.testing.assert_allclose(dists.numpy(), ref.min(1), rtol=1e-4, atol=1e-4)
@@ -32,3 +35,39 @@ def test_gpu_backends_fall_back_without_a_gpu():
         assert make_backend(name, "euclidean", 1 << 20, has_gpu=False).name == "torch-cpu"
     with pytest.raises(ValueError, match="cluster.backend: 'jax'"):
         make_backend("jax", "euclidean", 1 << 20, has_gpu=False)
+
+
+def test_space_vectors_write_in_place_and_check_the_width():
+    import pyarrow as pa
+
+    from rsdist.cluster.bench import fixed_list
+
+    rng = np.random.default_rng(1)
+    img, txt = rng.standard_normal((5, 4)).astype(np.float32), rng.standard_normal((5, 3)).astype(np.float32)
+    table = pa.table({"image_emb": fixed_list(img), "text_emb": fixed_list(txt)})
+    buf = np.full((7, 7), -1.0, np.float32)
+    got = space_vectors(table, "joint", "t.parquet", out=buf[1:6])
+    assert np.shares_memory(got, buf)
+    want = np.concatenate([l2_normalise(img), l2_normalise(txt)], axis=1) / np.sqrt(2)
+    np.testing.assert_allclose(buf[1:6], want, rtol=1e-6)
+    assert (buf[0] == -1).all() and (buf[6] == -1).all()
+    with pytest.raises(ValueError, match=r"t.parquet: vectors of 7 values in space 'joint', expected 6"):
+        space_vectors(table, "joint", "t.parquet", out=np.empty((5, 6), np.float32))
+
+
+def test_device_pass_bench_runs_on_cpu_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU fall-back")
+    x = device_blobs(5000, 16, 7, seed=0, spread=0.5, device=torch.device("cpu"), chunk_rows=999)
+    assert x.shape == (5000, 16) and torch.isfinite(x).all()
+    sums, counts, inertia = full_sums(TorchBackend(), x, x[:7].clone())
+    assert int(counts.sum()) == 5000 and inertia > 0
+    np.testing.assert_allclose(sums.sum(0).numpy(), x.sum(0).numpy(), rtol=1e-3, atol=1e-3)
+
+    fig = bench(["--device-pass", "--rows", "5000", "--dim", "16", "--k", "7", "--iters", "2", "--backends", "torch,cupy", "--bandwidth-gbs", "10"])
+    assert fig["device"] == "cpu" and fig["data_bytes"] == 5000 * 16 * 4
+    assert fig["floor_seconds"] == pytest.approx(5000 * 16 * 4 / 10e9, rel=1e-3) and fig["bandwidth_source"] == "flag"
+    t = fig["backends"]["torch"]
+    assert t["backend"] == "torch-cpu" and t["iters"] == 2 and t["seconds_per_iter"] > 0
+    assert t["x_floor"] == pytest.approx(t["seconds_per_iter"] / fig["floor_seconds"], rel=0.05)
+    assert "skipped" in fig["backends"]["cupy"]

@@ -9,7 +9,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
 from rsdist.cluster.bench import write_blob_features
-from rsdist.cluster.engine import KMeansDriver, auto_k, share
+from rsdist.cluster.engine import KMeansDriver, auto_k, merge_sparse, share
 from rsdist.cluster.shards import ShardActor, l2_normalise, plan_units, split_units, space_vectors
 from rsdist.config import ClusterConfig
 from rsdist.io.rundir import RunDir
@@ -103,3 +103,18 @@ def test_helpers():
     assert auto_k(1) == 1 and auto_k(3) == 2 and auto_k(20000) == 100
     v = l2_normalise(np.array([[3.0, 4.0], [0.0, 0.0]], np.float32))
     np.testing.assert_allclose(v[0], [0.6, 0.8])
+
+
+def test_merge_sparse_equals_dense_sums():
+    rng = np.random.default_rng(0)
+    results, dense_s, dense_n = [], np.zeros((50, 6)), np.zeros(50)
+    for _ in range(3):  # three actors, each with distinct centroids of its own, overlapping across actors
+        idx = np.sort(rng.choice(50, size=20, replace=False))
+        sums, counts = rng.standard_normal((20, 6)).astype(np.float32), rng.integers(1, 9, size=20)
+        results.append({"idx": idx, "sums": sums, "counts": counts})
+        dense_s[idx] += sums
+        dense_n[idx] += counts
+    touched, s, n = merge_sparse(results, 6)
+    np.testing.assert_array_equal(touched, np.flatnonzero(dense_n))
+    np.testing.assert_allclose(s, dense_s[touched], rtol=1e-6)
+    np.testing.assert_array_equal(n, dense_n[touched])

@@ -59,6 +59,10 @@ def test_contract_spherical_and_resume(ray_session, run_dir):
 
     sizes = run_dir.read_json("clusters", "sizes.json")
     assert sum(sizes[str(c)] for c in range(4)) == n
+    timings = ("read_seconds", "read_only_seconds", "init_seconds", "iterate_seconds", "label_seconds")
+    assert all(rec[t] >= 0 for t in timings) and rec["read_only_seconds"] <= rec["read_seconds"]
+    assert rec["init_seconds"] + rec["iterate_seconds"] == pytest.approx(rec["fit_seconds"], abs=0.01)
+    assert not set(timings) & set(sizes)  # the run's timings stay out of sizes.json, which a resumed run reproduces
     assert sizes["k"] == 4 and sizes["backend"] == "torch-cpu" and sizes["iterations"] == rec["iterations"]
     assert sizes["inertia"] == pytest.approx(float((1 - cos[np.arange(n), labels]).sum()), rel=1e-4)
 
