@@ -69,3 +69,11 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(name):
     assert checkpointed.keys() == plain.keys()
     for n in plain:
         torch.testing.assert_close(checkpointed[n], plain[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_strategy_is_ddp_or_fsdp():
+    from rsdist.config import ConfigError
+
+    assert VlmTrainConfig().strategy == "ddp"
+    with pytest.raises(ConfigError, match=r"train.vlm.strategy: 'zero3' is not one of: ddp, fsdp"):
+        VlmTrainConfig(strategy="zero3")
