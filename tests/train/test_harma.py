@@ -45,7 +45,7 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch():
     for _ in range(2):
         image, text = embed(encoder, feats)
         loss = harma_loss(image, text, encoder.logit_scale)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         opt.zero_grad()
         loss.backward()
         opt.step()
