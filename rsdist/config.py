@@ -59,7 +59,7 @@ SELECT_METHODS = ("shift", "random", "cluster-random", "coincide", "scalselect",
 SELECT_SPACES = ("joint", "image", "text")
 DEDUP_KEEP_RULES = ("farthest", "nearest", "first")
 QUOTA_RULES = ("proportional", "equal")
-KEEP_RULES = ("highest", "lowest")
+KEEP_RULES = ("highest", "lowest", "both")
 TRAIN_METHODS = ("lora", "harma", "heads")
 
 
@@ -188,7 +188,7 @@ class SelectConfig:
     method: str = _help(f"Selection strategy, one of {SELECT_METHODS}.", default="shift")
     budget: float = _help("Samples to keep: a fraction in (0, 1] of the training pool, or a count > 1.", default=1 / 3)
     quota: str = _help(f"How the budget is split over clusters, one of {QUOTA_RULES}.", default="proportional")
-    keep: str = _help(f"Which end of the score each cluster keeps, one of {KEEP_RULES}.", default="highest")
+    keep: str = _help(f"Which end of the score each cluster keeps, one of {KEEP_RULES}; 'both' (caption-diversity only) alternates between the two ends.", default="highest")
     seed: int = _help("Seed of random choices.", default=0)
     shift_column: str = _help("Features column the 'shift' method ranks by: 'shift' (mean over perturbations) or one 'shift_<perturbation>'.", default="shift")
     space: str = _help(f"Embedding the geometric methods (coincide, scalselect, semdedup, error-driven) work in: one of {SELECT_SPACES}, or the name of any '*_emb' column of features/ (e.g. VLM-internal features).", default="joint")
@@ -209,6 +209,8 @@ class SelectConfig:
             raise ConfigError(f"select.budget: {self.budget!r} must be a fraction in (0, 1] or a whole count")
         _choice("select.quota", self.quota, QUOTA_RULES)
         _choice("select.keep", self.keep, KEEP_RULES)
+        if self.keep == "both" and self.method != "caption-diversity":
+            raise ConfigError(f"select.keep: 'both' is for method caption-diversity only; {self.method} keeps highest or lowest")
         if self.shift_column != "shift" and not self.shift_column.startswith("shift_"):
             raise ConfigError(f"select.shift_column: {self.shift_column!r} must be 'shift' or 'shift_<perturbation>'")
         if self.space not in SELECT_SPACES and not self.space.endswith("_emb"):

@@ -47,3 +47,22 @@ def test_keep_lowest_takes_the_most_repeated_captions():
     info = np.array([3.0, 0.1, 2.0, 0.2, 1.0, 0.3])
     sel = caption_diversity_select(1, groups, info, 3, "proportional", 0, keep="lowest")
     assert np.flatnonzero(sel.selected).tolist() == [1, 3, 5]
+
+
+def test_keep_both_takes_the_two_ends_in_turn():
+    groups = np.array([0] * 6 + [1] * 2)
+    info = np.array([3.0, 0.1, 2.0, 0.2, 1.0, 0.3, 5.0, 0.5])
+    sel = caption_diversity_select(2, groups, info, 4, "proportional", 0, keep="both")
+    assert sel.quotas.tolist() == [3, 1]
+    # cluster 0 (quota 3): lowest 0.1, highest 3.0, second lowest 0.2; cluster 1 (quota 1): its lowest.
+    assert np.flatnonzero(sel.selected).tolist() == [0, 1, 3, 7]
+
+
+def test_keep_both_is_refused_for_other_methods():
+    import pytest
+
+    from rsdist.config import ConfigError, SelectConfig
+
+    assert SelectConfig(method="caption-diversity", keep="both").keep == "both"
+    with pytest.raises(ConfigError, match="select.keep: 'both' is for method caption-diversity only"):
+        SelectConfig(method="shift", keep="both")
