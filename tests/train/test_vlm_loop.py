@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pyarrow as pa
+import pytest
+import yaml
 
 from rsdist.io.schema import CANONICAL_SCHEMA, empty_row, make_sample_id
 from rsdist.train.vlm import VlmTrainConfig
@@ -31,25 +41,71 @@ def make_instruction_run(run, n: int = 8, selected=None, splits=None) -> list[st
     return ids
 
 
-def test_vlm_run_checkpoints_and_resumes_at_the_same_step_and_rows(ray_session, run_dir):
-    ids = make_instruction_run(run_dir, n=8)
-    base = dict(num_workers=1, cpus_per_worker=0.5, batch_size=2, grad_accum=2, epochs=1, lr=5e-3, lora_dropout=0.0, checkpoint_every=1,
-                max_pixels=56 * 56, min_pixels=28 * 28, warmup_fraction=0.0)
+def session_processes(sid: int) -> list[int]:
+    """Pids of the live (or not yet reaped) processes of session `sid`."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp session ...
+            except OSError:
+                continue
+            if int(fields[3]) == sid:
+                pids.append(int(entry))
+    return pids
 
-    first = run_vlm(run_dir, VlmTrainConfig(**base, max_steps=1))  # stops mid-epoch after step 1 (4 of 8 rows)
-    meta1 = run_dir.read_json("checkpoints", "vlm", "final", "train_meta.json")
-    assert first.extra["steps"] == 1 and meta1["epochs_done"] == 0
-    assert meta1["history"][0]["sample_ids"] == ids[:4]  # shard order, one worker
-    assert 0 < meta1["trainable_params"] < meta1["total_params"]
+
+def latest_registered_step(snapshot) -> int:
+    """The step of the newest checkpoint Ray Train registered in its run snapshot (0 when none or unreadable yet)."""
+    try:
+        latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
+    except (OSError, ValueError, KeyError):
+        return 0
+    return latest["metrics"]["step"] if latest else 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; a killed driver takes its local Ray down with it on Linux")
+def test_a_killed_vlm_run_resumes_from_its_last_checkpoint_at_the_same_step_and_rows(ray_session, run_dir, tmp_path):
+    ids = make_instruction_run(run_dir, n=10)
+    settings = dict(model="qwen2-vl-tiny", num_workers=1, cpus_per_worker=0.5, batch_size=2, grad_accum=1, epochs=1, lr=5e-3, lora_dropout=0.0,
+                    checkpoint_every=1, max_pixels=56 * 56, min_pixels=28 * 28, warmup_fraction=0.0)  # 5 steps of 2 rows
+    config = tmp_path / "vlm.yaml"
+    config.write_text(yaml.safe_dump({"train": {"vlm": settings}, "ray": {"address": "local"}}))  # its own Ray, never the test session's
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "rsdist.cli", "-q", "vlm", "train", str(config), "--out", str(tmp_path / "run")],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    snapshot = tmp_path / "run" / "checkpoints" / "vlm" / "ray" / "train" / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + 240
+    while latest_registered_step(snapshot) == 0 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    still_running = proc.poll() is None
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started (same session)
+    proc.wait()
+    killed_log = (tmp_path / "killed.log").read_text()[-2000:]
+    assert still_running, f"the run ended (rc {proc.returncode}) before it could be killed: {killed_log}"
+    gone_by = time.time() + 60
+    while session_processes(proc.pid) and time.time() < gone_by:
+        time.sleep(0.5)
+    assert not session_processes(proc.pid), "processes of the killed run outlived it"
+
+    saved = latest_registered_step(snapshot)
+    assert 1 <= saved < 5, f"the killed run registered checkpoint step {saved}: {killed_log}"
+    killed_history = json.loads((snapshot.parent / f"step_{saved:06d}" / "state.json").read_text())["history"]
+    assert [h["step"] for h in killed_history] == list(range(1, saved + 1))
+
+    result = run_vlm(run_dir, VlmTrainConfig(**settings))  # same storage path and name, the test session's Ray
+    meta = run_dir.read_json("checkpoints", "vlm", "final", "train_meta.json")
+    assert result.extra["steps"] == 5 and meta["steps"] == 5 and meta["epochs_done"] == 1
+    assert [h["step"] for h in meta["history"]] == [1, 2, 3, 4, 5]
+    assert meta["history"][:saved] == killed_history  # the killed run's own records, timings included: those steps were not trained again
+    assert [h["sample_ids"] for h in meta["history"]] == [ids[i:i + 2] for i in range(0, 10, 2)]  # the data position: the rows that come next
+    assert all(0 < h["loss"] < float("inf") for h in meta["history"][saved:])
+    assert 0 < meta["trainable_params"] < meta["total_params"]
     assert run_dir.exists("checkpoints", "vlm", "final", "adapter", "adapter_config.json")
-
-    second = run_vlm(run_dir, VlmTrainConfig(**base))  # same storage: continues at step 2 with the rows not yet seen
-    meta2 = run_dir.read_json("checkpoints", "vlm", "final", "train_meta.json")
-    assert second.extra["steps"] == 2 and meta2["epochs_done"] == 1
-    assert [h["step"] for h in meta2["history"]] == [1, 2]
-    assert meta2["history"][0] == meta1["history"][0]
-    assert meta2["history"][1]["sample_ids"] == ids[4:]  # the data position: exactly the rows after those of step 1
-    assert 0 < meta2["history"][1]["loss"] < float("inf")
 
 
 SELECTED = [True, False, True, True, False, True, True, True, False, True]
