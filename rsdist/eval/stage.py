@@ -28,8 +28,8 @@ import torch
 from rsdist.config import EvalConfig
 from rsdist.eval.metrics import class_prompts, classification_accuracy, retrieval_metrics
 from rsdist.io.rundir import RunDir
-from rsdist.stage import Resources, StageResult
 from rsdist.models.text_cache import frozen_text_features
+from rsdist.stage import Resources, StageResult
 from rsdist.train.data import feature_rows, join_captions
 from rsdist.train.model import load_trained
 

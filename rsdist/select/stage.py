@@ -39,6 +39,7 @@ from rsdist.select.scalselect import GramAccumulator, dominant_subspace, leverag
 from rsdist.select.semdedup import redundancy, semdedup_select, with_dedup_filter
 from rsdist.select.strategies import Selection, cluster_random_select, group_index, random_select, shift_select
 from rsdist.stage import Resources, StageResult
+from rsdist.train.data import caption_rows
 
 log = logging.getLogger("rsdist")
 
@@ -173,18 +174,19 @@ def streamed_leverage(run: RunDir, pool: Pool, space: str, energy: float, batch_
 
 
 def pool_captions(run: RunDir, pool: Pool) -> list[list[str]]:
-    """Every pool row's captions (its `text` when the list is empty), in pool order, streamed from shards/."""
-    where = run.url("shards")
-    captions: list[list[str] | None] = [None] * pool.size
-    for batch in run.iter_batches("shards", columns=["sample_id", "captions", "text"], batch_size=4096):
-        rows, pos = _positions(pool, batch.column(0), where)
-        caps, text = batch.column(1).to_pylist(), batch.column(2).to_pylist()
-        for r, p in zip(rows, pos):
-            captions[p] = [c for c in (caps[r] or []) if c] or ([text[r]] if text[r] else [])
-    missing = [i for i, c in enumerate(captions) if c is None]
-    if missing:
-        raise ValueError(f"{where}: no row for sample_id {pool.ids[missing[0]].as_py()!r} of the cluster pool ({len(missing)} missing)")
-    return captions
+    """Every pool row's captions (its `text` when the list is empty), in pool order."""
+    table = caption_rows(run, pool.ids)
+    rows, pos = _positions(pool, table.column("sample_id").combine_chunks(), run.url("shards"))
+    if len(rows) < pool.size:
+        found = np.zeros(pool.size, dtype=bool)
+        found[pos] = True
+        missing = pool.ids[int(np.flatnonzero(~found)[0])].as_py()
+        raise ValueError(f"{run.url('shards')}: no row for sample_id {missing!r} of the cluster pool ({pool.size - len(rows)} missing)")
+    captions = table.column("captions").to_pylist()
+    ordered: list[list[str]] = [[]] * pool.size
+    for r, p in zip(rows, pos):
+        ordered[p] = captions[r]
+    return ordered
 
 
 def read_failures(run: RunDir, cfg: SelectConfig) -> tuple[np.ndarray, list, np.ndarray | None]:

@@ -141,3 +141,11 @@ def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="select.dedup_keep"):
         SelectConfig(dedup_keep="random")
     assert SelectConfig(space="vlm_emb").space == "vlm_emb"
+
+
+def test_caption_diversity_names_a_pool_row_without_shard_row(run_dir):
+    ids = write_inputs(run_dir)
+    shards = run_dir.read_table("shards")
+    run_dir.write_table(shards.filter(pa.array([s != ids[7] for s in shards.column("sample_id").to_pylist()])), "shards", "part-00000.parquet")
+    with pytest.raises(ValueError, match=f"shards: no row for sample_id '{ids[7]}' of the cluster pool"):
+        select.run(run_dir, SelectConfig(method="caption-diversity", budget=10))
