@@ -41,7 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rsdist.config import FeaturesConfig
+from rsdist.config import VLM_FEATURES, FeaturesConfig
 from rsdist.features.embed import EmbedModel
 from rsdist.features.preprocess import preprocess_batch, split_perturbations
 from rsdist.features.vlm_embed import VlmSpec
@@ -151,7 +151,7 @@ def vlm_spec(cfg: FeaturesConfig) -> VlmSpec | None:
     """The VLM features the actors compute, or None when `features.vlm` is 'none'."""
     if cfg.vlm == "none":
         return None
-    methods = tuple(m for m in ("coincide", "scalselect") if m in cfg.vlm_features)
+    methods = tuple(m for m in VLM_FEATURES if m in cfg.vlm_features)
     return VlmSpec(cfg.vlm, methods, tuple(sorted(set(cfg.coincide_layers))), cfg.scalselect_mass, cfg.vlm_prompt)
 
 

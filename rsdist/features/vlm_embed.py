@@ -140,7 +140,8 @@ class VlmEmbedder:
         """The processor's batch for uint8 images [B, S, S, 3] and each sample's captions (JSON lists)."""
         from PIL import Image
 
-        chats = [chat(Image.fromarray(p), self.spec.prompt, json.loads(t)[0]) for p, t in zip(pixels, texts)]
+        # A sample with neither captions nor text gets an empty answer turn, as the encoder path gets an empty text.
+        chats = [chat(Image.fromarray(p), self.spec.prompt, (json.loads(t) or [""])[0]) for p, t in zip(pixels, texts)]
         enc = self.processor.apply_chat_template(chats, tokenize=True, return_dict=True, return_tensors="pt", processor_kwargs={"padding": True})
         out = {}
         for k, v in enc.items():

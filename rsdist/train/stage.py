@@ -52,15 +52,17 @@ def resources(cfg: TrainConfig) -> Resources:
     return Resources(num_cpus=cfg.cpus_per_worker, num_gpus=1.0 if cluster_gpus() > 0 else 0.0)
 
 
-def storage_path(run: RunDir) -> str:
-    """Where Ray Train keeps its run: an absolute local path, or the run directory's URI on cloud storage."""
+def storage_path(run: RunDir, *parts: str) -> str:
+    """Where Ray Train keeps its run (`<run>/<parts>`, default checkpoints/ray): an absolute local
+    path, or the run directory's URI on cloud storage."""
+    parts = parts or (STAGE, "ray")
     protocol = run.fs.protocol if isinstance(run.fs.protocol, str) else run.fs.protocol[0]
     if protocol == "memory":
         # Ray Train workers are other processes: they cannot see the driver's in-memory filesystem.
         raise ValueError(f"{run.uri}: the train stage needs a run directory Ray Train workers can reach (a local path or cloud storage), not memory://")
     if protocol in ("file", "local"):
-        return os.path.abspath(run.path(STAGE, "ray"))
-    return run.url(STAGE, "ray")
+        return os.path.abspath(run.path(*parts))
+    return run.url(*parts)
 
 
 def loop_config(cfg: TrainConfig, encoder: str, train_rows: int) -> dict:

@@ -9,8 +9,8 @@ Per worker: `grad_accum` micro-batches of `batch_size` conversations (`encode_ba
 step, their loss normalised by the step's supervised tokens (`accumulate_gradients`: the same
 update as one batch of all rows); AdamW, linear warm-up then decay. `strategy`: `ddp` through
 `prepare_model` (unused parameters allowed: text-only batches leave the vision side without
-gradients), or `fsdp` (torch FSDP2 `fully_shard` on every decoder / vision layer, then the whole
-model). bf16 autocast on GPU (`bf16`); gradient checkpointing (`gradient_checkpointing`).
+gradients), or `fsdp` (torch FSDP2 `fully_shard` on every language-model decoder layer, then the whole
+model; the vision tower and projector stay whole on each worker, their gradients averaged by hand). bf16 autocast on GPU (`bf16`); gradient checkpointing (`gradient_checkpointing`).
 Every `checkpoint_every` optimizer steps and at the end, every worker reports; the adapter and
 optimizer state are gathered in full (a collective, needed under FSDP) and rank 0 attaches a
 checkpoint: `adapter/` (peft, with the projector when trainable), `trainer.pt` (optimizer keyed
@@ -43,6 +43,7 @@ from rsdist.io.rundir import RunDir
 from rsdist.raycluster import cluster_gpus
 from rsdist.stage import StageResult
 from rsdist.train.loop import warmup_then_linear
+from rsdist.train.stage import storage_path
 from rsdist.train.vlm import VlmTrainConfig, accumulate_gradients, apply_lora, enable_gradient_checkpointing, encode_batch, parameter_counts
 
 STATE_FILE = "state.json"
@@ -278,6 +279,12 @@ def vlm_train_loop(config: dict) -> None:
     report(final=True)
 
 
+def optimizer_steps_per_epoch(rows_per_worker: int, batch_size: int, grad_accum: int) -> int:
+    """The loop's steps per epoch: the last micro-batch may be partial, leftover micro-batches
+    (fewer than grad_accum) are dropped."""
+    return math.ceil(rows_per_worker / batch_size) // grad_accum
+
+
 def run_vlm(run: RunDir, cfg: VlmTrainConfig) -> StageResult:
     """Instruction-tune `cfg.model` with LoRA on the selected rows; resume from `<run>/checkpoints/vlm/ray`."""
     import ray.data
@@ -288,9 +295,8 @@ def run_vlm(run: RunDir, cfg: VlmTrainConfig) -> StageResult:
     per_worker = len(ids) // cfg.num_workers
     if per_worker < cfg.batch_size * cfg.grad_accum:
         raise ValueError(f"train.vlm: {len(ids)} training rows over {cfg.num_workers} workers is less than one optimizer step (batch_size x grad_accum)")
-    steps_per_epoch = per_worker // (cfg.batch_size * cfg.grad_accum)
-    protocol = run.fs.protocol if isinstance(run.fs.protocol, str) else run.fs.protocol[0]
-    storage = os.path.abspath(run.path(*STAGE, "ray")) if protocol in ("file", "local") else run.url(*STAGE, "ray")
+    steps_per_epoch = optimizer_steps_per_epoch(per_worker, cfg.batch_size, cfg.grad_accum)
+    storage = storage_path(run, *STAGE, "ray")
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # a fixed row order makes "skip the micro-batches done" exact
     trainer = TorchTrainer(

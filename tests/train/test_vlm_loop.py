@@ -144,3 +144,12 @@ def test_idefics3_trains_through_ray_train_with_accumulation_and_checkpointing(r
     assert all(h["loss"] > 0 for h in meta["history"])
     assert meta["settings"]["gradient_checkpointing"] and meta["settings"]["model"] == "idefics3-tiny"
     assert run_dir.exists("checkpoints", "vlm", "final", "adapter", "adapter_model.safetensors")
+
+
+def test_steps_per_epoch_count_a_partial_last_micro_batch():
+    from rsdist.train.vlm_loop import optimizer_steps_per_epoch
+
+    assert optimizer_steps_per_epoch(7, 2, 1) == 4  # micro-batches of 2, 2, 2, 1
+    assert optimizer_steps_per_epoch(7, 2, 2) == 2
+    assert optimizer_steps_per_epoch(5, 2, 2) == 1  # the third micro-batch alone is dropped
+    assert optimizer_steps_per_epoch(10, 2, 1) == 5
