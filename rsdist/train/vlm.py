@@ -235,6 +235,7 @@ def apply_lora(model, cfg: VlmTrainConfig):
 
 def parameter_counts(model) -> dict:
     """Trainable and total parameters, and the trainable share in percent."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    from rsdist.train.model import count_parameters
+
+    trainable, total = count_parameters(model)
     return {"trainable_params": trainable, "total_params": total, "trainable_percent": round(100.0 * trainable / max(total, 1), 4)}

@@ -108,7 +108,6 @@ FAMILIES = {
 }
 # Part paths as plain dicts (what apply_lora reads).
 PARTS = {name: {"vision": f.vision, "projector": f.projector, "lm": f.lm, "vision_linears": f.vision_linears} for name, f in FAMILIES.items()}
-TEMPLATES = {name: f.template for name, f in FAMILIES.items()}
 TINY = ("qwen2-vl-tiny", "llava-tiny", "llava-next-tiny", "idefics3-tiny")
 
 
