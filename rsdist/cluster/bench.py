@@ -103,6 +103,9 @@ def read_matrix(run: RunDir) -> np.ndarray:
     return l2_normalise(np.concatenate(parts))
 
 
+BLOB_FORMAT = 2  # 2: embeddings stored uncompressed (RunDir.write_table); older folders are rewritten
+
+
 def blob_truth(rows: int, k: int, seed: int) -> np.ndarray:
     """The true blob of every row of `write_blob_features(..., rows, k, seed=seed)`."""
     return np.random.default_rng([seed, 2]).integers(0, k, size=rows)
@@ -111,7 +114,7 @@ def blob_truth(rows: int, k: int, seed: int) -> np.ndarray:
 def blob_features(run: RunDir, a: argparse.Namespace) -> np.ndarray:
     """Write the blobs unless `run` already holds the same ones (so a benchmark can be repeated on
     one generated folder); return the true labels."""
-    spec = {"rows": a.rows, "dim": a.dim, "k": a.k, "seed": a.seed, "spread": a.spread}
+    spec = {"rows": a.rows, "dim": a.dim, "k": a.k, "seed": a.seed, "spread": a.spread, "format": BLOB_FORMAT}
     if run.exists("features", "blobs.json") and run.read_json("features", "blobs.json") == spec:
         print(f"reusing {a.rows} x {a.dim} blobs (k = {a.k}) in {run.url('features')}", file=sys.stderr)
         return blob_truth(a.rows, a.k, a.seed)
@@ -135,6 +138,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--actors", type=int, default=0, help="shard actors; 0 = from the cluster's CPUs")
     p.add_argument("--cpus-per-actor", type=float, default=0.5, help="CPUs per shard actor (its torch threads: this, rounded up)")
     p.add_argument("--mode", default="minibatch", choices=["minibatch", "lloyd"])
+    p.add_argument("--precision", default=None, choices=["auto", "float32", "bfloat16"], help="cluster.precision of the torch backend (default: auto for the stage, float32 for --device-pass)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run directory (default: a temporary folder); blobs already there with the same flags are reused")
     p.add_argument("--skip-sklearn", action="store_true")
@@ -172,7 +176,7 @@ def stage_bench(a: argparse.Namespace) -> dict:
     cfg = ClusterConfig(
         k=a.k, space="image", mode=a.mode, batch_size=a.batch, max_iter=max_iter if a.mode == "minibatch" else a.epochs,
         tol=0.0, max_no_improvement=a.max_no_improvement, init="k-means++", init_sample=init_sample, num_actors=a.actors,
-        cpus_per_actor=a.cpus_per_actor, seed=a.seed,
+        cpus_per_actor=a.cpus_per_actor, seed=a.seed, precision=a.precision or "auto",
     )
     run.remove("clusters")
     run.makedirs("clusters")
@@ -193,7 +197,7 @@ def stage_bench(a: argparse.Namespace) -> dict:
         },
         "rsdist_seconds": round(ours_s, 3), "rsdist_split_seconds": split, "rsdist_read_only_seconds": x["read_only_seconds"],
         "rsdist_fit_seconds": x["fit_seconds"], "rsdist_iterations": x["iterations"],
-        "rsdist_inertia": x["inertia"], "rsdist_ari": round(float(ours_ari), 5), "rsdist_backend": x["backend"],
+        "rsdist_inertia": x["inertia"], "rsdist_ari": round(float(ours_ari), 5), "rsdist_backend": x["backend"], "rsdist_precision": x["precision"],
     }
     if not a.skip_sklearn:
         out.update(sklearn_figures(a, read_matrix(run), truth, init_sample))
@@ -300,7 +304,7 @@ def device_pass_bench(a: argparse.Namespace) -> dict:
         "floor_seconds": round(floor, 6), "backends": {},
     }
     for name in [b.strip() for b in a.backends.split(",") if b.strip()]:
-        backend = make_backend(name, "euclidean", a.chunk_mb << 20, has_gpu=gpu)
+        backend = make_backend(name, "euclidean", a.chunk_mb << 20, has_gpu=gpu, precision=a.precision or "float32")
         if not backend_is(backend, name):
             out["backends"][name] = {"skipped": f"needs CUDA and rsdist[gpu]; got {backend.name}"}
             continue

@@ -172,13 +172,29 @@ def full_sums(backend, x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.
     return sums, counts, float(dists.double().sum())
 
 
+ARROW_DECAY_MS = 10_000
+
+
+def reuse_arrow_pages(decay_ms: int = ARROW_DECAY_MS) -> None:
+    """Let arrow's jemalloc keep freed pages for `decay_ms` before returning them to the OS.
+
+    pyarrow's default (0) returns every unit's decode buffers at once, so the next unit's 75 MB
+    are page-faulted anew: reading 500,000 x 384 took 4.3 s instead of 2.3 s. Affects arenas made
+    after the call, so the actor calls it before its first read; a pyarrow without jemalloc is left alone."""
+    try:
+        pa.jemalloc_set_decay_ms(decay_ms)
+    except (NotImplementedError, AttributeError):
+        pass
+
+
 class ShardActor:
     """Owns some units' training rows as one matrix on its device (and their sample_ids, for the
     labelling pass); made a Ray actor by the stage."""
 
-    def __init__(self, run_uri: str, units: list[Unit], space: str, metric: str, backend: str, chunk_bytes: int, threads: int = 1):
+    def __init__(self, run_uri: str, units: list[Unit], space: str, metric: str, backend: str, chunk_bytes: int, threads: int = 1, precision: str = "float32"):
         t0 = time.perf_counter()
         torch.set_num_threads(max(1, int(threads)))
+        reuse_arrow_pages()
         import ray
 
         has_gpu = bool(ray.get_gpu_ids()) if ray.is_initialized() else False
@@ -186,7 +202,7 @@ class ShardActor:
         self.units = units
         self.space = space
         self.metric = metric
-        self.backend = make_backend(backend, metric, chunk_bytes, has_gpu)
+        self.backend = make_backend(backend, metric, chunk_bytes, has_gpu, precision)
         self.device = self.backend.device
         x, self.ids, self.spans = self._load(units)
         self.x = torch.from_numpy(x).to(self.device)
@@ -224,6 +240,7 @@ class ShardActor:
             "rows": int(self.x.shape[0]),
             "dim": int(self.x.shape[1]) if self.x.ndim == 2 else 0,
             "backend": self.backend.name,
+            "precision": self.backend.precision,
             "load_seconds": self.load_seconds,
         }
 
@@ -237,7 +254,8 @@ class ShardActor:
         """Assign `m` rows drawn with replacement; return `batch_sums` of them, and `pool` of the
         batch rows as re-seeding candidates."""
         rng = np.random.default_rng(seed)
-        xb = self.x[torch.from_numpy(rng.integers(0, self.x.shape[0], size=m)).to(self.device)]
+        # index_select: 2.5x faster than x[idx] for a few thousand random rows of a large matrix
+        xb = self.x.index_select(0, torch.from_numpy(rng.integers(0, self.x.shape[0], size=m)).to(self.device))
         out = batch_sums(self.backend, xb, self._centroids(centroids))
         if pool:
             out["pool"] = xb[torch.from_numpy(rng.choice(m, size=min(pool, m), replace=False)).to(self.device)].cpu().numpy()

@@ -7,7 +7,7 @@ Input:  `<run>/features/part-*.parquet` with sample_id (string), split (string),
 Output: `<run>/clusters/part-*.parquet` (sample_id string, cluster int32, dist float32: Euclidean
         distance to its centroid, or 1 - cos in spherical mode), one file per input unit;
         `centroids.npy` (k x d float32); `sizes.json` (cluster id -> rows, plus k, inertia,
-        iterations, backend, init, mode, metric); `fit.json` (the fitted run's record).
+        iterations, backend, precision, init, mode, metric); `fit.json` (the fitted run's record).
 Resources: `num_actors` ShardActors with `cpus_per_actor` CPUs (fractional, 0.5 by default, so a
         2-CPU local Ray keeps running) and, on clusters with GPUs, `gpus_per_actor` GPUs each.
 Resume: call through `run_stage(..., resumable=True)`. Centroids are saved before labelling; a
@@ -63,15 +63,16 @@ def start_actors(run: RunDir, owners: list[list[Unit]], cfg: ClusterConfig, res:
     remote = ray.remote(ShardActor).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus)
     threads = max(1, math.ceil(res.num_cpus))
     log.info("cluster: %d shard actors (%s CPU, %s GPU each) over %d units", len(owners), res.num_cpus, res.num_gpus, sum(map(len, owners)))
-    return [remote.remote(run.uri, own, cfg.space, cfg.metric, cfg.backend, cfg.chunk_mb << 20, threads) for own in owners]
+    return [remote.remote(run.uri, own, cfg.space, cfg.metric, cfg.backend, cfg.chunk_mb << 20, threads, cfg.precision) for own in owners]
 
 
-def save_fit(run: RunDir, fit: FitResult, k: int, backend: str) -> dict:
+def save_fit(run: RunDir, fit: FitResult, k: int, backend: str, precision: str) -> dict:
     buf = io.BytesIO()
     np.save(buf, fit.centroids.astype(np.float32))
     run.write_bytes(buf.getvalue(), NAME, "centroids.npy")
     record = {
         "k": k, "iterations": fit.iterations, "fit_inertia": fit.inertia, "reseeded": fit.reseeded, "init": fit.init, "backend": backend,
+        "precision": precision,
         "fit_seconds": round(fit.seconds, 3), "init_seconds": round(fit.init_seconds, 3), "iterate_seconds": round(fit.seconds - fit.init_seconds, 3),
     }
     run.write_json(record, NAME, "fit.json")
@@ -124,13 +125,14 @@ def run(run: RunDir, cfg: ClusterConfig) -> StageResult:
             log.warning("cluster.k = %d is more than the %d training rows; using k = %d", k, n, n)
             k = n
         backend = ",".join(sorted({i["backend"] for i in infos}))
+        precision = ",".join(sorted({i["precision"] for i in infos}))
         if run.exists(NAME, "fit.json") and run.exists(NAME, "centroids.npy"):
             record = run.read_json(NAME, "fit.json")
             centroids = load_centroids(run)
             log.info("cluster: reusing the centroids of the interrupted run (k = %d)", len(centroids))
         else:
             fit = KMeansDriver(actors, sizes, k, cfg).fit()
-            record = save_fit(run, fit, k, backend)
+            record = save_fit(run, fit, k, backend, precision)
             centroids = fit.centroids
         t0 = time.perf_counter()
         labels = label_all(run, actors, owners, centroids)
@@ -143,6 +145,7 @@ def run(run: RunDir, cfg: ClusterConfig) -> StageResult:
         "inertia": labels["inertia"],
         "iterations": int(record["iterations"]),
         "backend": record["backend"],
+        "precision": record.get("precision", "float32"),
         "init": record["init"],
         "mode": cfg.mode,
         "metric": cfg.metric,

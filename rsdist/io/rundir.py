@@ -19,6 +19,30 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
+def compression(schema: pa.Schema) -> dict[str, str]:
+    """Codec per parquet leaf column: zstd, except lists of floats (embeddings), which stay
+    uncompressed: zstd saves 8% on them and makes reading them 2.6x slower (0.23 vs 0.086 s for
+    50,000 x 384). Keys are leaf paths ("image_emb.list.element"): parquet writes a nested column
+    that the mapping does not name uncompressed."""
+    codecs: dict[str, str] = {}
+
+    def visit(path: str, t: pa.DataType) -> None:
+        if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+            if pa.types.is_floating(t.value_type):
+                codecs[f"{path}.list.element"] = "none"
+            else:
+                visit(f"{path}.list.element", t.value_type)
+        elif pa.types.is_struct(t):
+            for child in t:
+                visit(f"{path}.{child.name}", child.type)
+        else:
+            codecs[path] = "zstd"
+
+    for f in schema:
+        visit(f.name, f.type)
+    return codecs
+
+
 class RunDir:
     """A run directory addressed by an fsspec URI, with the small set of operations stages use."""
 
@@ -93,12 +117,12 @@ class RunDir:
         return self.write_bytes(text.encode("utf-8"), *parts)
 
     def write_table(self, table: pa.Table, *parts: str) -> str:
-        """Write one parquet file atomically."""
+        """Write one parquet file atomically (zstd; float vectors uncompressed: see `compression`)."""
         final = self.path(*parts)
         self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
         tmp = self._tmp_name(final)
         with self.fs.open(tmp, "wb") as f:
-            pq.write_table(table, f, compression="zstd")
+            pq.write_table(table, f, compression=compression(table.schema))
         self._commit(tmp, final)
         return final
 

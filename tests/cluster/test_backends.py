@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rsdist.cluster.backends import CPU_CHUNK_ROWS, TorchBackend, make_backend, rows_per_chunk
+from rsdist.cluster.backends import CPU_CHUNK_ROWS, TorchBackend, make_backend, matmul_dtype, rows_per_chunk
 from rsdist.cluster.bench import bench, device_blobs
 from rsdist.cluster.shards import full_sums, l2_normalise, space_vectors
 
@@ -28,6 +28,36 @@ def test_chunked_assign_matches_brute_force(metric):
     labels, dists = TorchBackend(metric, chunk_bytes=chunk).assign(torch.from_numpy(x), torch.from_numpy(c))
     np.testing.assert_array_equal(labels.numpy(), ref.argmin(1))
     np.testing.assert_allclose(dists.numpy(), ref.min(1), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_bf16_assign_picks_a_nearest_centroid_and_reports_its_exact_distance(metric):
+    """bf16 may swap near-tied centroids, never a clearly farther one; the distance it reports is
+    the float32 distance to the centroid it picked."""
+    rng = np.random.default_rng(2)
+    c = rng.standard_normal((300, 64)).astype(np.float32)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    x = c[rng.integers(0, 300, 5000)] + rng.standard_normal((5000, 64)).astype(np.float32) * 0.06
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ref = 1 - x @ c.T if metric == "cosine" else ((x[:, None] - c[None]) ** 2).sum(-1)
+    backend = TorchBackend(metric, chunk_bytes=8 * 300 * 700, precision="bfloat16")
+    assert backend.precision == "bfloat16" and backend.dtype == torch.bfloat16
+    labels, dists = backend.assign(torch.from_numpy(x), torch.from_numpy(c))
+    labels = labels.numpy()
+    picked = ref[np.arange(len(x)), labels]
+    np.testing.assert_allclose(dists.numpy(), picked, rtol=1e-4, atol=1e-5)
+    assert (labels == ref.argmin(1)).mean() > 0.99
+    assert (picked - ref.min(1)).max() < 0.02  # any swap is between near-equal distances
+    assert picked.sum() <= ref.min(1).sum() * 1.0005
+
+
+def test_precision_setting():
+    cpu = torch.device("cpu")
+    assert matmul_dtype("float32", cpu) == torch.float32 and matmul_dtype("bfloat16", cpu) == torch.bfloat16
+    assert matmul_dtype("auto", cpu) in (torch.float32, torch.bfloat16)
+    assert TorchBackend().precision == "float32"
+    with pytest.raises(ValueError, match="cluster.precision: 'fp8' is not one of: auto, float32, bfloat16"):
+        TorchBackend(precision="fp8")
 
 
 def test_gpu_backends_fall_back_without_a_gpu():

@@ -9,7 +9,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
 from rsdist.cluster.bench import write_blob_features
-from rsdist.cluster.engine import KMeansDriver, auto_k, merge_sparse, share
+from rsdist.cluster.engine import KMeansDriver, _glibc, auto_k, heap_reuse, kmeans_pp, merge_sparse, share
 from rsdist.cluster.shards import ShardActor, l2_normalise, plan_units, split_units, space_vectors
 from rsdist.config import ClusterConfig
 from rsdist.io.rundir import RunDir
@@ -18,10 +18,10 @@ K = 8
 ROWS = 3000
 
 
-def start(ray, run: RunDir, metric: str = "euclidean", space: str = "image", actors: int = 2):
+def start(ray, run: RunDir, metric: str = "euclidean", space: str = "image", actors: int = 2, precision: str = "float32"):
     owners = split_units(plan_units(run), actors)
     remote = ray.remote(ShardActor).options(num_cpus=0.5)
-    handles = [remote.remote(run.uri, own, space, metric, "auto", 1 << 20) for own in owners]
+    handles = [remote.remote(run.uri, own, space, metric, "auto", 1 << 20, 1, precision) for own in owners]
     sizes = [i["rows"] for i in ray.get([h.info.remote() for h in handles])]
     return handles, sizes
 
@@ -62,6 +62,41 @@ def test_matches_sklearn_on_blobs(blobs, mode):
     assert fit.iterations < cfg.max_iter  # stopped by its convergence rule, not the cap
 
 
+@pytest.mark.parametrize("precision,overlap", [("bfloat16", True), ("float32", False)])
+def test_minibatch_variants_match_sklearn(blobs, ray_session, precision, overlap):
+    """bf16 products (actors and k-means++) with the overlapped loop, and the plain synchronous loop."""
+    run, truth, _, _ = blobs
+    actors, sizes = start(ray_session, run, precision=precision)
+    cfg = ClusterConfig(k=K, batch_size=256, max_iter=300, seed=1, precision=precision, overlap=overlap)
+    try:
+        fit = KMeansDriver(actors, sizes, K, cfg).fit()
+    finally:
+        for a in actors:
+            ray_session.kill(a)
+    x = all_vectors(run)
+    ref = KMeans(n_clusters=K, n_init=3, random_state=0).fit(x)
+    assert adjusted_rand_score(truth, labels_of(x, fit.centroids)) > 0.99
+    assert inertia_of(x, fit.centroids) <= 1.01 * ref.inertia_
+    assert fit.iterations < cfg.max_iter
+
+
+@pytest.mark.skipif(_glibc() is None, reason="glibc only")
+def test_heap_reuse_serves_temporaries_without_page_faults():
+    import resource
+
+    def faults_of_temporaries() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(20):
+            a = np.ones((1000, 512))  # 4 MB: above glibc's initial mmap and trim thresholds
+            b = a * 2.0
+            del a, b
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    with heap_reuse():
+        faults_of_temporaries()  # the first round grows the heap once
+        assert faults_of_temporaries() < 200  # 20 rounds of 8 MB freshly faulted would be ~40,000
+
+
 def test_seeded_runs_are_identical_and_seeds_differ(blobs):
     run, truth, actors, sizes = blobs
     cfg = ClusterConfig(k=K, batch_size=128, max_iter=15, max_no_improvement=0, tol=0.0, seed=5)
@@ -94,6 +129,16 @@ def test_kmeans_parallel_init(blobs):
     fit = KMeansDriver(actors, sizes, K, cfg).fit()
     assert fit.init == "k-means||"
     assert adjusted_rand_score(truth, labels_of(all_vectors(run), fit.centroids)) > 0.99
+
+
+def test_bf16_kmeans_pp_seeds_every_blob_once():
+    rng = np.random.default_rng(5)
+    centers = l2_normalise(rng.standard_normal((40, 32)).astype(np.float32))
+    truth = rng.integers(0, 40, 4000)
+    x = l2_normalise(centers[truth] + rng.standard_normal((4000, 32)).astype(np.float32) * 0.02)
+    for metric in ("euclidean", "cosine"):
+        c = kmeans_pp(x, 40, np.random.default_rng(0), metric, bf16=True)
+        assert sorted(labels_of(c, centers)) == list(range(40))
 
 
 def test_helpers():
