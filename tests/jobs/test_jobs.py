@@ -32,3 +32,59 @@ def test_entry_script_runs_from_any_working_directory(tmp_path):
     assert "config" in out.stdout and "--out" in out.stdout
     bad = subprocess.run([sys.executable, script, str(tmp_path / "missing.yaml")], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "missing.yaml" in bad.stderr
+
+
+def _png(pixels) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_shift_texture_correlates_shift_with_image_gradient(tmp_path):
+    """Pool images from flat to noisy, with shift set to fall as texture grows: Spearman is strongly
+    negative over the pool rows only (a held-out row that would break the order is left out)."""
+    import json
+
+    import numpy as np
+    import pyarrow as pa
+
+    from rsdist.io.rundir import RunDir
+
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:48, 0:64]
+    images = [np.full((48, 64), 128.0), np.full((48, 64), 30.0), 100 + 0.5 * x,  # flat, flat, gentle ramp
+              128 + 60 * np.sign(np.sin(x / 6.0)), 128 + rng.normal(0, 25, (48, 64)),  # wide stripes, mild noise
+              128 + 90 * np.sign(np.sin((x + y) / 2.0)), 128 + rng.normal(0, 80, (48, 64))]  # fine stripes, strong noise
+    images = [np.stack([im] * 3, axis=-1) for im in images]  # texture 0, 0, 0.0005, 0.007, 0.03, 0.04, 0.1
+    ids = [f"s{i}" for i in range(len(images) + 1)]
+    images.append(np.full((48, 64, 3), 128.0))  # held out, flat, given the lowest shift
+    shift = [1.0 - i / len(images) for i in range(len(images) - 1)] + [0.0]
+    run = RunDir(str(tmp_path / "run"))
+    run.write_table(pa.table({"sample_id": ids, "image": [_png(im) for im in images],
+                              "split": ["train"] * (len(ids) - 1) + ["test"]}), "shards", "part-00000.parquet")
+    features = {"sample_id": pa.array(ids), "split": pa.array(["train"] * (len(ids) - 1) + ["test"])}
+    for name, noise in (("shift", 0.0), ("shift_noise", 0.01), ("shift_rotate", 0.02), ("shift_crop", 0.03)):
+        features[name] = pa.array(np.array(shift) + noise * rng.standard_normal(len(ids)), type=pa.float32())
+    # two feature files in shard order, as the features stage writes them
+    table = pa.table(features)
+    run.write_table(table.slice(0, 4), "features", "part-00000.parquet")
+    run.write_table(table.slice(4), "features", "part-00001.parquet")
+
+    script = os.path.abspath(os.path.join(ROOT, "jobs", "shift_texture.py"))
+    out = subprocess.run([sys.executable, script, run.uri], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert figures["n"] == len(ids) - 1
+    assert set(figures["correlations"]) == {"shift", "shift_noise", "shift_rotate", "shift_crop"}
+    assert figures["correlations"]["shift"]["spearman"] < -0.95
+    assert all(f["n"] == len(ids) - 1 for f in figures["correlations"].values())
+    assert "| shift | " in out.stdout
+
+    limited = subprocess.run([sys.executable, script, run.uri, "--limit", "3"], cwd=tmp_path, capture_output=True, text=True)
+    assert limited.returncode == 0, limited.stderr
+    assert json.loads(limited.stdout.strip().splitlines()[-1])["n"] == 3
