@@ -8,7 +8,8 @@ over the data happens inside the `ShardActor`s that own it.
   driver merges them and moves centroid j by eta_j = n_j / v_j towards the batch mean, v_j the
   count it has absorbed so far (a per-centroid learning rate). Stops on mean centroid movement
   below `tol` or after `max_no_improvement` iterations without a better smoothed batch inertia
-  (the same rule as scikit-learn's MiniBatchKMeans).
+  (the same rule as scikit-learn's MiniBatchKMeans). With `overlap` the next batch goes out before
+  the current one is merged (actors assign while the driver updates; one update of staleness).
 - Lloyd: the same plumbing with full passes and dense sums; stops on movement or a relative
   inertia change below `tol`.
 - Re-seeding: in mini-batch mode every 10k rows seen (and whenever a centroid is still empty),
