@@ -88,3 +88,34 @@ def test_shift_texture_correlates_shift_with_image_gradient(tmp_path):
     limited = subprocess.run([sys.executable, script, run.uri, "--limit", "3"], cwd=tmp_path, capture_output=True, text=True)
     assert limited.returncode == 0, limited.stderr
     assert json.loads(limited.stdout.strip().splitlines()[-1])["n"] == 3
+
+
+def test_schedule_curve_groups_cells_by_epochs(tmp_path):
+    """Cells of two experiment folders trained for different epochs are grouped by method, budget
+    and epochs (from the train stage's record); mean and sd over seeds; the plot is written."""
+    import json
+
+    def cell(folder: str, name: str, epochs: int, mr: float, zs: float) -> None:
+        path = tmp_path / folder / "cells" / name
+        path.mkdir(parents=True)
+        summary = {"metrics": {"mR": mr, "zero_shot_acc": zs}, "stages": {"train": {"epochs": epochs}}}
+        (path / "summary.json").write_text(json.dumps(summary))
+
+    cell("short", "random_b0.33_s0", 5, 25.0, 73.0)
+    cell("short", "random_b0.33_s1", 5, 27.0, 75.0)
+    cell("short", "full_b1_s0", 5, 28.0, 78.0)
+    cell("long", "random_b0.33_s0", 10, 23.0, 70.0)
+    (tmp_path / "long" / "cells" / "unfinished_b0.2_s0").mkdir()  # no summary yet: ignored
+    script = os.path.join(ROOT, "jobs", "schedule_curve.py")
+    png = tmp_path / "curve.png"
+    out = subprocess.run([sys.executable, script, str(tmp_path / "short"), str(tmp_path / "long"), "--out", str(png)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    groups = {(g["method"], g["budget"], g["epochs"]): g for g in json.loads(out.stdout.strip().splitlines()[-1])["groups"]}
+    assert set(groups) == {("random", 0.33, 5), ("full", 1.0, 5), ("random", 0.33, 10)}
+    short = groups[("random", 0.33, 5)]
+    assert short["seeds"] == 2 and short["mR_mean"] == 26.0 and abs(short["mR_sd"] - 1.414) < 1e-3 and short["zero_shot_acc_mean"] == 74.0
+    assert groups[("random", 0.33, 10)]["mR_sd"] == 0.0 and png.stat().st_size > 1000
+    only = subprocess.run([sys.executable, script, str(tmp_path / "short"), "--methods", "full"], capture_output=True, text=True)
+    assert [g["method"] for g in json.loads(only.stdout.strip().splitlines()[-1])["groups"]] == ["full"]
+    bad = subprocess.run([sys.executable, script, str(tmp_path / "nowhere")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "nowhere" in bad.stderr
