@@ -73,6 +73,7 @@ def plot(rows: list[dict], out: str) -> None:
         ax.set_xscale("log")
         ax.set_xticks(sorted({r["epochs"] for r in rows}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
