@@ -153,7 +153,7 @@ def space_vectors(table: pa.Table, space: str, where: str, out: np.ndarray | Non
     col = 0
     for name, p in zip(columns, parts):
         norms = np.sqrt(np.einsum("ij,ij->i", p, p))
-        if not np.isfinite(norms).all():  # a NaN or infinity in a row makes its norm one (so does overflow)
+        if not np.isfinite(norms).all():  # a NaN or infinity in a row makes its norm non-finite (so does overflow)
             check_finite_rows(p, name, where)
         l2_normalise(p, out=out[:, col : col + p.shape[1]], scale=scale, norms=norms)
         col += p.shape[1]
