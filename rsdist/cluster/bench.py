@@ -143,6 +143,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run directory (default: a temporary folder); blobs already there with the same flags are reused")
     p.add_argument("--skip-sklearn", action="store_true")
+    m = p.add_argument_group("--micro: the per-change figures of docs/cluster.md (rsdist/cluster/micro.py)")
+    m.add_argument("--micro", action="store_true", help="time each change against its baseline instead of the stage against scikit-learn")
+    m.add_argument("--repeats", type=int, default=5, help="timed repeats per figure (the best is kept)")
+    m.add_argument("--units", type=int, default=10, help="parquet units read for the arrow-pages figure")
     g = p.add_argument_group("--device-pass: the backends' full passes on one device (no Ray, no parquet)")
     g.add_argument("--device-pass", action="store_true", help="time backends on the device instead of the stage against scikit-learn")
     g.add_argument("--backends", default="torch,cupy", help="comma-separated backends to time (torch, cupy, cuml)")
@@ -155,6 +159,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def bench(argv: list[str]) -> dict:
     a = parse(argv)
+    if a.micro:
+        from rsdist.cluster.micro import micro_bench
+
+        return micro_bench(a)
     return device_pass_bench(a) if a.device_pass else stage_bench(a)
 
 

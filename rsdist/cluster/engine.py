@@ -99,8 +99,8 @@ def heap_reuse():
 
     glibc trims the heap top whenever more than M_TRIM_THRESHOLD is free there, and that threshold
     starts at 256 KiB and only rises once a large mmapped block is freed. Until then every multi-MB
-    temporary of the centroid update is page-faulted anew (about 4,000 faults, 9 of the 11 ms of
-    an update at k = 1000, d = 384, in a fresh driver). This sets both thresholds to the values
+    temporary of the centroid update is page-faulted anew (about 4,900 faults, 13.3 instead of
+    2.8 ms an update at k = 1000, d = 384, in a fresh process: `rsdist bench kmeans --micro`). This sets both thresholds to the values
     glibc's dynamic rule settles on (32 MiB mmap, 64 MiB trim) for the rest of the process, and
     trims once on exit so the fit leaves no freed heap behind. Outside glibc it does nothing."""
     libc = _glibc()
@@ -143,9 +143,9 @@ def kmeans_pp(
     optionally weighted; O(k x trials x n x d). Runs on one thread: its k sequential steps are
     small, memory-bound products that gain nothing from a second thread, and a multi-threaded
     pool on a busy host slowed it ~8x (34 s instead of 4 s at k = 1000 on 12,288 rows).
-    `bf16`: the candidates' products read a bf16 copy of the rows (half the memory traffic: 1.0
-    instead of 2.4 ms a step at 12,288 x 384); a distance is then off by up to ~1% of a row's
-    norm, which shifts the sampling weights, not which rows can be drawn."""
+    `bf16`: the candidates' products read a bf16 copy of the rows (half the memory traffic: 0.7
+    instead of 1.4 ms a step at 6,144 x 384, `rsdist bench kmeans --micro`); a product then carries
+    bf16's 8-bit mantissa, which shifts the sampling weights, not which rows can be drawn."""
     with torch_threads(1):
         return _kmeans_pp(x, k, rng, metric, weights, trials, bf16)
 

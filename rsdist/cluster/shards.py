@@ -80,16 +80,12 @@ def split_units(units: list[Unit], parts: int) -> list[list[Unit]]:
 
 def read_unit(run: RunDir, unit: Unit, columns: list[str]) -> pa.Table:
     """One unit's columns. Decoded on the calling thread: a shard actor has about one CPU, and
-    arrow's thread pool made the read ~2.5x slower there (0.59 s instead of 0.22 s for 50,000 x 384).
-    `split` comes back dictionary-encoded, so selecting the training rows compares two strings, not
-    one per row (0.75 instead of 30 ms for 50,000 rows)."""
-    dictionary = [c for c in ("split",) if c in columns]
+    arrow's thread pool made the read ~2.5x slower there (0.59 s instead of 0.22 s for 50,000 x 384)."""
     if isinstance(run.fs, LocalFileSystem):  # arrow's own reader, memory-mapped: no Python file object in between
-        pf = pq.ParquetFile(run.path(unit.path), memory_map=True, read_dictionary=dictionary)
-        table = pf.read_row_group(unit.row_group, columns=columns, use_threads=False)
+        table = pq.ParquetFile(run.path(unit.path), memory_map=True).read_row_group(unit.row_group, columns=columns, use_threads=False)
     else:
         with run.fs.open(run.path(unit.path), "rb") as fh:
-            table = pq.ParquetFile(fh, read_dictionary=dictionary).read_row_group(unit.row_group, columns=columns, use_threads=False)
+            table = pq.ParquetFile(fh).read_row_group(unit.row_group, columns=columns, use_threads=False)
     return table.slice(unit.start, unit.rows)
 
 
@@ -194,8 +190,8 @@ def reuse_arrow_pages(decay_ms: int = ARROW_DECAY_MS) -> None:
     """Let arrow's jemalloc keep freed pages for `decay_ms` before returning them to the OS.
 
     pyarrow's default (0) returns every unit's decode buffers at once, so the next unit's 75 MB
-    are page-faulted anew: reading 500,000 x 384 took 4.3 s instead of 2.3 s. Affects arenas made
-    after the call, so the actor calls it before its first read; a pyarrow without jemalloc is left alone."""
+    are page-faulted anew (`rsdist bench kmeans --micro`, "arrow_pages"). Affects arenas made after
+    the call, so the actor calls it before its first read; a pyarrow without jemalloc is left alone."""
     try:
         pa.jemalloc_set_decay_ms(decay_ms)
     except (NotImplementedError, AttributeError):
@@ -269,7 +265,7 @@ class ShardActor:
         """Assign `m` rows drawn with replacement; return `batch_sums` of them, and `pool` of the
         batch rows as re-seeding candidates."""
         rng = np.random.default_rng(seed)
-        # index_select: 2.5x faster than x[idx] for a few thousand random rows of a large matrix
+        # index_select: 4x faster than x[idx] for a few thousand random rows (`rsdist bench kmeans --micro`)
         xb = self.x.index_select(0, torch.from_numpy(rng.integers(0, self.x.shape[0], size=m)).to(self.device))
         out = batch_sums(self.backend, xb, self._centroids(centroids))
         if pool:

@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 
 def compression(schema: pa.Schema) -> dict[str, str]:
     """Codec per parquet leaf column: zstd, except lists of floats (embeddings), which stay
-    uncompressed: zstd saves 8% on them and makes reading them 2.6x slower (0.23 vs 0.086 s for
-    50,000 x 384). Keys are leaf paths ("image_emb.list.element"): parquet writes a nested column
+    uncompressed: zstd saves 8% on them and makes reading them 1.7x slower (142 vs 86 ms for
+    50,000 x 384: `rsdist bench kmeans --micro`, "read_unit"). Keys are leaf paths ("image_emb.list.element"): parquet writes a nested column
     that the mapping does not name uncompressed."""
     codecs: dict[str, str] = {}
 

@@ -183,7 +183,7 @@ def pool_captions(run: RunDir, pool: Pool) -> list[list[str]]:
         missing = pool.ids[int(np.flatnonzero(~found)[0])].as_py()
         raise ValueError(f"{run.url('shards')}: no row for sample_id {missing!r} of the cluster pool ({pool.size - len(rows)} missing)")
     captions = table.column("captions").to_pylist()
-    ordered: list[list[str]] = [[]] * pool.size
+    ordered: list[list[str]] = [None] * pool.size  # every position is filled: a missing one raised above
     for r, p in zip(rows, pos):
         ordered[p] = captions[r]
     return ordered

@@ -101,3 +101,19 @@ def test_device_pass_bench_runs_on_cpu_without_a_gpu():
     assert t["backend"] == "torch-cpu" and t["iters"] == 2 and t["seconds_per_iter"] > 0
     assert t["x_floor"] == pytest.approx(t["seconds_per_iter"] / fig["floor_seconds"], rel=0.05)
     assert "skipped" in fig["backends"]["cupy"]
+
+
+def test_micro_bench_times_each_change_against_its_baseline():
+    fig = bench(["--micro", "--rows", "3000", "--dim", "16", "--k", "20", "--batch", "256", "--repeats", "1", "--units", "2"])
+    for name, (base, new) in {
+        "assign": ("float32", "bfloat16"), "gather": ("indexing", "index_select"), "kmeans_pp_step": ("float32", "bfloat16"),
+        "read_unit": ("zstd", "uncompressed"),
+    }.items():
+        f = fig[name]
+        assert f[f"{base}_ms"] > 0 and f[f"{new}_ms"] > 0
+        assert f["ratio"] == pytest.approx(f[f"{base}_ms"] / f[f"{new}_ms"], rel=0.01)
+    assert fig["arrow_pages"]["units"] == 2 and fig["arrow_pages"]["reuse_s"] > 0
+    from rsdist.cluster.engine import _glibc
+
+    if _glibc() is not None:
+        assert fig["heap"]["faults_per_update_inside"] < 50

@@ -33,6 +33,7 @@ def test_contract_spherical_and_resume(ray_session, run_dir):
     assert 0 < n < features.num_rows  # some rows are test rows
     assert rec["rows_in"] == n and rec["rows_out"] == n
     assert rec["k"] == 4 and rec["backend"] == "torch-cpu" and rec["iterations"] >= 1
+    assert rec["precision"] in ("float32", "bfloat16")  # what `auto` chose on this machine, recorded
 
     out = run_dir.read_table("clusters")
     assert out.schema.field("sample_id").type == pa.string()
@@ -109,3 +110,7 @@ def test_config_errors_name_the_field():
         ClusterConfig(backend="jax")
     with pytest.raises(ConfigError, match=r"cluster.reassign_ratio"):
         ClusterConfig(reassign_ratio=1.5)
+    with pytest.raises(ConfigError, match=r"cluster.precision: 'fp16' is not one of: auto, float32, bfloat16"):
+        ClusterConfig(precision="fp16")
+    with pytest.raises(ConfigError, match=r"cluster.overlap: 'yes' must be true or false"):
+        ClusterConfig(overlap="yes")
