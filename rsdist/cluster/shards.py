@@ -198,6 +198,15 @@ def reuse_arrow_pages(decay_ms: int = ARROW_DECAY_MS) -> None:
         pass
 
 
+# numpy asks for transparent huge pages (madvise) for arrays of 4 MB and more; where the kernel's THP
+# defrag setting is "madvise" (a common default) each 2 MB fault may compact memory synchronously, and
+# on a host whose memory is fragmented filling the actor's matrix took 1.0-1.4 s instead of 0.5 s
+# (the whole 500,000 x 384 load 3.1-4.7 s instead of 2.0-2.4 s; `rsdist bench kmeans --micro`,
+# "huge_pages"). The matrix is written once and read in random rows, where 4 KiB pages cost nothing
+# measurable per iteration, so shard actors run without it.
+SHARD_ACTOR_ENV = {"NUMPY_MADVISE_HUGEPAGE": "0"}
+
+
 class ShardActor:
     """Owns some units' training rows as one matrix on its device (and their sample_ids, for the
     labelling pass); made a Ray actor by the stage."""

@@ -163,3 +163,28 @@ def test_merge_sparse_equals_dense_sums():
     np.testing.assert_array_equal(touched, np.flatnonzero(dense_n))
     np.testing.assert_allclose(s, dense_s[touched], rtol=1e-6)
     np.testing.assert_array_equal(n, dense_n[touched])
+
+
+def test_reseed_candidates_follow_the_starved_count():
+    """The actors return as many re-seeding candidates as centroids are starved (none when none is),
+    never more than half a batch."""
+    driver = KMeansDriver([], [], 6, ClusterConfig(k=6, reassign_ratio=0.1))
+    assert driver._reseed_candidates(np.array([50.0, 40, 60, 55, 45, 52]), 100) == 0
+    assert driver._reseed_candidates(np.array([50.0, 0, 60, 3, 45, 52]), 100) == 2  # one empty, one below 0.1 x 60
+    assert driver._reseed_candidates(np.zeros(6), 4) == 2  # all empty, capped at half the batch
+
+
+def test_stage_actors_run_without_numpy_huge_pages(blobs, ray_session):
+    import os
+
+    from rsdist.cluster.shards import SHARD_ACTOR_ENV
+    from rsdist.cluster.stage import actor_resources, start_actors
+
+    run = blobs[0]
+    cfg = ClusterConfig(k=K, space="image")
+    (actor,) = start_actors(run, [plan_units(run)[:1]], cfg, actor_resources(cfg))
+    try:
+        env = ray_session.get(actor.__ray_call__.remote(lambda self: {name: os.environ.get(name) for name in SHARD_ACTOR_ENV}))
+        assert env == SHARD_ACTOR_ENV == {"NUMPY_MADVISE_HUGEPAGE": "0"}
+    finally:
+        ray_session.kill(actor)
