@@ -157,6 +157,7 @@ class ClusterConfig:
     tol: float = _help("Stop when the centroids move less than this (mean L2); 0 disables.", default=1e-4)
     max_no_improvement: int = _help("Mini-batch: stop after this many iterations without improvement of the smoothed batch inertia (lloyd mode stops when the inertia changes by less than tol, relative); 0 disables.", default=10)
     overlap: bool = _help("Mini-batch: send the next batch out before merging the current one, so actors assign while the driver updates (each batch meets centroids one update old); about 5 ms of 30 an iteration on 2 cores (docs/cluster.md).", default=True)
+    shared_memory: bool = _help("Mini-batch: when every shard actor runs on the driver's node, move centroids and sums through memory-mapped files in /dev/shm instead of Ray's object store (about 5 ms of 23 an iteration on 2 cores, docs/cluster.md); other set-ups use the object store either way.", default=True)
     reassign_ratio: float = _help("Re-seed clusters whose count falls below this fraction of the largest cluster's (empty clusters always are).", default=0.01)
     backend: str = _help(f"Distance arithmetic, one of {CLUSTER_BACKENDS}: 'auto' = torch on the actor's device; cupy / cuml need a GPU actor and rsdist[gpu].", default="auto")
     precision: str = _help(f"Nearest-centroid product of the torch backend, one of {CLUSTER_PRECISIONS}: 'bfloat16' finds the winner in bf16 and recomputes its distance in float32; 'auto' = bfloat16 where the device has native bf16 (AVX512-BF16/AMX CPUs, bf16 GPUs), else float32.", default="auto")
@@ -180,8 +181,9 @@ class ClusterConfig:
         _fraction("cluster.reassign_ratio", self.reassign_ratio, lo_open=False)
         _choice("cluster.backend", self.backend, CLUSTER_BACKENDS)
         _choice("cluster.precision", self.precision, CLUSTER_PRECISIONS)
-        if not isinstance(self.overlap, bool):
-            raise ConfigError(f"cluster.overlap: {self.overlap!r} must be true or false")
+        for name in ("overlap", "shared_memory"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"cluster.{name}: {getattr(self, name)!r} must be true or false")
         _positive("cluster.chunk_mb", self.chunk_mb)
         _positive("cluster.num_actors", self.num_actors, allow_zero=True)
         _positive("cluster.cpus_per_actor", self.cpus_per_actor)

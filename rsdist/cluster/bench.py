@@ -139,6 +139,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cpus-per-actor", type=float, default=0.5, help="CPUs per shard actor (its torch threads: this, rounded up)")
     p.add_argument("--mode", default="minibatch", choices=["minibatch", "lloyd"])
     p.add_argument("--no-overlap", action="store_true", help="cluster.overlap = false: the synchronous mini-batch loop")
+    p.add_argument("--no-shared-memory", action="store_true", help="cluster.shared_memory = false: centroids and sums through Ray's object store")
     p.add_argument("--precision", default=None, choices=["auto", "float32", "bfloat16"], help="cluster.precision of the torch backend (default: auto for the stage, float32 for --device-pass)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run directory (default: a temporary folder); blobs already there with the same flags are reused")
@@ -186,6 +187,7 @@ def stage_bench(a: argparse.Namespace) -> dict:
         k=a.k, space="image", mode=a.mode, batch_size=a.batch, max_iter=max_iter if a.mode == "minibatch" else a.epochs,
         tol=0.0, max_no_improvement=a.max_no_improvement, init="k-means++", init_sample=init_sample, num_actors=a.actors,
         cpus_per_actor=a.cpus_per_actor, seed=a.seed, precision=a.precision or "auto", overlap=not a.no_overlap,
+        shared_memory=not a.no_shared_memory,
     )
     run.remove("clusters")
     run.makedirs("clusters")
@@ -207,6 +209,7 @@ def stage_bench(a: argparse.Namespace) -> dict:
         "rsdist_seconds": round(ours_s, 3), "rsdist_split_seconds": split, "rsdist_read_only_seconds": x["read_only_seconds"],
         "rsdist_fit_seconds": x["fit_seconds"], "rsdist_iterations": x["iterations"],
         "rsdist_inertia": x["inertia"], "rsdist_ari": round(float(ours_ari), 5), "rsdist_backend": x["backend"], "rsdist_precision": x["precision"], "rsdist_overlap": not a.no_overlap,
+        "rsdist_exchange": x.get("exchange", "object-store"),
     }
     if not a.skip_sklearn:
         out.update(sklearn_figures(a, read_matrix(run), truth, init_sample))

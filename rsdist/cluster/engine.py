@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from rsdist.cluster.backends import matmul_dtype
+from rsdist.cluster.exchange import SLOTS, SharedExchange, open_shared_exchange
 
 log = logging.getLogger("rsdist")
 
@@ -53,6 +54,7 @@ class FitResult:
     seconds: float = 0.0
     history: list[float] = field(default_factory=list)
     init_seconds: float = 0.0  # of `seconds`: initialisation; the rest is the iterations
+    exchange: str = "object-store"  # how the mini-batch loop moved centroids and sums (rsdist/cluster/exchange.py)
 
 
 def auto_k(n: int) -> int:
@@ -313,9 +315,29 @@ class KMeansDriver:
         return n
 
     def _minibatch(self, c: np.ndarray) -> FitResult:
+        exchange = self._open_exchange(c.shape[1]) if self.cfg.shared_memory else None
+        try:
+            return self._minibatch_loop(c, exchange)
+        finally:
+            if exchange is not None:
+                self._get([a.detach_exchange.remote() for a in self.actors])
+                exchange.close()
+
+    def _open_exchange(self, dim: int) -> SharedExchange | None:
+        """The same-node exchange when every actor runs on this node (rsdist/cluster/exchange.py)."""
+        import ray
+
+        nodes = self._get([a.node_id.remote() for a in self.actors])
+        exchange = open_shared_exchange(nodes, ray.get_runtime_context().get_node_id(), self.k, dim)
+        if exchange is not None:
+            self._get([a.attach_exchange.remote(exchange.centroid_path, p, self.k, dim) for a, p in zip(self.actors, exchange.actor_prefixes)])
+        return exchange
+
+    def _minibatch_loop(self, c: np.ndarray, exchange: SharedExchange | None) -> FitResult:
         """Sculley's loop. With `cfg.overlap` the next batch is sent out (with the centroids as they
         are) before the current one's sums are merged, so the actors assign batch t + 1 while the
-        driver updates with batch t: every batch is assigned against centroids one update old."""
+        driver updates with batch t: every batch is assigned against centroids one update old.
+        With an `exchange` the centroids and sums travel through its buffers, else the object store."""
         cfg = self.cfg
         batch = min(cfg.batch_size, self.n)
         shares = share(batch, self.sizes)
@@ -327,7 +349,7 @@ class KMeansDriver:
         reseeded = 0
         history = []
 
-        def send(it: int) -> tuple[list, bool]:
+        def send(it: int) -> tuple:
             """Ask every actor for its share of batch `it`, with re-seeding candidates when due."""
             nonlocal since_reseed
             import ray
@@ -336,10 +358,22 @@ class KMeansDriver:
             reseed_due = cfg.reassign_ratio >= 0 and ((v == 0).any() or since_reseed >= 10 * self.k)
             if reseed_due:
                 since_reseed = 0
-            ref = ray.put(c)
             pools = share(self._reseed_candidates(v, batch), shares) if reseed_due else [0] * len(shares)
-            refs = [a.minibatch_step.remote(ref, m, self._key(i, it, 5), p) for i, (a, m, p) in enumerate(zip(self.actors, shares, pools)) if m > 0]
-            return refs, reseed_due
+            busy = [i for i, m in enumerate(shares) if m > 0]
+            if exchange is not None:
+                exchange.put_centroids(it % SLOTS, c)
+                refs = [self.actors[i].minibatch_step_shared.remote(it % SLOTS, shares[i], self._key(i, it, 5), pools[i]) for i in busy]
+            else:
+                ref = ray.put(c)
+                refs = [self.actors[i].minibatch_step.remote(ref, shares[i], self._key(i, it, 5), pools[i]) for i in busy]
+            return it, busy, refs, reseed_due
+
+        def receive(sent: tuple) -> tuple[list[dict], bool]:
+            it, busy, refs, reseed_due = sent
+            replies = self._get(refs)
+            if exchange is not None:
+                replies = [exchange.result(it % SLOTS, i, r) for i, r in zip(busy, replies)]
+            return replies, reseed_due
 
         pending = send(1) if cfg.overlap else None
         it = 0
@@ -347,8 +381,7 @@ class KMeansDriver:
             if not cfg.overlap:
                 pending = send(it)
             ahead = send(it + 1) if cfg.overlap and it < cfg.max_iter else None
-            refs, reseed_due = pending
-            results = self._get(refs)
+            results, reseed_due = receive(pending)
             batch_inertia = sum(r["inertia"] for r in results) / batch
             history.append(batch_inertia)
             movement = self._update_sculley(c, v, results)
@@ -371,7 +404,7 @@ class KMeansDriver:
             if cfg.max_no_improvement and no_improvement >= cfg.max_no_improvement:
                 log.info("k-means converged: no inertia improvement for %d iterations at %d", no_improvement, it)
                 break
-        return FitResult(c, it, float(history[-1] * self.n) if history else 0.0, reseeded, history=history)
+        return FitResult(c, it, float(history[-1] * self.n) if history else 0.0, reseeded, history=history, exchange="shared-memory" if exchange is not None else "object-store")
 
     def _lloyd(self, c: np.ndarray) -> FitResult:
         import ray

@@ -227,6 +227,7 @@ class ShardActor:
         x, self.ids, self.spans = self._load(units)
         self.x = torch.from_numpy(x).to(self.device)
         self.d2: torch.Tensor | None = None
+        self.shared: tuple | None = None  # same-node exchange buffers, while a fit uses them
         self.load_seconds = time.perf_counter() - t0
 
     def _where(self, unit: Unit) -> str:
@@ -280,6 +281,34 @@ class ShardActor:
         if pool:
             out["pool"] = xb[torch.from_numpy(rng.choice(m, size=min(pool, m), replace=False)).to(self.device)].cpu().numpy()
         return out
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def attach_exchange(self, centroid_path: str, prefix: str, k: int, dim: int) -> None:
+        """Map the driver's same-node exchange buffers (rsdist/cluster/exchange.py)."""
+        from rsdist.cluster.exchange import centroid_buffer, sums_buffer
+
+        self.shared = (centroid_buffer(centroid_path, k, dim, "r"), *sums_buffer(prefix, k, dim, "r+"))
+
+    def detach_exchange(self) -> None:
+        self.shared = None
+
+    def minibatch_step_shared(self, slot: int, m: int, seed: list[int], pool: int = 0) -> dict:
+        """`minibatch_step` with the centroids read from, and the sums written to, the exchange
+        buffers' `slot`; returns the touched count, the inertia and any re-seeding candidates."""
+        centroids, sums, ids = self.shared
+        out = self.minibatch_step(centroids[slot], m, seed, pool)
+        n = len(out["idx"])
+        sums[slot, :n] = out["sums"]
+        ids[slot, 0, :n] = out["idx"]
+        ids[slot, 1, :n] = out["counts"]
+        reply = {"touched": n, "inertia": out["inertia"]}
+        if "pool" in out:
+            reply["pool"] = out["pool"]
+        return reply
 
     def lloyd_step(self, centroids: np.ndarray) -> dict:
         """One full pass: dense per-centroid sums and counts of every owned row, and its inertia."""

@@ -72,7 +72,7 @@ def save_fit(run: RunDir, fit: FitResult, k: int, backend: str, precision: str) 
     run.write_bytes(buf.getvalue(), NAME, "centroids.npy")
     record = {
         "k": k, "iterations": fit.iterations, "fit_inertia": fit.inertia, "reseeded": fit.reseeded, "init": fit.init, "backend": backend,
-        "precision": precision,
+        "precision": precision, "exchange": fit.exchange,
         "fit_seconds": round(fit.seconds, 3), "init_seconds": round(fit.init_seconds, 3), "iterate_seconds": round(fit.seconds - fit.init_seconds, 3),
     }
     run.write_json(record, NAME, "fit.json")
@@ -146,6 +146,7 @@ def run(run: RunDir, cfg: ClusterConfig) -> StageResult:
         "iterations": int(record["iterations"]),
         "backend": record["backend"],
         "precision": record.get("precision", "float32"),
+        "exchange": record.get("exchange", "object-store"),
         "init": record["init"],
         "mode": cfg.mode,
         "metric": cfg.metric,

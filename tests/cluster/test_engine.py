@@ -3,6 +3,8 @@ re-seeding of empty clusters, determinism, k-means||. Spherical mode is covered 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from sklearn.cluster import KMeans
@@ -188,3 +190,39 @@ def test_stage_actors_run_without_numpy_huge_pages(blobs, ray_session):
         assert env == SHARD_ACTOR_ENV == {"NUMPY_MADVISE_HUGEPAGE": "0"}
     finally:
         ray_session.kill(actor)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_shared_memory_exchange_gives_the_object_store_result(blobs, overlap):
+    """The same-node exchange moves the same numbers: same seed, bit-identical centroids and
+    history; its files are gone after the fit."""
+    import glob
+
+    from rsdist.cluster.exchange import SHM_DIR
+
+    run, truth, actors, sizes = blobs
+    before = set(glob.glob(f"{SHM_DIR}/rsdist-kmeans-*"))
+    cfg = ClusterConfig(k=K, batch_size=256, max_iter=40, max_no_improvement=0, tol=0.0, seed=3, overlap=overlap)
+    shared = KMeansDriver(actors, sizes, K, cfg).fit()
+    store = KMeansDriver(actors, sizes, K, ClusterConfig(**{**cfg.__dict__, "shared_memory": False})).fit()
+    assert shared.exchange == "shared-memory" and store.exchange == "object-store"
+    np.testing.assert_array_equal(shared.centroids, store.centroids)
+    assert shared.history == store.history and shared.reseeded == store.reseeded
+    assert set(glob.glob(f"{SHM_DIR}/rsdist-kmeans-*")) == before
+
+
+def test_shared_exchange_only_on_one_node_and_when_it_fits(tmp_path):
+    from rsdist.cluster.exchange import buffer_bytes, open_shared_exchange
+
+    assert open_shared_exchange(["a", "b"], "a", 10, 4, folder=str(tmp_path)) is None  # an actor on another node
+    assert open_shared_exchange([], "a", 10, 4, folder=str(tmp_path)) is None
+    assert open_shared_exchange(["a"], "a", 10, 4, folder=str(tmp_path / "missing")) is None
+    assert open_shared_exchange(["a"], "a", 10**9, 4096, folder=str(tmp_path)) is None  # larger than a quarter of the free space
+    ex = open_shared_exchange(["a", "a"], "a", 10, 4, folder=str(tmp_path))
+    try:
+        assert sum(os.path.getsize(p) for p in ex.paths) == buffer_bytes(10, 4, 2)
+        ex.put_centroids(1, np.ones((10, 4), np.float32))
+        assert ex.centroids[1].sum() == 40 and ex.centroids[0].sum() == 0
+    finally:
+        ex.close()
+    assert list(tmp_path.iterdir()) == []

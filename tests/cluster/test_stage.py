@@ -114,3 +114,5 @@ def test_config_errors_name_the_field():
         ClusterConfig(precision="fp16")
     with pytest.raises(ConfigError, match=r"cluster.overlap: 'yes' must be true or false"):
         ClusterConfig(overlap="yes")
+    with pytest.raises(ConfigError, match=r"cluster.shared_memory: 1 must be true or false"):
+        ClusterConfig(shared_memory=1)
