@@ -13,7 +13,7 @@ Every pair is timed in the same run, on one torch thread (what a shard actor has
   decay vs `reuse_arrow_pages`;
 - huge pages: a `ShardActor` loading the same `units` units (its whole start: read, normalise,
   fill its matrix) in a fresh process, with numpy's default madvise of huge pages vs
-  `SHARD_ACTOR_ENV`. This one depends on the host (its THP setting and how fragmented its
+  `disable_numpy_huge_pages`. This one depends on the host (its THP setting and how fragmented its
   memory is); the JSON records the THP settings it ran under.
 """
 
@@ -93,25 +93,20 @@ def read_units(paths: list[str], reuse: bool) -> float:
     return time.perf_counter() - t0
 
 
-def in_fresh_process(fn, *args, env: dict | None = None):
-    """`fn(*args)` in a spawned process whose environment has `env` added (read at its imports)."""
-    saved = {name: os.environ.get(name) for name in env or {}}
-    os.environ.update(env or {})
-    try:
-        with multiprocessing.get_context("spawn").Pool(1) as pool:
-            return pool.apply(fn, args)
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+def in_fresh_process(fn, *args):
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
 
 
-def load_shard(run_uri: str) -> float:
-    """In a fresh process: seconds for a ShardActor to load every unit of `run_uri`'s features."""
+def load_shard(run_uri: str, huge_pages: bool) -> float:
+    """In a fresh process: seconds for a ShardActor to load every unit of `run_uri`'s features;
+    `huge_pages`: as before `disable_numpy_huge_pages` (the baseline)."""
+    from rsdist.cluster import shards
     from rsdist.cluster.shards import ShardActor, plan_units
     from rsdist.io.rundir import RunDir
+
+    if huge_pages:
+        shards.disable_numpy_huge_pages = lambda: False
 
     units = plan_units(RunDir(run_uri), "features")
     t0 = time.perf_counter()
@@ -133,7 +128,6 @@ def thp_settings() -> dict:
 def micro_bench(a: argparse.Namespace) -> dict:
     from rsdist.cluster.backends import TorchBackend
     from rsdist.cluster.engine import kmeans_pp, torch_threads
-    from rsdist.cluster.shards import SHARD_ACTOR_ENV
     from rsdist.io.rundir import compression
 
     rng = np.random.default_rng(a.seed)
@@ -171,8 +165,8 @@ def micro_bench(a: argparse.Namespace) -> dict:
         default_s = in_fresh_process(read_units, paths, False)
         reuse_s = in_fresh_process(read_units, paths, True)
         out["arrow_pages"] = {"units": a.units, "default_decay_s": round(default_s, 3), "reuse_s": round(reuse_s, 3), "ratio": round(default_s / max(reuse_s, 1e-9), 3)}
-        huge_s = in_fresh_process(load_shard, tmp, env={"NUMPY_MADVISE_HUGEPAGE": "1"})
-        plain_s = in_fresh_process(load_shard, tmp, env=SHARD_ACTOR_ENV)
-        out["huge_pages"] = {"rows": a.units * a.rows, "madvise_s": round(huge_s, 3), "shard_actor_env_s": round(plain_s, 3), "ratio": round(huge_s / max(plain_s, 1e-9), 3), "thp": thp_settings()}
+        huge_s = in_fresh_process(load_shard, tmp, True)
+        plain_s = in_fresh_process(load_shard, tmp, False)
+        out["huge_pages"] = {"rows": a.units * a.rows, "madvise_s": round(huge_s, 3), "no_huge_pages_s": round(plain_s, 3), "ratio": round(huge_s / max(plain_s, 1e-9), 3), "thp": thp_settings()}
     out["heap"] = in_fresh_process(update_faults, a.k, a.dim, a.batch)
     return out

@@ -10,6 +10,7 @@ of the k-means driver (mini-batch sums, full-pass sums, k-means|| rounds, sample
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import posixpath
@@ -198,13 +199,23 @@ def reuse_arrow_pages(decay_ms: int = ARROW_DECAY_MS) -> None:
         pass
 
 
-# numpy asks for transparent huge pages (madvise) for arrays of 4 MB and more; where the kernel's THP
-# defrag setting is "madvise" (a common default) each 2 MB fault may compact memory synchronously, and
-# on a host whose memory is fragmented filling the actor's matrix took 1.0-1.4 s instead of 0.5 s
-# (the whole 500,000 x 384 load 3.1-4.7 s instead of 2.0-2.4 s; `rsdist bench kmeans --micro`,
-# "huge_pages"). The matrix is written once and read in random rows, where 4 KiB pages cost nothing
-# measurable per iteration, so shard actors run without it.
-SHARD_ACTOR_ENV = {"NUMPY_MADVISE_HUGEPAGE": "0"}
+def disable_numpy_huge_pages() -> bool:
+    """Stop numpy asking for transparent huge pages (madvise) for its large arrays in this process;
+    return whether it asked before.
+
+    Where the kernel's THP defrag setting is "madvise" (a common default) each 2 MB fault may
+    compact memory synchronously, and on a host whose memory is fragmented a shard actor's load of
+    500,000 x 384 rows took 3.1-4.7 s instead of 1.9-2.4 s (`rsdist bench kmeans --micro`,
+    "huge_pages"). The matrix is written once and then read in random rows, where 4 KiB pages cost
+    nothing measurable per iteration. (numpy's switch is private but has been there since 1.20;
+    the environment variable NUMPY_MADVISE_HUGEPAGE does the same at import, but setting it for
+    an actor through a Ray runtime_env cost 0.4 s more to start the actors.)"""
+    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            return bool(importlib.import_module(module)._set_madvise_hugepage(False))
+        except (ImportError, AttributeError):
+            continue
+    return False
 
 
 class ShardActor:
@@ -214,6 +225,7 @@ class ShardActor:
     def __init__(self, run_uri: str, units: list[Unit], space: str, metric: str, backend: str, chunk_bytes: int, threads: int = 1, precision: str = "float32"):
         t0 = time.perf_counter()
         torch.set_num_threads(max(1, int(threads)))
+        disable_numpy_huge_pages()
         reuse_arrow_pages()
         import ray
 

@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from rsdist.cluster.engine import FitResult, KMeansDriver, auto_k
-from rsdist.cluster.shards import SHARD_ACTOR_ENV, ShardActor, Unit, plan_units, split_units
+from rsdist.cluster.shards import ShardActor, Unit, plan_units, split_units
 from rsdist.config import ClusterConfig
 from rsdist.io.rundir import RunDir
 from rsdist.stage import Resources, StageResult
@@ -60,7 +60,7 @@ def start_actors(run: RunDir, owners: list[list[Unit]], cfg: ClusterConfig, res:
     """One ShardActor per owner list; each reads its own units' training rows."""
     import ray
 
-    remote = ray.remote(ShardActor).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, runtime_env={"env_vars": SHARD_ACTOR_ENV})
+    remote = ray.remote(ShardActor).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus)
     threads = max(1, math.ceil(res.num_cpus))
     log.info("cluster: %d shard actors (%s CPU, %s GPU each) over %d units", len(owners), res.num_cpus, res.num_gpus, sum(map(len, owners)))
     return [remote.remote(run.uri, own, cfg.space, cfg.metric, cfg.backend, cfg.chunk_mb << 20, threads, cfg.precision) for own in owners]

@@ -114,7 +114,7 @@ def test_micro_bench_times_each_change_against_its_baseline():
         assert f["ratio"] == pytest.approx(f[f"{base}_ms"] / f[f"{new}_ms"], rel=0.01)
     assert fig["arrow_pages"]["units"] == 2 and fig["arrow_pages"]["reuse_s"] > 0
     huge = fig["huge_pages"]
-    assert huge["rows"] == 2 * 3000 and huge["madvise_s"] > 0 and huge["shard_actor_env_s"] > 0
+    assert huge["rows"] == 2 * 3000 and huge["madvise_s"] > 0 and huge["no_huge_pages_s"] > 0
     assert set(huge["thp"]) == {"enabled", "defrag"}
     from rsdist.cluster.engine import _glibc
 
