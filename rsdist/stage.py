@@ -50,8 +50,22 @@ def _default(f: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
+# Defaults that a release changed, as they were before: (dataclass name, field) -> old default.
+# A fingerprint counts a field that differs from this value, so a run directory made before the
+# change (where the old default was in force and so left out of the fingerprint) is not taken for
+# one made with the new default, and a setting that names the old value explicitly still matches it.
+FINGERPRINT_DEFAULTS: dict[tuple[str, str], Any] = {
+    ("SelectConfig", "method"): "shift",  # default "cluster-random" since the selection experiment (docs/results.md)
+}
+
+
+def _fingerprint_default(x: Any, f: dataclasses.Field) -> Any:
+    return FINGERPRINT_DEFAULTS.get((type(x).__name__, f.name), _default(f))
+
+
 def _settings(x: Any) -> Any:
-    """A dataclass as the fields that differ from their defaults (nested dataclasses likewise)."""
+    """A dataclass as the fields that differ from their defaults (nested dataclasses likewise);
+    for a default a release changed, from the old default (FINGERPRINT_DEFAULTS)."""
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
         out = {}
         for f in dataclasses.fields(x):
@@ -60,7 +74,7 @@ def _settings(x: Any) -> Any:
                 value = _settings(value)
                 if value:
                     out[f.name] = value
-            elif value != _default(f):
+            elif value != _fingerprint_default(x, f):
                 out[f.name] = value
         return out
     return x
@@ -70,7 +84,8 @@ def fingerprint(*parts: Any) -> str:
     """A short hash of settings and upstream fingerprints; equal inputs give equal fingerprints.
 
     Dataclass settings count by their non-default fields, so a release that adds a setting (at a
-    default that keeps the old behaviour) does not invalidate finished stages of existing runs.
+    default that keeps the old behaviour) does not invalidate finished stages of existing runs; a
+    release that changes a default records the old one in FINGERPRINT_DEFAULTS.
     """
     blob = json.dumps([_settings(p) for p in parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

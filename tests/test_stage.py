@@ -1,4 +1,5 @@
-from rsdist.stage import StageResult, completed, fingerprint, run_stage
+from rsdist.config import SelectConfig
+from rsdist.stage import StageResult, _settings, completed, fingerprint, run_stage
 
 
 def test_complete_stage_is_skipped_and_changed_settings_rerun(run_dir):
@@ -82,3 +83,12 @@ def test_fingerprint_counts_settings_by_their_non_default_fields():
     assert fingerprint(Old(a=2)) == fingerprint(New(a=2))
     assert fingerprint(New(b=[1])) != fingerprint(New())
     assert fingerprint(Old(a=2)) != fingerprint(Old())
+
+
+def test_a_changed_default_is_not_taken_for_the_old_one():
+    """select.method's default changed from 'shift': runs made before the change (whose fingerprint
+    left the then-default out) match an explicit 'shift', not the new default."""
+    assert _settings(SelectConfig(method="shift")) == {}
+    assert _settings(SelectConfig()) == {"method": "cluster-random"}
+    assert fingerprint(SelectConfig(method="shift")) == fingerprint(SelectConfig(method="shift", budget=1 / 3))
+    assert fingerprint(SelectConfig()) != fingerprint(SelectConfig(method="shift"))

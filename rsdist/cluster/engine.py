@@ -42,6 +42,11 @@ log = logging.getLogger("rsdist")
 
 KMEANS_PAR_ROUNDS = 5
 KMEANS_PP_MAX_K = 1000
+# k-means++ multiplies its whole sample by itself once when the product fits in this many bytes
+# (12,288 rows in bf16: 302 MB, 0.7 s on one thread), so each of its k steps gathers rows of it
+# instead of reading the sample again: 2.2 -> 1.0 s at k = 1,000 (`rsdist bench kmeans --micro`,
+# "kmeans_pp"). Larger samples (k-means|| candidates at large k, big init samples) step as before.
+KMEANS_PP_GRAM_BYTES = 512 << 20
 
 
 @dataclass
@@ -139,7 +144,8 @@ def torch_threads(n: int):
 
 
 def kmeans_pp(
-    x: np.ndarray, k: int, rng: np.random.Generator, metric: str, weights: np.ndarray | None = None, trials: int | None = None, bf16: bool = False
+    x: np.ndarray, k: int, rng: np.random.Generator, metric: str, weights: np.ndarray | None = None, trials: int | None = None, bf16: bool = False,
+    gram_bytes: int = KMEANS_PP_GRAM_BYTES,
 ) -> np.ndarray:
     """Greedy k-means++ (Arthur & Vassilvitskii; local trials as in scikit-learn) on rows `x`,
     optionally weighted; O(k x trials x n x d). Runs on one thread: its k sequential steps are
@@ -147,12 +153,14 @@ def kmeans_pp(
     pool on a busy host slowed it ~8x (34 s instead of 4 s at k = 1000 on 12,288 rows).
     `bf16`: the candidates' products read a bf16 copy of the rows (half the memory traffic: 0.7
     instead of 1.4 ms a step at 6,144 x 384, `rsdist bench kmeans --micro`); a product then carries
-    bf16's 8-bit mantissa, which shifts the sampling weights, not which rows can be drawn."""
+    bf16's 8-bit mantissa, which shifts the sampling weights, not which rows can be drawn.
+    When the sample's Gram matrix fits in `gram_bytes` it is computed once and the steps gather
+    its rows (KMEANS_PP_GRAM_BYTES)."""
     with torch_threads(1):
-        return _kmeans_pp(x, k, rng, metric, weights, trials, bf16)
+        return _kmeans_pp(x, k, rng, metric, weights, trials, bf16, gram_bytes)
 
 
-def _kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator, metric: str, weights: np.ndarray | None, trials: int | None, bf16: bool) -> np.ndarray:
+def _kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator, metric: str, weights: np.ndarray | None, trials: int | None, bf16: bool, gram_bytes: int) -> np.ndarray:
     n = len(x)
     if n < k:
         raise ValueError(f"k-means++ needs at least k = {k} rows, got {n}")
@@ -161,9 +169,11 @@ def _kmeans_pp(x: np.ndarray, k: int, rng: np.random.Generator, metric: str, wei
     trials = trials or 2 + int(math.log(k))
     x_sq = (xt * xt).sum(1, keepdim=True)
     xm = xt.to(torch.bfloat16) if bf16 else xt
+    gram = xm @ xm.t() if n * n * xm.element_size() <= gram_bytes else None
 
     def dists_to(rows: torch.Tensor) -> np.ndarray:
-        prod = (xm @ xm.index_select(0, rows).t()).float()
+        # the sample's Gram matrix is symmetric: row j of it is every row's product with row j
+        prod = (gram.index_select(0, rows).t() if gram is not None else xm @ xm.index_select(0, rows).t()).float()
         if metric == "cosine":
             return (1.0 - prod).clamp_(min=0.0).double().numpy()
         return (x_sq - 2.0 * prod + x_sq.index_select(0, rows).t()).clamp_(min=0.0).double().numpy()

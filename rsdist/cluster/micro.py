@@ -4,7 +4,10 @@ Every pair is timed in the same run, on one torch thread (what a shard actor has
 `repeats`:
 - assign: `TorchBackend.assign` of a `batch` x `dim` block against k centroids, float32 vs bf16;
 - gather: a mini-batch of random rows of a `rows` x `dim` matrix, `x[idx]` vs `index_select`;
-- k-means++: one greedy step (8 candidates) over a 3 x batch sample, float32 vs bf16 copy;
+- k-means++ step: one greedy step (8 candidates) over a 3 x batch sample, float32 vs bf16 copy
+  (the per-step products);
+- k-means++: the whole bf16 initialisation of k centroids on the stage's default sample
+  (max(3 x batch, 3k) rows), per-step products vs the sample's Gram matrix computed once;
 - read: one `rows` x `dim` parquet unit, zstd vs the uncompressed embeddings `RunDir.write_table`
   writes;
 - heap: page faults and ms of the driver's centroid update, in a fresh process, before and
@@ -144,9 +147,15 @@ def micro_bench(a: argparse.Namespace) -> dict:
         steps = 50  # k-means++ with k = steps: one step = one candidate round over the sample
 
         def pp_step_ms(bf16_copy: bool) -> float:
-            return round(best_ms(lambda: kmeans_pp(sample, steps, np.random.default_rng(0), "euclidean", trials=8, bf16=bf16_copy), a.repeats) / steps, 3)
+            return round(best_ms(lambda: kmeans_pp(sample, steps, np.random.default_rng(0), "euclidean", trials=8, bf16=bf16_copy, gram_bytes=0), a.repeats) / steps, 3)
 
         out["kmeans_pp_step"] = pair("float32", pp_step_ms(False), "bfloat16", pp_step_ms(True))
+        pp_sample = x[: min(a.rows, max(3 * a.batch, 3 * a.k))].numpy()  # the stage's default init sample
+
+        def pp_ms(gram_bytes: int) -> float:
+            return best_ms(lambda: kmeans_pp(pp_sample, a.k, np.random.default_rng(0), "euclidean", bf16=True, gram_bytes=gram_bytes), max(1, a.repeats // 5))
+
+        out["kmeans_pp"] = {"sample_rows": len(pp_sample), **pair("per_step_products", pp_ms(0), "gram", pp_ms(1 << 62))}
     with tempfile.TemporaryDirectory(prefix="rsdist-micro-") as tmp:
         table = unit_table(a.rows, a.dim, a.seed)
         zstd, plain = os.path.join(tmp, "zstd.parquet"), os.path.join(tmp, "plain.parquet")

@@ -113,6 +113,7 @@ def test_micro_bench_times_each_change_against_its_baseline():
         assert f[f"{base}_ms"] > 0 and f[f"{new}_ms"] > 0
         assert f["ratio"] == pytest.approx(f[f"{base}_ms"] / f[f"{new}_ms"], rel=0.01)
     assert fig["arrow_pages"]["units"] == 2 and fig["arrow_pages"]["reuse_s"] > 0
+    assert fig["kmeans_pp"]["sample_rows"] == 768 and fig["kmeans_pp"]["gram_ms"] > 0
     huge = fig["huge_pages"]
     assert huge["rows"] == 2 * 3000 and huge["madvise_s"] > 0 and huge["no_huge_pages_s"] > 0
     assert set(huge["thp"]) == {"enabled", "defrag"}

@@ -139,8 +139,20 @@ def test_bf16_kmeans_pp_seeds_every_blob_once():
     truth = rng.integers(0, 40, 4000)
     x = l2_normalise(centers[truth] + rng.standard_normal((4000, 32)).astype(np.float32) * 0.02)
     for metric in ("euclidean", "cosine"):
-        c = kmeans_pp(x, 40, np.random.default_rng(0), metric, bf16=True)
-        assert sorted(labels_of(c, centers)) == list(range(40))
+        for gram_bytes in (0, 1 << 40):  # per-step products, and the Gram matrix computed once
+            c = kmeans_pp(x, 40, np.random.default_rng(0), metric, bf16=True, gram_bytes=gram_bytes)
+            assert sorted(labels_of(c, centers)) == list(range(40))
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_kmeans_pp_gram_matrix_picks_the_rows_per_step_products_pick(metric):
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((900, 24)).astype(np.float32)
+    x = l2_normalise(x) if metric == "cosine" else x
+    weights = rng.random(900) + 0.5
+    per_step = kmeans_pp(x, 30, np.random.default_rng(1), metric, weights=weights, gram_bytes=0)
+    gram = kmeans_pp(x, 30, np.random.default_rng(1), metric, weights=weights, gram_bytes=1 << 40)
+    np.testing.assert_array_equal(per_step, gram)
 
 
 def test_helpers():
