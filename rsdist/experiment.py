@@ -8,8 +8,9 @@ directory `<out>/cells/<method>_b<budget>_s<seed>` that inherits those folders a
 selection, checkpoints and eval, so finished cells are skipped when the experiment is run again.
 
 Two training protocols: `epochs` (every cell trains the same number of epochs: the cost-saving
-view, time falls with the budget) and `steps` (epochs scaled by 1 / budget so every cell takes
-about as many optimiser steps as full data: the data-quality view).
+view, time falls with the budget; `epochs_by_budget` gives a budget its own count, e.g. each
+budget at its best schedule) and `steps` (epochs scaled by 1 / budget so every cell takes about
+as many optimiser steps as full data: the data-quality view).
 
 Output: results.json (every cell), table.md (mean and sd per method and budget, relative to full
 data, selection and training seconds), budget_curve.png (metric against budget per method).
@@ -42,6 +43,7 @@ class ExperimentConfig:
     budgets: list[float] = _help("Budgets as fractions of the training pool.", default_factory=lambda: [0.1, 0.2, 0.33])
     seeds: list[int] = _help("Seeds; each seeds both selection and training.", default_factory=lambda: [0, 1, 2])
     protocol: str = _help(f"Training protocol, one of {PROTOCOLS}.", default="epochs")
+    epochs_by_budget: dict = _help("`epochs` protocol: epochs per budget, {budget: epochs} (1 = full data), for each budget at its own schedule; a budget not listed trains train.epochs.", default_factory=dict)
     include_full: bool = _help("Also train on the full pool (the reference every cell is compared with).", default=True)
     metrics: list[str] = _help("Metrics the table and plot show.", default_factory=lambda: ["mR", "zero_shot_acc"])
 
@@ -53,9 +55,28 @@ class ExperimentConfig:
         if not self.seeds:
             raise ConfigError("experiment.seeds: must hold at least one seed")
         _choice("experiment.protocol", self.protocol, PROTOCOLS)
+        self.epochs_by_budget = self._epochs_by_budget(self.epochs_by_budget)
         if not self.metrics:
             raise ConfigError("experiment.metrics: must name at least one metric")
 
+
+    def _epochs_by_budget(self, mapping: Any) -> dict[float, int]:
+        if not isinstance(mapping, dict):
+            raise ConfigError(f"experiment.epochs_by_budget: {mapping!r} must be a mapping of budget to epochs")
+        if mapping and self.protocol != "epochs":
+            raise ConfigError(f"experiment.epochs_by_budget: only with protocol 'epochs' (the '{self.protocol}' protocol sets epochs from the budget)")
+        out = {}
+        for budget, epochs in mapping.items():
+            try:
+                b = float(budget)
+            except (TypeError, ValueError):
+                raise ConfigError(f"experiment.epochs_by_budget: key {budget!r} must be a budget fraction") from None
+            if b != 1 and b not in self.budgets:
+                raise ConfigError(f"experiment.epochs_by_budget: budget {budget!r} is not one of experiment.budgets {self.budgets} (or 1, full data)")
+            if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+                raise ConfigError(f"experiment.epochs_by_budget.{budget}: {epochs!r} must be a whole number of epochs >= 1")
+            out[b] = epochs
+        return out
 
     @staticmethod
     def _variant(entry: Any) -> dict:
@@ -99,7 +120,7 @@ def cell_name(method: str, budget: float, seed: int) -> str:
 def cell_config(cfg: RunConfig, exp: ExperimentConfig, variant: dict, budget: float, seed: int) -> RunConfig:
     """The run config of one cell; the variant {'label': 'full', 'method': 'random'} at budget 1 is full data."""
     settings = {k: v for k, v in variant.items() if k != "label"}
-    epochs = cfg.train.epochs
+    epochs = exp.epochs_by_budget.get(float(budget), cfg.train.epochs)
     if exp.protocol == "steps":
         epochs = max(1, math.ceil(cfg.train.epochs / budget))
     return dataclasses.replace(

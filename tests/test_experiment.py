@@ -32,6 +32,23 @@ def test_variants_and_protocols():
             ExperimentConfig(**bad)
 
 
+def test_epochs_by_budget_gives_each_budget_its_schedule():
+    cfg = config_from_dict({"run_dir": "/tmp/e", "train": {"epochs": 10}})
+    exp = ExperimentConfig(methods=["random"], budgets=[0.2, 0.33], epochs_by_budget={1: 2, "0.33": 5})
+    full = {"label": "full", "method": "random"}
+    assert cell_config(cfg, exp, full, 1.0, 0).train.epochs == 2
+    assert cell_config(cfg, exp, exp.methods[0], 0.33, 0).train.epochs == 5
+    assert cell_config(cfg, exp, exp.methods[0], 0.2, 0).train.epochs == 10  # not listed: train.epochs
+    for bad, message in (
+        ({"epochs_by_budget": {0.5: 3}}, r"budget 0.5 is not one of experiment.budgets"),
+        ({"epochs_by_budget": {0.2: 0}}, r"epochs_by_budget.0.2: 0 must be a whole number"),
+        ({"epochs_by_budget": {0.2: 3}, "protocol": "steps"}, r"only with protocol 'epochs'"),
+        ({"epochs_by_budget": [3]}, r"must be a mapping"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            ExperimentConfig(budgets=[0.2], **bad)
+
+
 @pytest.mark.slow
 def test_experiment_runs_cells_on_a_shared_base_and_resumes(ray_session, tmp_path):
     import yaml
