@@ -23,35 +23,18 @@ import sys
 
 import yaml
 
-from rsdist.config import ConfigError, RunConfig, config_from_dict, config_to_dict, load_config
+from rsdist.config import ConfigError, RunConfig, apply_sets, config_from_dict, config_to_dict, load_config
 from rsdist.pipeline import STAGE_NAMES
 
 BENCHES = {"ingest": "rsdist.io.bench", "features": "rsdist.features.bench", "kmeans": "rsdist.cluster.bench", "select": "rsdist.select.bench", "train": "rsdist.train.bench",
            "vlm-train": "rsdist.train.vlm_bench"}
 
 
-def _set(values: dict, dotted: str, raw: str) -> None:
-    """Apply one `section.field=value` override; the value is parsed as YAML (numbers, lists, ...)."""
-    keys = dotted.split(".")
-    node = values
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{dotted}: {k} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw)
-
-
 def build_config(path: str | None, overrides: dict[str, object], sets: list[str]) -> RunConfig:
     """Config file (or defaults) + CLI flags + --set overrides, validated once at the end."""
     values = config_to_dict(load_config(path)) if path else {}
-    for dotted, value in overrides.items():
-        if value is not None:
-            _set(values, dotted, yaml.safe_dump(value))
-    for item in sets:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected section.field=value")
-        key, raw = item.split("=", 1)
-        _set(values, key.strip(), raw)
+    apply_sets(values, [f"{dotted}={yaml.safe_dump(value)}" for dotted, value in overrides.items() if value is not None])
+    apply_sets(values, sets)
     return config_from_dict(values)
 
 

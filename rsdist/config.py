@@ -384,5 +384,22 @@ def load_config(path: str) -> RunConfig:
     return config_from_dict(values)
 
 
+def apply_sets(values: dict, items: list[str], form: str = "section.field=value") -> None:
+    """Apply `--set` overrides `dotted.key=value` to the settings dict `values` in place; each
+    value is parsed as YAML (numbers, lists, ...); `form` names the expected shape in errors."""
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected {form}")
+        dotted, raw = item.split("=", 1)
+        dotted = dotted.strip()
+        *parents, leaf = dotted.split(".")
+        node = values
+        for k in parents:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{dotted}: {k} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+
+
 def config_to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)

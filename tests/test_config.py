@@ -1,6 +1,6 @@
 import pytest
 
-from rsdist.config import ConfigError, RunConfig, config_from_dict, config_to_dict, load_config
+from rsdist.config import ConfigError, RunConfig, apply_sets, config_from_dict, config_to_dict, load_config
 
 
 def test_defaults_are_valid_and_round_trip():
@@ -52,3 +52,22 @@ def test_bad_yaml_is_one_line(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(str(p))
     assert str(p) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_set_overrides_parse_yaml_values_and_name_bad_items():
+    values = {"train": {"epochs": 3}}
+    apply_sets(values, ["train.epochs=5", " select.budget =0.2", "features.perturbations=[noise, crop]"])
+    assert values == {"train": {"epochs": 5}, "select": {"budget": 0.2}, "features": {"perturbations": ["noise", "crop"]}}
+    with pytest.raises(ConfigError, match=r"--set 'train.epochs': expected section.field=value"):
+        apply_sets(values, ["train.epochs"])
+    with pytest.raises(ConfigError, match=r"train.epochs.x: epochs is not a section"):
+        apply_sets(values, ["train.epochs.x=1"])
+
+
+def test_vlm_job_overrides_share_the_set_syntax():
+    from rsdist.train.vlm_job import load_job
+
+    job = load_job(None, ["train.vlm.lr=0.001", "train.vlm.epochs=2"], "vqa")
+    assert job.train.vlm.lr == 0.001 and job.train.vlm.epochs == 2 and job.eval.vlm.task == "vqa"
+    with pytest.raises(ConfigError, match=r"expected section.vlm.field=value"):
+        load_job(None, ["train.vlm.lr"], None)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from rsdist.config import ConfigError, RayConfig, _build, _help
+from rsdist.config import ConfigError, RayConfig, _build, _help, apply_sets
 from rsdist.eval.vlm import VlmEvalConfig
 from rsdist.train.vlm import VlmTrainConfig
 
@@ -39,16 +39,5 @@ def load_job(path: str | None, sets: list[str], task: str | None) -> VlmJobConfi
                 values = yaml.safe_load(f) or {}
             except yaml.YAMLError as e:
                 raise ConfigError(f"{path}: not valid YAML: {e}".splitlines()[0]) from None
-    overrides = ([f"eval.vlm.task={task}"] if task else []) + list(sets)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected section.vlm.field=value")
-        key, raw = item.split("=", 1)
-        node = values
-        *parents, leaf = key.strip().split(".")
-        for k in parents:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{key}: {k} is not a section")
-        node[leaf] = yaml.safe_load(raw)
+    apply_sets(values, ([f"eval.vlm.task={task}"] if task else []) + list(sets), form="section.vlm.field=value")
     return _build(VlmJobConfig, values, "")
