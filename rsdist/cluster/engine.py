@@ -81,19 +81,24 @@ def share(total: int, sizes: list[int]) -> list[int]:
     return out
 
 
-def merge_sparse(results: list[dict], dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Merge the actors' sparse (idx, sums, counts): the touched centroids, their summed rows and
-    counts. Each actor's idx holds distinct centroids, so one fancy-indexed add per actor is exact."""
-    touched, inverse = np.unique(np.concatenate([r["idx"] for r in results]), return_inverse=True)
-    sums = np.zeros((len(touched), dim), np.float64)
-    counts = np.zeros(len(touched), np.float64)
-    lo = 0
+def readable_tensor(a: np.ndarray, dtype) -> torch.Tensor:
+    """A tensor of `a` for reading; the object store's arrays are read-only, which torch warns
+    about, so those are copied."""
+    arr = np.asarray(a, dtype)
+    return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+
+
+def merge_sums(results: list[dict], acc: torch.Tensor) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
+    """Merge the actors' sparse (idx, sums, counts) in `acc` (k x d float32, zeroed here): the
+    touched centroids, their summed rows and their counts. Float32 like the rows (scikit-learn's
+    update also runs in the data's precision); each actor's idx holds distinct centroids."""
+    acc.zero_()
+    counts = np.zeros(acc.shape[0])
     for r in results:
-        at = inverse[lo : lo + len(r["idx"])]
-        sums[at] += r["sums"]
-        counts[at] += r["counts"]
-        lo += len(r["idx"])
-    return touched, sums, counts
+        acc.index_add_(0, readable_tensor(r["idx"], np.int64), readable_tensor(r["sums"], np.float32))
+        counts[r["idx"]] += r["counts"]
+    touched = np.flatnonzero(counts)
+    return touched, acc.index_select(0, torch.from_numpy(touched)), counts[touched]
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
@@ -209,6 +214,7 @@ class KMeansDriver:
         self.cfg = cfg
         self.rng = np.random.default_rng([cfg.seed, 7919])
         self.bf16 = matmul_dtype(cfg.precision, torch.device("cpu")) == torch.bfloat16  # the driver's own products (k-means++)
+        self._acc: torch.Tensor | None = None  # the mini-batch update's k x d accumulator, reused every iteration
 
     def _get(self, refs):
         import ray
@@ -283,15 +289,22 @@ class KMeansDriver:
         return res
 
     def _update_sculley(self, c: np.ndarray, v: np.ndarray, results: list[dict]) -> float:
-        touched, s, n = merge_sparse(results, c.shape[1])
+        """Move each touched centroid by eta_j = n_j / v_j towards its batch mean, in place in `c`
+        (float32, in torch on one thread: 1.5 instead of 3.5 ms at k = 1,000 in float64 numpy);
+        returns the mean movement over all k."""
+        if self._acc is None or tuple(self._acc.shape) != c.shape:
+            self._acc = torch.zeros(c.shape, dtype=torch.float32)
+        touched, sums, n = merge_sums(results, self._acc)
         v[touched] += n
-        eta = (n / v[touched])[:, None]
-        old = c[touched].astype(np.float64)
-        upd = old + eta * (s / n[:, None] - old)
+        rows = torch.from_numpy(touched)
+        ct = torch.from_numpy(c)
+        old = ct.index_select(0, rows)
+        mean = sums.div_(torch.from_numpy(n.astype(np.float32))[:, None])
+        new = torch.lerp(old, mean, torch.from_numpy((n / v[touched]).astype(np.float32))[:, None])
         if self.cfg.metric == "cosine":
-            upd = normalise_rows(upd)
-        c[touched] = upd
-        return float(np.linalg.norm(upd - old, axis=1).sum() / self.k)
+            new = new / torch.linalg.vector_norm(new, dim=1, keepdim=True).clamp_(min=1e-12)
+        ct.index_copy_(0, rows, new)
+        return float(torch.linalg.vector_norm(new - old, dim=1).sum()) / self.k
 
     def _starved(self, v: np.ndarray, batch: int) -> np.ndarray:
         """Centroids to re-seed: count below `reassign_ratio` x the largest, or zero; as scikit-learn,
@@ -327,7 +340,8 @@ class KMeansDriver:
     def _minibatch(self, c: np.ndarray) -> FitResult:
         exchange = self._open_exchange(c.shape[1]) if self.cfg.shared_memory else None
         try:
-            return self._minibatch_loop(c, exchange)
+            with torch_threads(1):  # the update's small ops: a second thread would only take CPU from the actors
+                return self._minibatch_loop(c, exchange)
         finally:
             if exchange is not None:
                 self._get([a.detach_exchange.remote() for a in self.actors])

@@ -11,7 +11,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
 from rsdist.cluster.bench import write_blob_features
-from rsdist.cluster.engine import KMeansDriver, _glibc, auto_k, heap_reuse, kmeans_pp, merge_sparse, share
+from rsdist.cluster.engine import KMeansDriver, _glibc, auto_k, heap_reuse, kmeans_pp, share
 from rsdist.cluster.shards import ShardActor, l2_normalise, plan_units, split_units, space_vectors
 from rsdist.config import ClusterConfig
 from rsdist.io.rundir import RunDir
@@ -164,7 +164,11 @@ def test_helpers():
     np.testing.assert_allclose(v[0], [0.6, 0.8])
 
 
-def test_merge_sparse_equals_dense_sums():
+def test_merge_sums_equals_dense_sums():
+    import torch
+
+    from rsdist.cluster.engine import merge_sums
+
     rng = np.random.default_rng(0)
     results, dense_s, dense_n = [], np.zeros((50, 6)), np.zeros(50)
     for _ in range(3):  # three actors, each with distinct centroids of its own, overlapping across actors
@@ -173,10 +177,34 @@ def test_merge_sparse_equals_dense_sums():
         results.append({"idx": idx, "sums": sums, "counts": counts})
         dense_s[idx] += sums
         dense_n[idx] += counts
-    touched, s, n = merge_sparse(results, 6)
+    acc = torch.full((50, 6), 7.0)  # stale contents are cleared
+    touched, s, n = merge_sums(results, acc)
     np.testing.assert_array_equal(touched, np.flatnonzero(dense_n))
-    np.testing.assert_allclose(s, dense_s[touched], rtol=1e-6)
+    np.testing.assert_allclose(s.numpy(), dense_s[touched], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(n, dense_n[touched])
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_sculley_update_moves_each_touched_centroid_by_its_learning_rate(metric):
+    rng = np.random.default_rng(1)
+    k, d = 12, 5
+    c = l2_normalise(rng.standard_normal((k, d)).astype(np.float32))
+    v = rng.integers(1, 20, k).astype(np.float64)
+    idx = np.array([0, 3, 7])
+    results = [{"idx": idx, "sums": rng.standard_normal((3, d)).astype(np.float32), "counts": np.array([2, 1, 4])}]
+    expect, v_expect = c.astype(np.float64), v.copy()
+    v_expect[idx] += results[0]["counts"]
+    eta = (results[0]["counts"] / v_expect[idx])[:, None]
+    expect[idx] += eta * (results[0]["sums"] / results[0]["counts"][:, None] - expect[idx])
+    if metric == "cosine":
+        expect[idx] = l2_normalise(expect[idx])
+    before = c.copy()
+    driver = KMeansDriver([], [], k, ClusterConfig(k=k, metric=metric))
+    movement = driver._update_sculley(c, v, results)
+    np.testing.assert_allclose(c, expect, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(c[[1, 2, 4]], before[[1, 2, 4]])  # untouched centroids stay
+    np.testing.assert_array_equal(v, v_expect)
+    assert movement == pytest.approx(np.linalg.norm(expect - before, axis=1).sum() / k, rel=1e-5)
 
 
 def test_reseed_candidates_follow_the_starved_count():
