@@ -206,11 +206,12 @@ def enable_gradient_checkpointing(model) -> None:
 
 
 # -- LoRA on the chosen parts ------------------------------------------------------------------------
-def lora_target_regex(parts: dict, cfg: VlmTrainConfig) -> str:
-    """One regex over full module names: LM targets, plus the vision blocks' linears when vision=lora."""
-    alternatives = [rf"{re.escape(parts['lm'])}\..*\.({'|'.join(map(re.escape, cfg.lm_targets))})"]
+def lora_target_regex(family, cfg: VlmTrainConfig) -> str:
+    """One regex over full module names: LM targets, plus the vision blocks' linears when vision=lora
+    (`family`: the model's `vlm_models.Family`, where its parts live)."""
+    alternatives = [rf"{re.escape(family.lm)}\..*\.({'|'.join(map(re.escape, cfg.lm_targets))})"]
     if cfg.vision == "lora":
-        alternatives.append(rf"{re.escape(parts['vision'])}\..*\.({'|'.join(parts['vision_linears'])})")
+        alternatives.append(rf"{re.escape(family.vision)}\..*\.({'|'.join(family.vision_linears)})")
     return "^(" + "|".join(alternatives) + ")$"
 
 
@@ -218,15 +219,14 @@ def apply_lora(model, cfg: VlmTrainConfig):
     """Freeze the model, add LoRA to the chosen parts, make the projector trainable when asked."""
     from peft import LoraConfig, get_peft_model
 
-    from rsdist.train.vlm_models import PARTS, family_of
+    from rsdist.train.vlm_models import family_of
 
-    family_of(model)  # a one-line error for an unsupported family
-    parts = PARTS[model.config.model_type]
-    pattern = lora_target_regex(parts, cfg)
+    family = family_of(model)  # a one-line error for an unsupported family
+    pattern = lora_target_regex(family, cfg)
     names = [n for n, _ in model.named_modules() if re.match(pattern, n)]
-    if not any(n.startswith(parts["lm"] + ".") for n in names):
-        raise ValueError(f"train.vlm.lm_targets: {', '.join(cfg.lm_targets)} match no module of the language model ({parts['lm']})")
-    modules_to_save = [parts["projector"].rsplit(".", 1)[-1]] if cfg.projector == "trainable" else None
+    if not any(n.startswith(family.lm + ".") for n in names):
+        raise ValueError(f"train.vlm.lm_targets: {', '.join(cfg.lm_targets)} match no module of the language model ({family.lm})")
+    modules_to_save = [family.projector.rsplit(".", 1)[-1]] if cfg.projector == "trainable" else None
     config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=pattern, modules_to_save=modules_to_save, bias="none")
     for p in model.parameters():
         p.requires_grad_(False)

@@ -106,8 +106,6 @@ FAMILIES = {
     "idefics3": Family(IDEFICS3_TEMPLATE, " ", "<end_of_utterance>", "model.vision_model.encoder.layers", "model.connector", "model.text_model", _CLIP_LINEARS),
     "smolvlm": Family(IDEFICS3_TEMPLATE, " ", "<end_of_utterance>", "model.vision_model.encoder.layers", "model.connector", "model.text_model", _CLIP_LINEARS),
 }
-# Part paths as plain dicts (what apply_lora reads).
-PARTS = {name: {"vision": f.vision, "projector": f.projector, "lm": f.lm, "vision_linears": f.vision_linears} for name, f in FAMILIES.items()}
 TINY = ("qwen2-vl-tiny", "llava-tiny", "llava-next-tiny", "idefics3-tiny")
 
 
