@@ -106,6 +106,12 @@ class RunDir:
         self._commit(tmp, final)
         return final
 
+    def write_local_folder(self, folder: str, *parts: str) -> None:
+        """Copy every file of the local `folder` (one level, e.g. a peft adapter) to `<run>/<parts>/`."""
+        for name in sorted(os.listdir(folder)):
+            with open(os.path.join(folder, name), "rb") as f:
+                self.write_bytes(f.read(), *parts, name)
+
     def write_json(self, obj: Any, *parts: str) -> str:
         return self.write_bytes(json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), *parts)
 

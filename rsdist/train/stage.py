@@ -106,10 +106,7 @@ def write_final(run: RunDir, checkpoint_dir: str, meta: dict) -> None:
         with open(os.path.join(checkpoint_dir, HARMA_FILE), "rb") as f:
             run.write_bytes(f.read(), STAGE, FINAL, HARMA_FILE)
     elif os.path.isdir(os.path.join(checkpoint_dir, ADAPTER_DIR)):
-        adapter = os.path.join(checkpoint_dir, ADAPTER_DIR)
-        for name in sorted(os.listdir(adapter)):
-            with open(os.path.join(adapter, name), "rb") as f:
-                run.write_bytes(f.read(), STAGE, FINAL, ADAPTER_DIR, name)
+        run.write_local_folder(os.path.join(checkpoint_dir, ADAPTER_DIR), STAGE, FINAL, ADAPTER_DIR)
     state = torch.load(os.path.join(checkpoint_dir, HEADS_FILE), map_location="cpu", weights_only=False)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, HEADS_FILE)

@@ -316,9 +316,7 @@ def run_vlm(run: RunDir, cfg: VlmTrainConfig) -> StageResult:
         with open(os.path.join(folder, STATE_FILE)) as f:
             state = json.load(f)
         run.remove(*STAGE, "final")
-        for name in sorted(os.listdir(os.path.join(folder, ADAPTER))):
-            with open(os.path.join(folder, ADAPTER, name), "rb") as f:
-                run.write_bytes(f.read(), *STAGE, "final", ADAPTER, name)
+        run.write_local_folder(os.path.join(folder, ADAPTER), *STAGE, "final", ADAPTER)
     meta = {**{k: result.metrics[k] for k in ("trainable_params", "total_params", "trainable_percent")}, "steps": state["step"], "epochs_done": state["epoch"],
             "history": state["history"], "train_rows": len(ids), "seconds": round(time.perf_counter() - started, 3), "settings": dataclasses.asdict(cfg)}
     run.write_json(meta, *STAGE, "final", "train_meta.json")

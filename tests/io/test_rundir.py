@@ -1,4 +1,4 @@
-"""RunDir's parquet layout: embeddings stored uncompressed, everything else zstd."""
+"""RunDir: the parquet layout (embeddings stored uncompressed, everything else zstd) and folder copies."""
 
 from __future__ import annotations
 
@@ -27,3 +27,14 @@ def test_float_vectors_are_stored_uncompressed_and_the_rest_zstd(tmp_path):
     codecs = {meta.column(i).path_in_schema.split(".")[0]: meta.column(i).compression for i in range(meta.num_columns)}
     assert codecs == {"sample_id": "ZSTD", "image_emb": "UNCOMPRESSED", "text_emb": "UNCOMPRESSED", "tokens": "ZSTD", "shift": "ZSTD"}
     assert run.read_table("features").equals(table)
+
+
+def test_write_local_folder_copies_every_file(tmp_path):
+    src = tmp_path / "adapter"
+    src.mkdir()
+    (src / "adapter_config.json").write_text("{}")
+    (src / "adapter_model.safetensors").write_bytes(b"\x00\x01")
+    run = RunDir("memory://rundir-folder-test")
+    run.write_local_folder(str(src), "checkpoints", "final", "adapter")
+    assert run.fs.cat(run.path("checkpoints", "final", "adapter", "adapter_model.safetensors")) == b"\x00\x01"
+    assert run.read_json("checkpoints", "final", "adapter", "adapter_config.json") == {}
