@@ -231,7 +231,7 @@ def plot_budget_curves(out: RunDir, table: list[dict], metric: str) -> str | Non
             ax.errorbar([r["budget"] for r in rows], [r[f"{metric}_mean"] for r in rows], yerr=[r[f"{metric}_sd"] for r in rows], marker="o", capsize=3, label=method)
     ax.set_xlabel("budget (fraction of the training pool)")
     ax.set_ylabel(metric)
-    ax.legend()
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)  # outside: with many methods it would hide the curves
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
