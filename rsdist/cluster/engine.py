@@ -355,8 +355,15 @@ class KMeansDriver:
 
         nodes = self._get([a.node_id.remote() for a in self.actors])
         exchange = open_shared_exchange(nodes, ray.get_runtime_context().get_node_id(), self.k, dim)
-        if exchange is not None:
+        if exchange is None:
+            return None
+        try:
             self._get([a.attach_exchange.remote(exchange.centroid_path, p, self.k, dim) for a, p in zip(self.actors, exchange.actor_prefixes)])
+        except ray.exceptions.RayTaskError as e:  # e.g. a driver that does not share the actors' /dev/shm (Ray Client)
+            log.warning("cluster: shard actors cannot map %s (%s); using the object store", exchange.centroid_path, str(e).splitlines()[-1])
+            self._get([a.detach_exchange.remote() for a in self.actors])
+            exchange.close()
+            return None
         return exchange
 
     def _minibatch_loop(self, c: np.ndarray, exchange: SharedExchange | None) -> FitResult:

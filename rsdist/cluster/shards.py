@@ -205,8 +205,8 @@ def disable_numpy_huge_pages() -> bool:
 
     Where the kernel's THP defrag setting is "madvise" (a common default) each 2 MB fault may
     compact memory synchronously, and on a host whose memory is fragmented a shard actor's load of
-    500,000 x 384 rows took 3.1-4.7 s instead of 1.9-2.4 s (`rsdist bench kmeans --micro`,
-    "huge_pages"). The matrix is written once and then read in random rows, where 4 KiB pages cost
+    500,000 x 384 rows took 4.2-4.4 s instead of 1.9-2.9 s (`rsdist bench kmeans --micro`,
+    "huge_pages", three runs). The matrix is written once and then read in random rows, where 4 KiB pages cost
     nothing measurable per iteration. (numpy's switch is private but has been there since 1.20;
     the environment variable NUMPY_MADVISE_HUGEPAGE does the same at import, but setting it for
     an actor through a Ray runtime_env cost 0.4 s more to start the actors.)"""

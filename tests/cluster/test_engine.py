@@ -263,3 +263,23 @@ def test_shared_exchange_only_on_one_node_and_when_it_fits(tmp_path):
     finally:
         ex.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_exchange_the_actors_cannot_map_falls_back_to_the_object_store(blobs, monkeypatch, tmp_path):
+    """Buffers the actors cannot open (as for a driver that does not share their /dev/shm): the
+    fit warns and uses the object store, with the same result."""
+    from rsdist.cluster import engine
+    from rsdist.cluster.exchange import open_shared_exchange
+
+    def unreachable(*args, **kwargs):
+        ex = open_shared_exchange(*args, **kwargs, folder=str(tmp_path))
+        ex.close()  # the files are gone before the actors map them
+        return ex
+
+    run, truth, actors, sizes = blobs
+    cfg = ClusterConfig(k=K, batch_size=256, max_iter=20, max_no_improvement=0, tol=0.0, seed=4)
+    store = KMeansDriver(actors, sizes, K, ClusterConfig(**{**cfg.__dict__, "shared_memory": False})).fit()
+    monkeypatch.setattr(engine, "open_shared_exchange", unreachable)
+    fallback = KMeansDriver(actors, sizes, K, cfg).fit()
+    assert fallback.exchange == "object-store"
+    np.testing.assert_array_equal(fallback.centroids, store.centroids)
