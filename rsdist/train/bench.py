@@ -8,6 +8,7 @@ batches, so the ratio is the saving of reusing the features stage's `image_emb`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -15,7 +16,8 @@ import torch
 
 from rsdist.models.dual import build_encoder
 from rsdist.train.loss import info_nce
-from rsdist.train.model import count_parameters, make_trainable
+from rsdist.config import TrainConfig
+from rsdist.train.model import count_parameters, make_tunable
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -25,6 +27,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps per path (after one warm-up step)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    p.add_argument("--method", default="lora", choices=["lora", "harma", "heads"], help="train.method (its other settings at their defaults); the JSON counts its trainable parameters")
     return p.parse_args(argv)
 
 
@@ -58,7 +61,9 @@ def bench(argv: list[str]) -> dict:
     args = _parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    encoder = make_trainable(build_encoder(args.encoder, embed_dim=256), 8, 16, 0.0, ["query", "key", "value"])
+    encoder = build_encoder(args.encoder, embed_dim=256)
+    full = count_parameters(encoder)[1]
+    encoder = make_tunable(encoder, {**dataclasses.asdict(TrainConfig()), "method": args.method})
     trainable, total = count_parameters(encoder)
     cached = _steps(encoder, args.batch_size, args.steps, args.image_size, cached=True)
     tower = _steps(encoder, args.batch_size, args.steps, args.image_size, cached=False)
@@ -67,8 +72,11 @@ def bench(argv: list[str]) -> dict:
         "batch_size": args.batch_size,
         "image_size": args.image_size,
         "torch_threads": torch.get_num_threads(),
+        "method": args.method,
         "trainable_params": trainable,
         "total_params": total,
+        "full_finetune_params": full,
+        "trainable_percent_of_full": round(100 * trainable / full, 2),
         "cached_step_s": round(cached, 4),
         "tower_step_s": round(tower, 4),
         "cached_rows_per_s": round(args.batch_size / cached, 2),
