@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import torch
 
 from rsdist.config import ConfigError, _choice, _help, _positive
-from rsdist.eval.vlm_metrics import TASKS, classification_metrics, match_class, normalize_answer, vqa_metrics
+from rsdist.eval.vlm_metrics import TASKS, classification_metrics, match_class, vqa_matches, vqa_metrics
 from rsdist.io.rundir import RunDir
 
 SCENE_PROMPT = "Classify the image from the following classes. Answer in one word or a short phrase."
@@ -235,8 +235,8 @@ def score(task: str, answers: list[str], scoring: dict) -> tuple[dict, dict]:
     if task == "scene":
         matched = [match_class(a, scoring["classes"]) for a in answers]
         return classification_metrics(answers, scoring["targets"], scoring["classes"]), {"matched": matched, "correct": [m == t for m, t in zip(matched, scoring["targets"])]}
-    correct = [normalize_answer(a) == normalize_answer(t) for a, t in zip(answers, scoring["targets"])]
-    return vqa_metrics(answers, scoring["targets"], scoring["types"]), {"question_type": scoring["types"], "correct": correct}
+    correct = vqa_matches(answers, scoring["targets"])
+    return vqa_metrics(correct, scoring["types"]), {"question_type": scoring["types"], "correct": correct}
 
 
 def run_vlm_eval(run: RunDir, cfg: VlmEvalConfig) -> dict:

@@ -59,16 +59,23 @@ def classification_metrics(answers: list[str], targets: list[str], classes: list
             "per_class": per_class}
 
 
-def vqa_metrics(answers: list[str], targets: list[str], types: list[str | None]) -> dict:
-    """Normalised exact-match accuracy overall and per question type, and the average over types
-    (how RSVQA reports it); rows without a type count under 'all'."""
-    if not len(answers) == len(targets) == len(types):
-        raise ValueError(f"vqa_metrics: {len(answers)} answers, {len(targets)} targets and {len(types)} types must be as many")
+def vqa_matches(answers: list[str], targets: list[str]) -> list[bool]:
+    """Per row: does the answer equal the target after normalisation (normalised exact match)."""
+    if len(answers) != len(targets):
+        raise ValueError(f"vqa_matches: {len(answers)} answers and {len(targets)} targets must be as many")
+    return [normalize_answer(a) == normalize_answer(t) for a, t in zip(answers, targets)]
+
+
+def vqa_metrics(matches: list[bool], types: list[str | None]) -> dict:
+    """Accuracy of the rows' matches (`vqa_matches`) overall and per question type, and the
+    average over types (how RSVQA reports it); rows without a type count under 'all'."""
+    if len(matches) != len(types):
+        raise ValueError(f"vqa_metrics: {len(matches)} matches and {len(types)} types must be as many")
     correct, count = defaultdict(int), defaultdict(int)
-    for answer, target, qtype in zip(answers, targets, types):
+    for match, qtype in zip(matches, types):
         kind = qtype or "all"
         count[kind] += 1
-        correct[kind] += normalize_answer(answer) == normalize_answer(target)
+        correct[kind] += bool(match)
     per_type = {t: {"accuracy": correct[t] / count[t], "correct": correct[t], "count": count[t]} for t in sorted(count)}
     total = sum(count.values())
     return {"accuracy": sum(correct.values()) / total if total else 0.0, "correct": sum(correct.values()), "count": total,

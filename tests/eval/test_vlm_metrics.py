@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rsdist.eval.vlm_metrics import classification_metrics, match_class, normalize_answer, vqa_metrics
+from rsdist.eval.vlm_metrics import classification_metrics, match_class, normalize_answer, vqa_matches, vqa_metrics
 
 CLASSES = ["airport", "dense residential", "residential", "baseball field", "forest"]
 
@@ -46,11 +46,15 @@ def test_vqa_metrics_by_hand():
     answers = ["Yes", "no", "two", "3", "rural.", "yes"]
     targets = ["yes", "yes", "2", "4", "Rural", "yes"]
     types = ["presence", "presence", "count", "count", "rural_urban", None]
-    m = vqa_metrics(answers, targets, types)
+    matches = vqa_matches(answers, targets)
+    assert matches == [True, False, True, False, True, True]
+    m = vqa_metrics(matches, types)
     # presence 1/2, count 1/2, rural_urban 1/1, all (no type) 1/1 -> overall 4/6, average (0.5 + 0.5 + 1 + 1) / 4
     assert m["correct"] == 4 and m["count"] == 6 and m["accuracy"] == pytest.approx(4 / 6)
     assert m["per_type"]["presence"] == {"accuracy": 0.5, "correct": 1, "count": 2}
     assert m["per_type"]["rural_urban"]["accuracy"] == 1.0 and m["per_type"]["all"]["count"] == 1
     assert m["average_over_types"] == pytest.approx(0.75)
     with pytest.raises(ValueError, match="must be as many"):
-        vqa_metrics(["a"], ["a", "b"], [None])
+        vqa_matches(["a"], ["a", "b"])
+    with pytest.raises(ValueError, match="must be as many"):
+        vqa_metrics([True], [None, None])
