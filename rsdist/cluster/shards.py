@@ -209,7 +209,7 @@ def disable_numpy_huge_pages() -> bool:
     "huge_pages", three runs). The matrix is written once and then read in random rows, where 4 KiB pages cost
     nothing measurable per iteration. (numpy's switch is private but has been there since 1.20;
     the environment variable NUMPY_MADVISE_HUGEPAGE does the same at import, but setting it for
-    an actor through a Ray runtime_env cost 0.4 s more to start the actors.)"""
+    an actor takes a Ray runtime_env, which gives each actor a worker process of its own to start.)"""
     for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
         try:
             return bool(importlib.import_module(module)._set_madvise_hugepage(False))

@@ -101,18 +101,15 @@ def test_bad_embeddings_name_the_row():
         train_rows(pa.table({"sample_id": ["a"]}), where)
 
 
-def test_config_errors_name_the_field():
-    with pytest.raises(ConfigError, match=r"cluster.metric: 'manhattan' is not one of: euclidean, cosine"):
-        ClusterConfig(metric="manhattan")
-    with pytest.raises(ConfigError, match=r"cluster.mode"):
-        ClusterConfig(mode="full")
-    with pytest.raises(ConfigError, match=r"cluster.backend"):
-        ClusterConfig(backend="jax")
-    with pytest.raises(ConfigError, match=r"cluster.reassign_ratio"):
-        ClusterConfig(reassign_ratio=1.5)
-    with pytest.raises(ConfigError, match=r"cluster.precision: 'fp16' is not one of: auto, float32, bfloat16"):
-        ClusterConfig(precision="fp16")
-    with pytest.raises(ConfigError, match=r"cluster.overlap: 'yes' must be true or false"):
-        ClusterConfig(overlap="yes")
-    with pytest.raises(ConfigError, match=r"cluster.shared_memory: 1 must be true or false"):
-        ClusterConfig(shared_memory=1)
+@pytest.mark.parametrize("setting,message", [
+    ({"metric": "manhattan"}, r"cluster.metric: 'manhattan' is not one of: euclidean, cosine"),
+    ({"mode": "full"}, r"cluster.mode"),
+    ({"backend": "jax"}, r"cluster.backend"),
+    ({"reassign_ratio": 1.5}, r"cluster.reassign_ratio"),
+    ({"precision": "fp16"}, r"cluster.precision: 'fp16' is not one of: auto, float32, bfloat16"),
+    ({"overlap": "yes"}, r"cluster.overlap: 'yes' must be true or false"),
+    ({"shared_memory": 1}, r"cluster.shared_memory: 1 must be true or false"),
+])
+def test_config_errors_name_the_field(setting, message):
+    with pytest.raises(ConfigError, match=message):
+        ClusterConfig(**setting)
