@@ -144,6 +144,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run directory (default: a temporary folder); blobs already there with the same flags are reused")
     p.add_argument("--skip-sklearn", action="store_true")
+    p.add_argument("--rounds", type=int, default=1, help="time each side this many times, alternating which goes first; figures from each side's median round")
     m = p.add_argument_group("--micro: the per-change figures of docs/cluster.md (rsdist/cluster/micro.py)")
     m.add_argument("--micro", action="store_true", help="time each change against its baseline instead of the stage against scikit-learn")
     m.add_argument("--repeats", type=int, default=5, help="timed repeats per figure (the best is kept)")
@@ -168,20 +169,68 @@ def bench(argv: list[str]) -> dict:
 
 
 def stage_bench(a: argparse.Namespace) -> dict:
+    """The cluster stage against scikit-learn on the same blobs; with `--rounds N`, N timings of each
+    side, alternating which goes first, and the ratio of the medians (one run's ratio moves with
+    whatever else the machine is doing)."""
     import ray
-    from sklearn.metrics import adjusted_rand_score
 
-    from rsdist.cluster.stage import run as cluster_run
-    from rsdist.config import ClusterConfig
     from rsdist.raycluster import init_ray
 
     tmp = None if a.out else tempfile.TemporaryDirectory(prefix="rsdist-kmeans-")
     run = RunDir(a.out or tmp.name)
     truth = blob_features(run, a)
-
     started_ray = not ray.is_initialized()
     init_ray()
     init_sample = max(3 * a.batch, 3 * a.k)
+    x_in_memory = None if a.skip_sklearn else read_matrix(run)
+    ours, theirs = [], []
+    for r in range(a.rounds):
+        sides = ["rsdist", "sklearn"] if r % 2 == 0 else ["sklearn", "rsdist"]
+        for side in sides:
+            if side == "rsdist":
+                ours.append(rsdist_figures(run, a, truth, init_sample))
+            elif x_in_memory is not None:
+                theirs.append(sklearn_figures(a, x_in_memory, truth, init_sample))
+    if started_ray:
+        ray.shutdown()
+    out = {
+        "rows": a.rows, "dim": a.dim, "k": a.k, "batch": a.batch, "mode": a.mode, "actors": a.actors, "cpus_per_actor": a.cpus_per_actor,
+        "timed": {
+            "rsdist": "whole cluster stage: actor start-up + parquet read (read), k-means++ on the sample (init), iterations (iterate), labelling pass writing parquet (label)",
+            "sklearn": "MiniBatchKMeans.fit on the in-memory matrix, including its final labels_/inertia_ pass; the parquet read is not timed",
+        },
+        **median_round(ours),
+    }
+    if theirs:
+        out.update(median_round(theirs))
+        out.update(
+            wall_ratio=round(out["rsdist_seconds"] / out["sklearn_seconds"], 4),
+            fit_wall_ratio=round(out["rsdist_fit_seconds"] / out["sklearn_seconds"], 4),
+            inertia_ratio=round(out["rsdist_inertia"] / out["sklearn_inertia"], 5),
+        )
+        if a.rounds > 1:
+            out["rounds"] = a.rounds
+            out["round_wall_ratios"] = [round(o["rsdist_seconds"] / t["sklearn_seconds"], 4) for o, t in zip(ours, theirs)]
+    if tmp is not None:
+        tmp.cleanup()
+    return out
+
+
+def median_round(rounds: list[dict]) -> dict:
+    """One side's figures from the round with its median wall time, plus every round's time."""
+    key = "rsdist_seconds" if "rsdist_seconds" in rounds[0] else "sklearn_seconds"
+    times = [r[key] for r in rounds]
+    middle = sorted(rounds, key=lambda r: r[key])[(len(rounds) - 1) // 2]
+    return {**middle, f"{key.split('_')[0]}_round_seconds": times} if len(rounds) > 1 else middle
+
+
+def rsdist_figures(run: RunDir, a: argparse.Namespace, truth: np.ndarray, init_sample: int) -> dict:
+    """One timed run of the whole cluster stage on the blobs in `run`."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from rsdist.cluster.stage import run as cluster_run
+    from rsdist.config import ClusterConfig
+
     max_iter = max(1, a.epochs * a.rows // a.batch)
     cfg = ClusterConfig(
         k=a.k, space="image", mode=a.mode, batch_size=a.batch, max_iter=max_iter if a.mode == "minibatch" else a.epochs,
@@ -194,33 +243,16 @@ def stage_bench(a: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     res = cluster_run(run, cfg)
     ours_s = time.perf_counter() - t0
-    if started_ray:
-        ray.shutdown()
     x = res.extra
     ours_ari = adjusted_rand_score(truth, stage_labels(run, a.rows))
     split = {p: x[f"{p}_seconds"] for p in ("read", "init", "iterate", "label")}
     print(f"rsdist: {ours_s:.1f}s ({', '.join(f'{p} {v:.1f}s' for p, v in split.items())}; {x['iterations']} iterations), inertia {x['inertia']:.6g}, ARI {ours_ari:.4f}", file=sys.stderr)
-    out = {
-        "rows": a.rows, "dim": a.dim, "k": a.k, "batch": a.batch, "mode": a.mode, "actors": a.actors, "cpus_per_actor": a.cpus_per_actor,
-        "timed": {
-            "rsdist": "whole cluster stage: actor start-up + parquet read (read), k-means++ on the sample (init), iterations (iterate), labelling pass writing parquet (label)",
-            "sklearn": "MiniBatchKMeans.fit on the in-memory matrix, including its final labels_/inertia_ pass; the parquet read is not timed",
-        },
+    return {
         "rsdist_seconds": round(ours_s, 3), "rsdist_split_seconds": split, "rsdist_read_only_seconds": x["read_only_seconds"],
         "rsdist_fit_seconds": x["fit_seconds"], "rsdist_iterations": x["iterations"],
         "rsdist_inertia": x["inertia"], "rsdist_ari": round(float(ours_ari), 5), "rsdist_backend": x["backend"], "rsdist_precision": x["precision"], "rsdist_overlap": not a.no_overlap,
         "rsdist_exchange": x.get("exchange", "object-store"),
     }
-    if not a.skip_sklearn:
-        out.update(sklearn_figures(a, read_matrix(run), truth, init_sample))
-        out.update(
-            wall_ratio=round(ours_s / out["sklearn_seconds"], 4),
-            fit_wall_ratio=round(x["fit_seconds"] / out["sklearn_seconds"], 4),
-            inertia_ratio=round(x["inertia"] / out["sklearn_inertia"], 5),
-        )
-    if tmp is not None:
-        tmp.cleanup()
-    return out
 
 
 def sklearn_figures(a: argparse.Namespace, x: np.ndarray, truth: np.ndarray, init_sample: int) -> dict:
