@@ -1,4 +1,4 @@
-"""`caption-diversity`: spend each cluster's quota on the images whose captions say the most.
+"""`caption-diversity` and `caption-typicality`: spend each cluster's quota by what the captions say.
 
 Caption pools are redundant on the text side: in RSICD, 54% of images repeat one sentence five
 times and the most common sentence describes 101 different images. An image whose captions are
@@ -12,6 +12,11 @@ counts 1 and a sentence shared by 100 images counts 0.01. The budget is split ov
 the quota rule (proportional keeps the scene mix of the pool), and each cluster keeps its
 highest-scoring images (`select.keep: lowest` keeps the most repeated captions instead, `both`
 takes the two ends in turn); equal scores are ordered by a seeded random draw.
+
+`caption-typicality` scores an image by how typical its caption words are of its cluster: the mean
+over its distinct words of the word's log lift in the cluster (`caption_typicality`). The highest
+are images whose text and picture agree on what the cluster is about (a stadium described with
+"stadium", "playground", "track"); the lowest are described by words the cluster rarely uses.
 """
 
 from __future__ import annotations
@@ -56,10 +61,11 @@ def alternate_ends(groups: np.ndarray, key: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def caption_diversity_select(k: int, groups: np.ndarray, information: np.ndarray, budget: int, quota: str, seed: int, keep: str = "highest") -> Selection:
-    """Per-cluster quotas, then by `keep` of the caption information in each cluster (seeded ties):
-    'highest' = the most informative captions, 'lowest' = the most repeated ones, 'both' = the two
-    ends in turn (canonical and specific descriptions of each scene type)."""
+def caption_select(k: int, groups: np.ndarray, information: np.ndarray, budget: int, quota: str, seed: int, keep: str = "highest", what: str = "caption information") -> Selection:
+    """Per-cluster quotas, then by `keep` of a caption score (`what`) in each cluster (seeded ties).
+    For the caption information: 'highest' = the most informative captions, 'lowest' = the most
+    repeated ones, 'both' = the two ends in turn (canonical and specific descriptions of each scene
+    type)."""
     if keep not in ("highest", "lowest", "both"):
         raise ValueError(f"keep {keep!r} is not one of: highest, lowest, both")
     information = np.asarray(information, dtype=np.float64)
@@ -72,6 +78,39 @@ def caption_diversity_select(k: int, groups: np.ndarray, information: np.ndarray
     selected, rank = top_per_group(groups, key, quotas)
     reason = np.empty(len(groups), dtype=object)
     for i in range(len(groups)):
-        where = f"caption information {information[i]:.3f}, rank {rank[i] + 1} in cluster, quota {quotas[groups[i]]}"
+        where = f"{what} {information[i]:.3f}, rank {rank[i] + 1} in cluster, quota {quotas[groups[i]]}"
         reason[i] = f"kept: {where}" if selected[i] else f"dropped: {where}"
     return Selection(selected, information.astype(np.float32), reason, quotas)
+
+
+
+_WORD = re.compile(r"[a-z]+")
+
+
+def caption_words(captions: Sequence[Sequence[str]]) -> list[list[str]]:
+    """The distinct lowercase words of each image's captions, sorted."""
+    return [sorted({w for c in caps if c for w in _WORD.findall(c.lower())}) for caps in captions]
+
+
+def caption_typicality(captions: Sequence[Sequence[str]], groups: np.ndarray, k: int) -> np.ndarray:
+    """Per image, the mean over its distinct caption words w of log(P(w | its cluster) / P(w)).
+
+    P(w | cluster) is the share of the cluster's images whose captions use w, P(w) the same share
+    over the pool (each with one added to the number of images). Words no other pool image uses
+    are left out: one image is no evidence of what a cluster is about. An image with no shared
+    words scores 0.
+    """
+    groups = np.asarray(groups, dtype=np.int64)
+    words = caption_words(captions)
+    vocab = {w: j for j, w in enumerate(sorted({w for ws in words for w in ws}))}
+    rows = np.repeat(np.arange(len(words)), [len(ws) for ws in words])
+    cols = np.array([vocab[w] for ws in words for w in ws], dtype=np.int64)
+    in_cluster = np.zeros((k, len(vocab)), dtype=np.float64)
+    np.add.at(in_cluster, (groups[rows], cols), 1.0)
+    in_pool = in_cluster.sum(axis=0)
+    shared = in_pool[cols] >= 2
+    rows, cols = rows[shared], cols[shared]
+    sizes = np.bincount(groups, minlength=k).astype(np.float64)
+    lift = np.log(in_cluster[groups[rows], cols] / (sizes[groups[rows]] + 1)) - np.log(in_pool[cols] / (len(groups) + 1))
+    n_words = np.bincount(rows, minlength=len(words)).astype(np.float64)
+    return np.bincount(rows, weights=lift, minlength=len(words)) / np.maximum(n_words, 1.0)

@@ -155,8 +155,12 @@ def coincide_select(
     seed: int = 0,
     use_ray: bool = False,
     parts: int = 4,
+    quotas: np.ndarray | None = None,
 ) -> Selection:
-    """COINCIDE over unit rows `x` with cluster indices `groups` (0..k-1)."""
+    """COINCIDE over unit rows `x` with cluster indices `groups` (0..k-1). Given per-cluster
+    `quotas`, those replace the quotas from the cluster probabilities (greedy MMD inside each
+    cluster only)."""
+    given = quotas
     sizes = np.bincount(groups, minlength=k)
     members = members_of(groups, k)
     chunks = _chunks(sizes, parts)
@@ -171,7 +175,10 @@ def coincide_select(
         dens[chunk] = out
     s = transferability(centroids_of(x, groups, k), max_cosine)
     p = cluster_probabilities(s, dens, tau)
-    quotas, visit = sequential_quotas(p, sizes, budget)
+    if quotas is None:
+        quotas, visit = sequential_quotas(p, sizes, budget)
+    else:
+        visit = np.arange(k)
     log.info("coincide: %d clusters, %d take a share, P max %.3g", k, int((quotas > 0).sum()), float(p.max()))
 
     selected = np.zeros(len(groups), dtype=bool)
@@ -195,5 +202,5 @@ def coincide_select(
             reason[i] = f"kept: whole cluster taken ({where})"
         else:
             reason[i] = f"kept: greedy MMD pick {pick_rank[i] + 1} ({where})"
-    info = {"tau": tau, "clusters_used": int((quotas > 0).sum())}
+    info = {"tau": tau, "clusters_used": int((quotas > 0).sum()), "quotas_from": "cluster probabilities" if given is None else "select.quota"}
     return Selection(selected, p[groups].astype(np.float32), reason, quotas, info)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rsdist.select.budget import top_global
+from rsdist.select.budget import top_global, top_per_group
 from rsdist.select.strategies import Selection
 
 
@@ -105,16 +105,23 @@ def leverage_scores(x: np.ndarray, sub: Subspace) -> np.ndarray:
     return np.einsum("ij,ij->i", z, z)
 
 
-def scalselect_select(k: int, groups: np.ndarray, scores: np.ndarray, budget: int, sub: Subspace) -> Selection:
-    """Keep the `budget` rows of highest leverage over the whole pool (the paper's global top-B)."""
-    selected = top_global(scores, budget)
-    order = np.lexsort((np.arange(len(scores)), -scores))
-    rank = np.empty(len(scores), dtype=np.int64)
-    rank[order] = np.arange(len(scores))
+def scalselect_select(k: int, groups: np.ndarray, scores: np.ndarray, budget: int, sub: Subspace, quotas: np.ndarray | None = None) -> Selection:
+    """Keep the `budget` rows of highest leverage over the whole pool (the paper's global top-B), or,
+    given per-cluster `quotas`, the highest-leverage rows of each cluster."""
+    if quotas is None:
+        selected = top_global(scores, budget)
+        order = np.lexsort((np.arange(len(scores)), -scores))
+        rank = np.empty(len(scores), dtype=np.int64)
+        rank[order] = np.arange(len(scores))
+        where = ""
+    else:
+        selected, rank = top_per_group(groups, scores, quotas)
+        where = " in cluster"
     reason = np.empty(len(scores), dtype=object)
     for i in range(len(scores)):
-        what = f"leverage rank {rank[i] + 1} (k={sub.k}, energy {sub.energy:.3f})"
+        what = f"leverage rank {rank[i] + 1}{where} (k={sub.k}, energy {sub.energy:.3f})"
         reason[i] = f"kept: {what}" if selected[i] else f"dropped: {what} outside the budget"
-    quotas = np.bincount(groups[selected], minlength=k)
+    if quotas is None:
+        quotas = np.bincount(groups[selected], minlength=k)
     info = {"rank_k": sub.k, "energy_held": round(sub.energy, 6)}
     return Selection(selected, scores.astype(np.float32), reason, quotas, info)

@@ -5,7 +5,8 @@ Input:
   <run>/features/part-*.parquet   only the columns the method needs: `shift` (or one `shift_<name>`)
                                   for `shift`; the embedding of `space` for coincide, scalselect,
                                   semdedup, error-driven and the near-duplicate filter
-  <run>/shards/part-*.parquet     caption-diversity only: sample_id, captions (text when empty)
+  <run>/shards/part-*.parquet     caption-diversity and caption-typicality only: sample_id, captions
+                                  (text when empty)
   failures parquet                error-driven only (see SelectConfig.failures)
 Output:
   <run>/selection/manifest.parquet  one row per pool sample, sorted by sample_id: sample_id string,
@@ -32,12 +33,12 @@ import pyarrow.parquet as pq
 from rsdist.config import SelectConfig
 from rsdist.io.rundir import RunDir
 from rsdist.select.budget import budget_count
-from rsdist.select.captions import caption_diversity_select, caption_information
+from rsdist.select.captions import caption_information, caption_select, caption_typicality
 from rsdist.select.coincide import coincide_select
 from rsdist.select.error_driven import error_driven_select, load_teacher
 from rsdist.select.scalselect import GramAccumulator, dominant_subspace, leverage_scores, scalselect_select
 from rsdist.select.semdedup import redundancy, semdedup_select, with_dedup_filter
-from rsdist.select.strategies import Selection, cluster_random_select, group_index, random_select, shift_select
+from rsdist.select.strategies import Selection, cluster_quotas, cluster_random_select, group_index, random_select, shift_select
 from rsdist.stage import Resources, StageResult
 from rsdist.train.data import caption_rows
 
@@ -225,6 +226,8 @@ def choose(run: RunDir, pool: Pool, cfg: SelectConfig, budget: int) -> Selection
         lev_scores, sub = streamed_leverage(run, pool, cfg.space, cfg.energy)
     if method == "caption-diversity":
         information, distinct = caption_information(pool_captions(run, pool))
+    if method == "caption-typicality":
+        typicality = caption_typicality(pool_captions(run, pool), pool.groups, pool.k)
     red = redundancy(x, pool.groups, cfg.dedup_keep) if (method == "semdedup" or cfg.dedup_threshold is not None) else None
 
     def strategy(rows: np.ndarray, b: int) -> Selection:
@@ -236,11 +239,13 @@ def choose(run: RunDir, pool: Pool, cfg: SelectConfig, budget: int) -> Selection
         if method == "shift":
             return shift_select(k, g, shift[rows], b, cfg.quota, cfg.keep)
         if method == "scalselect":
-            return scalselect_select(k, g, lev_scores[rows], b, sub)
+            return scalselect_select(k, g, lev_scores[rows], b, sub, cluster_quotas(g, k, b, cfg.quota) if cfg.within_clusters else None)
         if method == "caption-diversity":
-            sel = caption_diversity_select(k, g, information[rows], b, cfg.quota, cfg.seed, cfg.keep)
+            sel = caption_select(k, g, information[rows], b, cfg.quota, cfg.seed, cfg.keep)
             sel.info.update(distinct_captions_pool=int(distinct[rows].sum()), distinct_captions_selected=int(distinct[rows][sel.selected].sum()))
             return sel
+        if method == "caption-typicality":
+            return caption_select(k, g, typicality[rows], b, cfg.quota, cfg.seed, cfg.keep, what="caption typicality")
         if method == "semdedup":
             sub_red = type(red)(red.max_cos[rows], red.duplicate_of[rows])
             return semdedup_select(k, g, sub_red, b, ids)
@@ -249,7 +254,8 @@ def choose(run: RunDir, pool: Pool, cfg: SelectConfig, budget: int) -> Selection
 
             init_ray()
             parts = cfg.num_tasks or max(1, int(2 * cluster_cpus()))
-            return coincide_select(x[rows], g, k, b, cfg.tau, cfg.max_cosine, cfg.density_rows, cfg.seed, use_ray=True, parts=parts)
+            quotas = cluster_quotas(g, k, b, cfg.quota) if cfg.within_clusters else None
+            return coincide_select(x[rows], g, k, b, cfg.tau, cfg.max_cosine, cfg.density_rows, cfg.seed, use_ray=True, parts=parts, quotas=quotas)
         if method == "error-driven":
             fx, fids, fw = read_failures(run, cfg)
             if fx.shape[1] != x.shape[1]:

@@ -85,3 +85,12 @@ def test_ray_tasks_give_the_same_selection_as_local(ray_session):
     remote = coincide_select(x, groups, 2, 25, use_ray=True, parts=2)
     assert np.array_equal(local.selected, remote.selected)
     assert list(local.reason) == list(remote.reason)
+
+
+def test_given_quotas_replace_the_cluster_probabilities():
+    x, groups = two_clusters()
+    sel = coincide_select(x, groups, 2, 20, tau=0.1, quotas=np.array([15, 5]))
+    assert np.bincount(groups[sel.selected], minlength=2).tolist() == [15, 5]
+    assert sel.info["quotas_from"] == "select.quota"
+    inside = greedy_mmd(x[60:], 5)  # the picks inside a cluster are still COINCIDE's greedy MMD
+    assert set(np.flatnonzero(sel.selected[60:])) == set(inside.tolist())

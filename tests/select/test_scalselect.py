@@ -61,3 +61,19 @@ def test_leverage_outlier_is_kept():
     sel = scalselect_select(1, groups, scores, 5, sub)
     assert sel.selected[17] and sel.count == 5
     assert int(np.argmax(scores)) == 17
+
+
+def test_within_clusters_keeps_each_clusters_highest_leverage():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(120, 4)) * np.array([3.0, 1.0, 1.0, 1.0])
+    groups = np.repeat([0, 1, 2], 40)
+    x[groups == 2] *= 0.1  # a tight cluster: the global top-B leaves it out
+    scores, sub = streamed(x, 0.99, batch=32)
+    assert scalselect_select(3, groups, scores, 30, sub).selected[groups == 2].sum() == 0
+    quotas = np.array([10, 10, 10])
+    sel = scalselect_select(3, groups, scores, 30, sub, quotas)
+    assert np.bincount(groups[sel.selected], minlength=3).tolist() == [10, 10, 10]
+    for g in range(3):
+        rows = np.flatnonzero(groups == g)
+        assert set(rows[np.argsort(-scores[rows])[:10]]) == set(np.flatnonzero(sel.selected & (groups == g)))
+    assert sel.quotas.tolist() == [10, 10, 10] and "in cluster" in sel.reason[np.flatnonzero(sel.selected)[0]]

@@ -11,7 +11,7 @@ from rsdist.select import stage as select
 from rsdist.stage import fingerprint, run_stage
 
 DIM = 8
-METHODS = ["shift", "random", "cluster-random", "scalselect", "semdedup", "coincide", "error-driven", "caption-diversity"]
+METHODS = ["shift", "random", "cluster-random", "scalselect", "semdedup", "coincide", "error-driven", "caption-diversity", "caption-typicality"]
 
 
 def emb_array(m):
@@ -141,6 +141,8 @@ def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="select.dedup_keep"):
         SelectConfig(dedup_keep="random")
     assert SelectConfig(space="vlm_emb").space == "vlm_emb"
+    with pytest.raises(ConfigError, match="select.within_clusters: for methods scalselect and coincide only; random"):
+        SelectConfig(method="random", within_clusters=True)
 
 
 def test_caption_diversity_names_a_pool_row_without_shard_row(run_dir):
@@ -149,3 +151,14 @@ def test_caption_diversity_names_a_pool_row_without_shard_row(run_dir):
     run_dir.write_table(shards.filter(pa.array([s != ids[7] for s in shards.column("sample_id").to_pylist()])), "shards", "part-00000.parquet")
     with pytest.raises(ValueError, match=f"shards: no row for sample_id '{ids[7]}' of the cluster pool"):
         select.run(run_dir, SelectConfig(method="caption-diversity", budget=10))
+
+
+@pytest.mark.parametrize("method", ["scalselect", "coincide"])
+def test_within_clusters_spends_the_proportional_quota(run_dir, ray_session, method):
+    write_inputs(run_dir)
+    select.run(run_dir, SelectConfig(method=method, budget=0.25, within_clusters=True))
+    info = run_dir.read_json("selection", "selection.json")
+    sizes = {c: v["size"] for c, v in info["clusters"].items()}
+    assert all(v["selected"] == v["quota"] for v in info["clusters"].values())
+    assert sum(v["quota"] for v in info["clusters"].values()) == 15
+    assert all(abs(v["quota"] - 15 * sizes[c] / 60) < 1 for c, v in info["clusters"].items())
