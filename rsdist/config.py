@@ -56,7 +56,7 @@ CLUSTER_METRICS = ("euclidean", "cosine")
 CLUSTER_INITS = ("auto", "k-means++", "k-means||", "random")
 CLUSTER_BACKENDS = ("auto", "torch", "cupy", "cuml")
 CLUSTER_PRECISIONS = ("auto", "float32", "bfloat16")
-SELECT_METHODS = ("shift", "random", "cluster-random", "coincide", "scalselect", "semdedup", "error-driven", "caption-diversity", "caption-typicality")
+SELECT_METHODS = ("shift", "random", "cluster-random", "coincide", "scalselect", "semdedup", "error-driven", "caption-diversity", "caption-typicality", "typicality-mmd")
 SELECT_SPACES = ("joint", "image", "text")
 DEDUP_KEEP_RULES = ("farthest", "nearest", "first")
 QUOTA_RULES = ("proportional", "equal")
@@ -209,6 +209,7 @@ class SelectConfig:
     failures: Optional[str] = _help("error-driven: parquet file (any fsspec URI) of failing validation samples: sample_id plus the embedding columns, or sample_ids found in features/; optional 'weight'. Default: <run>/eval/failures.parquet.", default=None)
     teacher: Optional[str] = _help("error-driven: optional 'package.module:function' that turns failures into retrieval queries and weights.", default=None)
     within_clusters: bool = _help("scalselect and coincide: spend the budget over clusters by select.quota and rank inside each cluster, instead of by the method's own rule (scalselect: the global top leverage; coincide: its cluster probabilities). Keeps the pool's scene mix.", default=False)
+    candidates: float = _help("typicality-mmd: each cluster's greedy MMD picks its quota among its candidates x quota images of highest caption typicality (at least the quota).", default=2.0)
     num_tasks: int = _help("coincide: Ray tasks the clusters are spread over; 0 = twice the cluster's CPUs.", default=0)
 
     def __post_init__(self) -> None:
@@ -236,6 +237,8 @@ class SelectConfig:
         if self.teacher is not None and ":" not in self.teacher:
             raise ConfigError(f"select.teacher: {self.teacher!r} must look like 'package.module:function'")
         _positive("select.num_tasks", self.num_tasks, allow_zero=True)
+        if not self.candidates >= 1.0:
+            raise ConfigError(f"select.candidates: {self.candidates!r} must be at least 1 (candidates per quota place)")
         if not isinstance(self.within_clusters, bool):
             raise ConfigError(f"select.within_clusters: {self.within_clusters!r} must be true or false")
         if self.within_clusters and self.method not in ("scalselect", "coincide"):

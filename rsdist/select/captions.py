@@ -114,3 +114,34 @@ def caption_typicality(captions: Sequence[Sequence[str]], groups: np.ndarray, k:
     lift = np.log(in_cluster[groups[rows], cols] / (sizes[groups[rows]] + 1)) - np.log(in_pool[cols] / (len(groups) + 1))
     n_words = np.bincount(rows, minlength=len(words)).astype(np.float64)
     return np.bincount(rows, weights=lift, minlength=len(words)) / np.maximum(n_words, 1.0)
+
+
+def typicality_mmd_select(x: np.ndarray, groups: np.ndarray, k: int, typicality: np.ndarray, budget: int, quota: str, candidates: float) -> Selection:
+    """Per-cluster quotas; in each cluster, greedy MMD (COINCIDE's, against the whole cluster) picks
+    the quota among the `candidates` x quota images of highest caption typicality.
+
+    Typicality keeps the pairs whose text and picture agree on what the cluster is; MMD spreads the
+    picks over the cluster's visual modes instead of piling them where typical captions are densest.
+    """
+    from rsdist.select.coincide import greedy_mmd
+
+    quotas = cluster_quotas(groups, k, budget, quota)
+    selected = np.zeros(len(groups), dtype=bool)
+    pick_rank = np.full(len(groups), -1, dtype=np.int64)
+    typical_rank = np.empty(len(groups), dtype=np.int64)
+    for g, rows in enumerate(members_of(groups, k)):
+        order = np.lexsort((rows, -typicality[rows]))  # most typical first, ties by row
+        typical_rank[rows[order]] = np.arange(len(rows))
+        q = int(quotas[g])
+        if q == 0:
+            continue
+        allowed = np.zeros(len(rows), dtype=bool)
+        allowed[order[: min(len(rows), max(q, int(np.ceil(candidates * q))))]] = True
+        picks = greedy_mmd(x[rows], q, allowed)
+        selected[rows[picks]] = True
+        pick_rank[rows[picks]] = np.arange(q)
+    reason = np.empty(len(groups), dtype=object)
+    for i in range(len(groups)):
+        where = f"caption typicality {typicality[i]:.3f}, rank {typical_rank[i] + 1} in cluster, quota {quotas[groups[i]]}"
+        reason[i] = f"kept: greedy MMD pick {pick_rank[i] + 1} ({where})" if selected[i] else f"dropped: {where}"
+    return Selection(selected, typicality.astype(np.float32), reason, quotas, {"candidates": candidates})

@@ -86,22 +86,25 @@ def sequential_quotas(p: np.ndarray, sizes: np.ndarray, budget: int) -> tuple[np
     return quotas, order
 
 
-def greedy_mmd(x: np.ndarray, n: int) -> np.ndarray:
-    """Positions of `n` rows of `x` picked greedily to minimise MMD(chosen, all) (RBF, width 1).
+def greedy_mmd(x: np.ndarray, n: int, allowed: np.ndarray | None = None) -> np.ndarray:
+    """Positions of `n` rows of `x` picked greedily to minimise MMD(chosen, all) (RBF, width 1),
+    only among the `allowed` rows when a mask is given (at least `n` of them).
 
     With t chosen rows and candidate j, the MMD^2 up to a constant is
     (ss + 2 ks_j + K_jj) / (t+1)^2 - 2 (sc + kc_j) / ((t+1) m), where ss sums K over chosen
     pairs, ks_j sums K(j, chosen), kc_j sums K(j, all) and sc sums kc over the chosen rows.
     """
     m = len(x)
-    if n >= m:
+    if allowed is None and n >= m:
         return np.arange(m)
+    if allowed is not None and int(allowed.sum()) < n:
+        raise ValueError(f"greedy_mmd: {int(allowed.sum())} allowed rows, fewer than the {n} to pick")
     kern = np.exp(-_sq_dists(x, x) / 2.0)
     kc = kern.sum(axis=1)
     kdiag = np.diag(kern).copy()
     ks = np.zeros(m)
     ss = sc = 0.0
-    free = np.ones(m, dtype=bool)
+    free = np.ones(m, dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool).copy()
     picks = np.empty(n, dtype=np.int64)
     for t in range(n):
         obj = (ss + 2.0 * ks + kdiag) / (t + 1) ** 2 - 2.0 * (sc + kc) / ((t + 1) * m)

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from rsdist.config import SelectConfig
 from rsdist.io.rundir import RunDir
 from rsdist.select.budget import budget_count
-from rsdist.select.captions import caption_information, caption_select, caption_typicality
+from rsdist.select.captions import caption_information, caption_select, caption_typicality, typicality_mmd_select
 from rsdist.select.coincide import coincide_select
 from rsdist.select.error_driven import error_driven_select, load_teacher
 from rsdist.select.scalselect import GramAccumulator, dominant_subspace, leverage_scores, scalselect_select
@@ -214,7 +214,7 @@ def choose(run: RunDir, pool: Pool, cfg: SelectConfig, budget: int) -> Selection
     """Run the configured method (behind the near-duplicate filter when one is set)."""
     method = cfg.method
     ids = np.asarray(pool.ids.to_pylist(), dtype=object)
-    needs_x = method in ("coincide", "semdedup", "error-driven") or cfg.dedup_threshold is not None
+    needs_x = method in ("coincide", "semdedup", "error-driven", "typicality-mmd") or cfg.dedup_threshold is not None
     x = pool_embeddings(run, pool, cfg.space) if needs_x else None
     shift = None
     if method == "shift":
@@ -226,7 +226,7 @@ def choose(run: RunDir, pool: Pool, cfg: SelectConfig, budget: int) -> Selection
         lev_scores, sub = streamed_leverage(run, pool, cfg.space, cfg.energy)
     if method == "caption-diversity":
         information, distinct = caption_information(pool_captions(run, pool))
-    if method == "caption-typicality":
+    if method in ("caption-typicality", "typicality-mmd"):
         typicality = caption_typicality(pool_captions(run, pool), pool.groups, pool.k)
     red = redundancy(x, pool.groups, cfg.dedup_keep) if (method == "semdedup" or cfg.dedup_threshold is not None) else None
 
@@ -246,6 +246,8 @@ def choose(run: RunDir, pool: Pool, cfg: SelectConfig, budget: int) -> Selection
             return sel
         if method == "caption-typicality":
             return caption_select(k, g, typicality[rows], b, cfg.quota, cfg.seed, cfg.keep, what="caption typicality")
+        if method == "typicality-mmd":
+            return typicality_mmd_select(x[rows], g, k, typicality[rows], b, cfg.quota, cfg.candidates)
         if method == "semdedup":
             sub_red = type(red)(red.max_cos[rows], red.duplicate_of[rows])
             return semdedup_select(k, g, sub_red, b, ids)

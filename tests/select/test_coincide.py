@@ -94,3 +94,15 @@ def test_given_quotas_replace_the_cluster_probabilities():
     assert sel.info["quotas_from"] == "select.quota"
     inside = greedy_mmd(x[60:], 5)  # the picks inside a cluster are still COINCIDE's greedy MMD
     assert set(np.flatnonzero(sel.selected[60:])) == set(inside.tolist())
+
+
+def test_greedy_mmd_picks_only_allowed_rows():
+    rng = np.random.default_rng(6)
+    x = unit(rng.normal(size=(12, 4)))
+    allowed = np.arange(12) % 2 == 0
+    picks = greedy_mmd(x, 4, allowed)
+    assert len(set(picks.tolist())) == 4 and allowed[picks].all()
+    import pytest
+
+    with pytest.raises(ValueError, match="greedy_mmd: 6 allowed rows, fewer than the 7 to pick"):
+        greedy_mmd(x, 7, allowed)

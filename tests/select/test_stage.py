@@ -11,7 +11,7 @@ from rsdist.select import stage as select
 from rsdist.stage import fingerprint, run_stage
 
 DIM = 8
-METHODS = ["shift", "random", "cluster-random", "scalselect", "semdedup", "coincide", "error-driven", "caption-diversity", "caption-typicality"]
+METHODS = ["shift", "random", "cluster-random", "scalselect", "semdedup", "coincide", "error-driven", "caption-diversity", "caption-typicality", "typicality-mmd"]
 
 
 def emb_array(m):
