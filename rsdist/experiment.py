@@ -12,8 +12,10 @@ view, time falls with the budget; `epochs_by_budget` gives a budget its own coun
 budget at its best schedule) and `steps` (epochs scaled by 1 / budget so every cell takes about
 as many optimiser steps as full data: the data-quality view).
 
-Output: results.json (every cell), table.md (mean and sd per method and budget, relative to full
-data, selection and training seconds), budget_curve.png (metric against budget per method).
+Output: results.json (every cell, the table, and "vs_random": each method against random at the
+same budget, paired by seed), experiment.md (the table: mean and sd per method and budget,
+relative to full data, selection and training seconds; and the paired comparison),
+budget_curve.png (metric against budget per method).
 """
 
 from __future__ import annotations
@@ -157,10 +159,11 @@ def run_experiment(cfg: RunConfig, exp: ExperimentConfig) -> dict:
             "metrics": summary.get("metrics", {}),
         })
     table = aggregate(results, exp.metrics)
-    report = {"protocol": exp.protocol, "settings": dataclasses.asdict(exp), "cells": results, "table": table}
+    paired = paired_against_random(results, exp.metrics)
+    report = {"protocol": exp.protocol, "settings": dataclasses.asdict(exp), "cells": results, "table": table, "vs_random": paired}
     out.write_json(report, "results.json")
     plot = plot_budget_curves(out, table, exp.metrics[0])
-    out.write_text(render_table(table, exp, plot), "experiment.md")
+    out.write_text(render_table(table, exp, plot) + render_paired(paired, exp.metrics), "experiment.md")
     return report
 
 
@@ -191,6 +194,52 @@ def aggregate(results: list[dict], metrics: list[str]) -> list[dict]:
                 row[f"{m}_rel_full"] = row[f"{m}_mean"] / statistics.mean(ref)
         rows.append(row)
     return rows
+
+
+def paired_against_random(results: list[dict], metrics: list[str]) -> list[dict]:
+    """Each method against random at the same budget, paired by seed (the seed draws both selections
+    and initialises both trainings): mean and sd of the per-seed difference, the mean difference in
+    units of random's sd over those seeds, and how many seeds are above random."""
+    by_cell = {(r["method"], r["budget"], r["seed"]): r for r in results}
+    rows = []
+    for method, budget in sorted({(r["method"], r["budget"]) for r in results if r["method"] not in ("random", "full")}):
+        seeds = sorted(s for (m, b, s) in by_cell if m == method and b == budget and ("random", budget, s) in by_cell)
+        if not seeds:
+            continue
+        row: dict[str, Any] = {"method": method, "budget": budget, "seeds": len(seeds)}
+        for m in metrics:
+            pairs = [(_metric(by_cell[(method, budget, s)], m), _metric(by_cell[("random", budget, s)], m)) for s in seeds]
+            pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+            if not pairs:
+                continue
+            diff = [a - b for a, b in pairs]
+            random_sd = statistics.stdev(b for _, b in pairs) if len(pairs) > 1 else 0.0
+            row[f"{m}_diff"] = statistics.mean(diff)
+            row[f"{m}_diff_sd"] = statistics.stdev(diff) if len(diff) > 1 else 0.0
+            row[f"{m}_random_sd"] = random_sd
+            row[f"{m}_diff_in_random_sd"] = row[f"{m}_diff"] / random_sd if random_sd else None
+            row[f"{m}_seeds_above"] = sum(d > 0 for d in diff)
+        rows.append(row)
+    return rows
+
+
+def render_paired(paired: list[dict], metrics: list[str]) -> str:
+    if not paired:
+        return ""
+    head = ["method", "budget", "seeds"]
+    for m in metrics:
+        head += [f"{m} - random", "sd", "/ random sd", "seeds above"]
+    lines = ["", "Against random at the same budget, paired by seed:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in paired:
+        cells = [row["method"], f"{row['budget']:g}", str(row["seeds"])]
+        for m in metrics:
+            if f"{m}_diff" not in row:
+                cells += ["", "", "", ""]
+                continue
+            ratio = row[f"{m}_diff_in_random_sd"]
+            cells += [f"{row[m + '_diff']:+.2f}", f"{row[m + '_diff_sd']:.2f}", "" if ratio is None else f"{ratio:+.1f}", f"{row[m + '_seeds_above']} / {row['seeds']}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def render_table(table: list[dict], exp: ExperimentConfig, plot: str | None) -> str:

@@ -1,7 +1,9 @@
+import statistics
+
 import pytest
 
 from rsdist.config import ConfigError, config_from_dict
-from rsdist.experiment import ExperimentConfig, aggregate, cell_config, load_experiment, run_experiment
+from rsdist.experiment import ExperimentConfig, aggregate, cell_config, load_experiment, paired_against_random, render_paired, run_experiment
 from rsdist.io.rundir import RunDir
 from rsdist.select.budget import budget_count
 from tests.test_pipeline import tiny_settings
@@ -18,6 +20,22 @@ def test_aggregate_mean_sd_and_relative_to_full():
     assert table[("random", 0.2)]["mR_mean"] == 11.0
     assert table[("random", 0.2)]["mR_sd"] == pytest.approx(2 ** 0.5)
     assert table[("random", 0.2)]["mR_rel_full"] == pytest.approx(11.0 / 21.0)
+
+
+def test_paired_against_random_matches_seeds():
+    random_mr = {0: 10.0, 1: 12.0, 2: 11.0}
+    method_mr = {0: 11.0, 1: 12.5, 2: 10.5, 3: 30.0}  # seed 3 has no random cell: left out
+    cells = [_cell("random", 0.2, s, v) for s, v in random_mr.items()] + [_cell("m", 0.2, s, v) for s, v in method_mr.items()]
+    cells += [_cell("full", 1.0, 0, 20.0), _cell("m", 0.5, 0, 5.0)]  # no random at 0.5: no row
+    (row,) = paired_against_random(cells, ["mR"])
+    assert (row["method"], row["budget"], row["seeds"]) == ("m", 0.2, 3)
+    assert row["mR_diff"] == pytest.approx((1.0 + 0.5 - 0.5) / 3)
+    assert row["mR_diff_sd"] == pytest.approx(statistics.stdev([1.0, 0.5, -0.5]))
+    assert row["mR_random_sd"] == pytest.approx(1.0)
+    assert row["mR_diff_in_random_sd"] == pytest.approx(row["mR_diff"] / 1.0)
+    assert row["mR_seeds_above"] == 2
+    text = render_paired([row], ["mR"])
+    assert "| m | 0.2 | 3 | +0.33 | 0.76 | +0.3 | 2 / 3 |" in text
 
 
 def test_variants_and_protocols():
