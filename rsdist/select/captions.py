@@ -61,27 +61,26 @@ def alternate_ends(groups: np.ndarray, key: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def caption_select(k: int, groups: np.ndarray, information: np.ndarray, budget: int, quota: str, seed: int, keep: str = "highest", what: str = "caption information") -> Selection:
+def caption_select(k: int, groups: np.ndarray, score: np.ndarray, budget: int, quota: str, seed: int, keep: str = "highest", what: str = "caption information") -> Selection:
     """Per-cluster quotas, then by `keep` of a caption score (`what`) in each cluster (seeded ties).
     For the caption information: 'highest' = the most informative captions, 'lowest' = the most
     repeated ones, 'both' = the two ends in turn (canonical and specific descriptions of each scene
     type)."""
     if keep not in ("highest", "lowest", "both"):
         raise ValueError(f"keep {keep!r} is not one of: highest, lowest, both")
-    information = np.asarray(information, dtype=np.float64)
+    score = np.asarray(score, dtype=np.float64)
     quotas = cluster_quotas(groups, k, budget, quota)
-    # Order by information first and a seeded draw second: dense rank + a draw in [0, 0.5).
-    dense = np.unique(-information if keep == "lowest" else information, return_inverse=True)[1].astype(np.float64)
+    # Order by the score first and a seeded draw second: dense rank + a draw in [0, 0.5).
+    dense = np.unique(-score if keep == "lowest" else score, return_inverse=True)[1].astype(np.float64)
     key = dense + 0.5 * np.random.default_rng(seed).random(len(groups))
     if keep == "both":
         key = alternate_ends(groups, key, k)
     selected, rank = top_per_group(groups, key, quotas)
     reason = np.empty(len(groups), dtype=object)
     for i in range(len(groups)):
-        where = f"{what} {information[i]:.3f}, rank {rank[i] + 1} in cluster, quota {quotas[groups[i]]}"
+        where = f"{what} {score[i]:.3f}, rank {rank[i] + 1} in cluster, quota {quotas[groups[i]]}"
         reason[i] = f"kept: {where}" if selected[i] else f"dropped: {where}"
-    return Selection(selected, information.astype(np.float32), reason, quotas)
-
+    return Selection(selected, score.astype(np.float32), reason, quotas)
 
 
 _WORD = re.compile(r"[a-z]+")

@@ -198,7 +198,10 @@ def coincide_select(
     reason = np.empty(len(groups), dtype=object)
     for i in range(len(groups)):
         g = groups[i]
-        where = f"cluster P={p[g]:.3g} visited {visit_pos[g] + 1} of {k}, quota {quotas[g]} of {sizes[g]}"
+        if given is None:
+            where = f"cluster P={p[g]:.3g} visited {visit_pos[g] + 1} of {k}, quota {quotas[g]} of {sizes[g]}"
+        else:
+            where = f"cluster P={p[g]:.3g}, quota {quotas[g]} of {sizes[g]} from select.quota"
         if not selected[i]:
             reason[i] = f"dropped: not picked ({where})"
         elif quotas[g] >= sizes[g]:
