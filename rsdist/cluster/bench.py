@@ -176,11 +176,12 @@ def stage_bench(a: argparse.Namespace) -> dict:
 
     from rsdist.raycluster import init_ray
 
+    if a.rounds < 1:
+        raise SystemExit(f"rsdist bench kmeans: --rounds {a.rounds}: must be at least 1")
     tmp = None if a.out else tempfile.TemporaryDirectory(prefix="rsdist-kmeans-")
     run = RunDir(a.out or tmp.name)
     truth = blob_features(run, a)
-    started_ray = not ray.is_initialized()
-    init_ray()
+    own_ray = not ray.is_initialized()  # a Ray this bench starts is shut down while scikit-learn runs
     init_sample = max(3 * a.batch, 3 * a.k)
     x_in_memory = None if a.skip_sklearn else read_matrix(run)
     ours, theirs = [], []
@@ -188,10 +189,13 @@ def stage_bench(a: argparse.Namespace) -> dict:
         sides = ["rsdist", "sklearn"] if r % 2 == 0 else ["sklearn", "rsdist"]
         for side in sides:
             if side == "rsdist":
+                init_ray()
                 ours.append(rsdist_figures(run, a, truth, init_sample))
             elif x_in_memory is not None:
+                if own_ray:
+                    ray.shutdown()
                 theirs.append(sklearn_figures(a, x_in_memory, truth, init_sample))
-    if started_ray:
+    if own_ray and ray.is_initialized():
         ray.shutdown()
     out = {
         "rows": a.rows, "dim": a.dim, "k": a.k, "batch": a.batch, "mode": a.mode, "actors": a.actors, "cpus_per_actor": a.cpus_per_actor,
@@ -199,10 +203,10 @@ def stage_bench(a: argparse.Namespace) -> dict:
             "rsdist": "whole cluster stage: actor start-up + parquet read (read), k-means++ on the sample (init), iterations (iterate), labelling pass writing parquet (label)",
             "sklearn": "MiniBatchKMeans.fit on the in-memory matrix, including its final labels_/inertia_ pass; the parquet read is not timed",
         },
-        **median_round(ours),
+        **median_round(ours, "rsdist_seconds"),
     }
     if theirs:
-        out.update(median_round(theirs))
+        out.update(median_round(theirs, "sklearn_seconds"))
         out.update(
             wall_ratio=round(out["rsdist_seconds"] / out["sklearn_seconds"], 4),
             fit_wall_ratio=round(out["rsdist_fit_seconds"] / out["sklearn_seconds"], 4),
@@ -216,9 +220,8 @@ def stage_bench(a: argparse.Namespace) -> dict:
     return out
 
 
-def median_round(rounds: list[dict]) -> dict:
-    """One side's figures from the round with its median wall time, plus every round's time."""
-    key = "rsdist_seconds" if "rsdist_seconds" in rounds[0] else "sklearn_seconds"
+def median_round(rounds: list[dict], key: str) -> dict:
+    """One side's figures from the round with its median `key` (wall seconds), plus every round's."""
     times = [r[key] for r in rounds]
     middle = sorted(rounds, key=lambda r: r[key])[(len(rounds) - 1) // 2]
     return {**middle, f"{key.split('_')[0]}_round_seconds": times} if len(rounds) > 1 else middle

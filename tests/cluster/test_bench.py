@@ -22,7 +22,12 @@ def test_stage_bench_alternates_rounds_and_reports_the_median_ratio(ray_session,
 
 def test_median_round_takes_the_middle_time_of_each_side():
     rounds = [{"rsdist_seconds": s, "rsdist_inertia": i} for s, i in [(3.0, 1.0), (1.0, 2.0), (2.0, 3.0)]]
-    middle = median_round(rounds)
+    middle = median_round(rounds, "rsdist_seconds")
     assert middle["rsdist_seconds"] == 2.0 and middle["rsdist_inertia"] == 3.0
     assert middle["rsdist_round_seconds"] == [3.0, 1.0, 2.0]
-    assert median_round(rounds[:1]) == rounds[0]
+    assert median_round(rounds[:1], "rsdist_seconds") == rounds[0]
+
+
+def test_rounds_below_one_is_a_one_line_error():
+    with pytest.raises(SystemExit, match="--rounds 0: must be at least 1"):
+        bench(["--rows", "100", "--rounds", "0"])
