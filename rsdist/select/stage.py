@@ -4,9 +4,9 @@ Input:
   <run>/clusters/part-*.parquet   sample_id, cluster (the training pool; the test split is not in it)
   <run>/features/part-*.parquet   only the columns the method needs: `shift` (or one `shift_<name>`)
                                   for `shift`; the embedding of `space` for coincide, scalselect,
-                                  semdedup, error-driven and the near-duplicate filter
-  <run>/shards/part-*.parquet     caption-diversity and caption-typicality only: sample_id, captions
-                                  (text when empty)
+                                  semdedup, error-driven, typicality-mmd and the near-duplicate filter
+  <run>/shards/part-*.parquet     caption-diversity, caption-typicality and typicality-mmd only:
+                                  sample_id, captions (text when empty)
   failures parquet                error-driven only (see SelectConfig.failures)
 Output:
   <run>/selection/manifest.parquet  one row per pool sample, sorted by sample_id: sample_id string,
@@ -15,7 +15,8 @@ Output:
                                     sizes and quotas, method figures
 Budget: see rsdist.select.budget (fraction rounded half up, or a count; exact). Rows are put in
 sample_id order before any strategy runs, so the same inputs and seed give the same manifest.
-Resources: the driver process; `coincide` spreads its clusters over Ray tasks of 0.5 CPU each;
+Resources: the driver process; `coincide` spreads its clusters over Ray tasks of 0.5 CPU each
+(`typicality-mmd` runs the same greedy MMD in the driver, an m x m kernel per cluster of m rows);
 `scalselect` streams the features twice and holds only a d x d matrix and one score per row.
 """
 

@@ -143,6 +143,8 @@ def test_config_errors_name_the_field():
     assert SelectConfig(space="vlm_emb").space == "vlm_emb"
     with pytest.raises(ConfigError, match="select.within_clusters: for methods scalselect and coincide only; random"):
         SelectConfig(method="random", within_clusters=True)
+    with pytest.raises(ConfigError, match="select.candidates: 0.5 must be at least 1"):
+        SelectConfig(method="typicality-mmd", candidates=0.5)
 
 
 def test_caption_diversity_names_a_pool_row_without_shard_row(run_dir):
