@@ -210,6 +210,8 @@ class SelectConfig:
     teacher: Optional[str] = _help("error-driven: optional 'package.module:function' that turns failures into retrieval queries and weights.", default=None)
     within_clusters: bool = _help("scalselect and coincide: spend the budget over clusters by select.quota and rank inside each cluster, instead of by the method's own rule (scalselect: the global top leverage; coincide: its cluster probabilities). Keeps the pool's scene mix.", default=False)
     candidates: float = _help("typicality-mmd: each cluster's greedy MMD picks its quota among its candidates x quota images of highest caption typicality (at least the quota).", default=2.0)
+    mmd_width: float = _help("coincide and typicality-mmd: width w of the greedy MMD's kernel exp(-||x - y||^2 / (2 w^2)) on the unit rows of select.space; 1.0 is COINCIDE's (its density's) kernel, smaller widths spread the picks over more of a cluster's modes.", default=1.0)
+    mmd_block_rows: int = _help("coincide and typicality-mmd: a cluster of more rows than this picks by greedy MMD in random blocks of at most this many rows (kernel memory block^2, work linear in the cluster); 0 = whole clusters (an m x m kernel for m rows).", default=0)
     num_tasks: int = _help("coincide: Ray tasks the clusters are spread over; 0 = twice the cluster's CPUs.", default=0)
 
     def __post_init__(self) -> None:
@@ -237,6 +239,8 @@ class SelectConfig:
         if self.teacher is not None and ":" not in self.teacher:
             raise ConfigError(f"select.teacher: {self.teacher!r} must look like 'package.module:function'")
         _positive("select.num_tasks", self.num_tasks, allow_zero=True)
+        _positive("select.mmd_width", self.mmd_width)
+        _positive("select.mmd_block_rows", self.mmd_block_rows, allow_zero=True)
         if not self.candidates >= 1.0:
             raise ConfigError(f"select.candidates: {self.candidates!r} must be at least 1 (candidates per quota place)")
         if not isinstance(self.within_clusters, bool):

@@ -115,14 +115,25 @@ def caption_typicality(captions: Sequence[Sequence[str]], groups: np.ndarray, k:
     return np.bincount(rows, weights=lift, minlength=len(words)) / np.maximum(n_words, 1.0)
 
 
-def typicality_mmd_select(x: np.ndarray, groups: np.ndarray, k: int, typicality: np.ndarray, budget: int, quota: str, candidates: float) -> Selection:
+def typicality_mmd_select(
+    x: np.ndarray,
+    groups: np.ndarray,
+    k: int,
+    typicality: np.ndarray,
+    budget: int,
+    quota: str,
+    candidates: float,
+    mmd_width: float = 1.0,
+    mmd_block_rows: int = 0,
+    seed: int = 0,
+) -> Selection:
     """Per-cluster quotas; in each cluster, greedy MMD (COINCIDE's, against the whole cluster) picks
     the quota among the `candidates` x quota images of highest caption typicality.
 
     Typicality keeps the pairs whose text and picture agree on what the cluster is; MMD spreads the
     picks over the cluster's visual modes instead of piling them where typical captions are densest.
     """
-    from rsdist.select.coincide import greedy_mmd
+    from rsdist.select.coincide import blocked_greedy_mmd
 
     quotas = cluster_quotas(groups, k, budget, quota)
     selected = np.zeros(len(groups), dtype=bool)
@@ -136,11 +147,11 @@ def typicality_mmd_select(x: np.ndarray, groups: np.ndarray, k: int, typicality:
             continue
         allowed = np.zeros(len(rows), dtype=bool)
         allowed[order[: min(len(rows), max(q, int(np.ceil(candidates * q))))]] = True
-        picks = greedy_mmd(x[rows], q, allowed)
+        picks = blocked_greedy_mmd(x[rows], q, allowed, mmd_width, mmd_block_rows, seed)
         selected[rows[picks]] = True
         pick_rank[rows[picks]] = np.arange(q)
     reason = np.empty(len(groups), dtype=object)
     for i in range(len(groups)):
         where = f"caption typicality {typicality[i]:.3f}, rank {typical_rank[i] + 1} in cluster, quota {quotas[groups[i]]}"
         reason[i] = f"kept: greedy MMD pick {pick_rank[i] + 1} ({where})" if selected[i] else f"dropped: {where}"
-    return Selection(selected, typicality.astype(np.float32), reason, quotas, {"candidates": candidates})
+    return Selection(selected, typicality.astype(np.float32), reason, quotas, {"candidates": candidates, "mmd_width": mmd_width, "mmd_block_rows": mmd_block_rows})

@@ -9,7 +9,8 @@
    whole cluster when n_i >= |C_i|. When the clusters visited last are too small to absorb what
    is left, the rest goes to clusters with room in visiting order, so the count is exact.
 4. Inside a cluster, n_i rows are picked by greedy MMD: each step adds the row that makes the
-   chosen set's kernel mean closest to the cluster's (same kernel as the density).
+   chosen set's kernel mean closest to the cluster's (by default the density's kernel; its width
+   is a setting, and a cluster above a row limit is picked in random blocks: blocked_greedy_mmd).
 
 Steps 2 and 4 are independent per cluster and run as Ray tasks over chunks of clusters when
 `use_ray` is set. Embeddings must be unit rows.
@@ -86,9 +87,10 @@ def sequential_quotas(p: np.ndarray, sizes: np.ndarray, budget: int) -> tuple[np
     return quotas, order
 
 
-def greedy_mmd(x: np.ndarray, n: int, allowed: np.ndarray | None = None) -> np.ndarray:
-    """Positions of `n` rows of `x` picked greedily to minimise MMD(chosen, all) (RBF, width 1),
-    only among the `allowed` rows when a mask is given (at least `n` of them).
+def greedy_mmd(x: np.ndarray, n: int, allowed: np.ndarray | None = None, width: float = 1.0) -> np.ndarray:
+    """Positions of `n` rows of `x` picked greedily to minimise MMD(chosen, all) with the RBF kernel
+    exp(-||x - y||^2 / (2 width^2)), only among the `allowed` rows when a mask is given (at least
+    `n` of them). Width 1 is COINCIDE's kernel (the one of its density).
 
     With t chosen rows and candidate j, the MMD^2 up to a constant is
     (ss + 2 ks_j + K_jj) / (t+1)^2 - 2 (sc + kc_j) / ((t+1) m), where ss sums K over chosen
@@ -99,7 +101,7 @@ def greedy_mmd(x: np.ndarray, n: int, allowed: np.ndarray | None = None) -> np.n
         return np.arange(m)
     if allowed is not None and int(allowed.sum()) < n:
         raise ValueError(f"greedy_mmd: {int(allowed.sum())} allowed rows, fewer than the {n} to pick")
-    kern = np.exp(-_sq_dists(x, x) / 2.0)
+    kern = np.exp(-_sq_dists(x, x) / (2.0 * width * width))
     kc = kern.sum(axis=1)
     kdiag = np.diag(kern).copy()
     ks = np.zeros(m)
@@ -118,12 +120,54 @@ def greedy_mmd(x: np.ndarray, n: int, allowed: np.ndarray | None = None) -> np.n
     return picks
 
 
+def split_quota(n: int, weights: np.ndarray) -> np.ndarray:
+    """`n` split in proportion to `weights` by largest remainder (ties to the first), never above a
+    weight; the parts sum to `n` (at most the weights' sum)."""
+    weights = np.asarray(weights, dtype=np.int64)
+    exact = n * weights / max(int(weights.sum()), 1)
+    parts = np.minimum(np.floor(exact).astype(np.int64), weights)
+    order = np.lexsort((np.arange(len(weights)), -(exact - parts)))
+    for i in order:
+        if parts.sum() >= n:
+            break
+        if parts[i] < weights[i]:
+            parts[i] += 1
+    return parts
+
+
+def blocked_greedy_mmd(
+    x: np.ndarray, n: int, allowed: np.ndarray | None = None, width: float = 1.0, block_rows: int = 0, seed: int = 0
+) -> np.ndarray:
+    """greedy_mmd, with a cluster of more than `block_rows` rows (0: no limit) first dealt at random
+    (with the seed) into equal blocks of at most `block_rows` rows; each block picks its share of `n`
+    (in proportion to its allowed rows) by greedy MMD against the block.
+
+    Why: greedy MMD holds an m x m kernel and costs O(m n d) for a cluster of m rows. Blocks bound
+    the kernel to block_rows^2 and the work to O(m block_rows d) per cluster, so the pick stays
+    linear in the pool at any cluster size; a random block is a sample of its cluster, so the union
+    of the blocks' representative picks is a representative pick of the cluster.
+    """
+    m = len(x)
+    if block_rows <= 0 or m <= block_rows:
+        return greedy_mmd(x, n, allowed, width)
+    blocks = np.array_split(np.random.default_rng(seed).permutation(m), int(np.ceil(m / block_rows)))
+    free = np.ones(m, dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
+    if int(free.sum()) < n:
+        raise ValueError(f"greedy_mmd: {int(free.sum())} allowed rows, fewer than the {n} to pick")
+    shares = split_quota(n, np.array([int(free[b].sum()) for b in blocks]))
+    picks = [b[greedy_mmd(x[b], int(q), None if allowed is None else free[b], width)] for b, q in zip(blocks, shares) if q > 0]
+    return np.concatenate(picks) if picks else np.zeros(0, dtype=np.int64)
+
+
 def densities_of_chunk(blocks: list[np.ndarray], max_rows: int, seed: int) -> list[float]:
     return [density(x, max_rows, seed + i) for i, x in enumerate(blocks)]
 
 
-def picks_of_chunk(blocks: list[np.ndarray], quotas: list[int]) -> list[np.ndarray]:
-    return [greedy_mmd(x, int(q)) if q > 0 else np.zeros(0, dtype=np.int64) for x, q in zip(blocks, quotas)]
+def picks_of_chunk(blocks: list[np.ndarray], quotas: list[int], width: float, block_rows: int, seed: int) -> list[np.ndarray]:
+    return [
+        blocked_greedy_mmd(x, int(q), width=width, block_rows=block_rows, seed=seed) if q > 0 else np.zeros(0, dtype=np.int64)
+        for x, q in zip(blocks, quotas)
+    ]
 
 
 def _chunks(sizes: np.ndarray, parts: int) -> list[list[int]]:
@@ -159,10 +203,12 @@ def coincide_select(
     use_ray: bool = False,
     parts: int = 4,
     quotas: np.ndarray | None = None,
+    mmd_width: float = 1.0,
+    mmd_block_rows: int = 0,
 ) -> Selection:
     """COINCIDE over unit rows `x` with cluster indices `groups` (0..k-1). Given per-cluster
     `quotas`, those replace the quotas from the cluster probabilities (greedy MMD inside each
-    cluster only)."""
+    cluster only). `mmd_width` and `mmd_block_rows` are the greedy MMD's (blocked_greedy_mmd)."""
     given = quotas
     sizes = np.bincount(groups, minlength=k)
     members = members_of(groups, k)
@@ -186,7 +232,7 @@ def coincide_select(
 
     selected = np.zeros(len(groups), dtype=bool)
     pick_rank = np.full(len(groups), -1, dtype=np.int64)
-    jobs = [(b, [int(quotas[g]) for g in chunk]) for b, chunk in zip(blocks, chunks)]
+    jobs = [(b, [int(quotas[g]) for g in chunk], mmd_width, mmd_block_rows, seed) for b, chunk in zip(blocks, chunks)]
     for chunk, out in zip(chunks, _map(picks_of_chunk, jobs, use_ray)):
         for g, picks in zip(chunk, out):
             rows = members[g][picks]
@@ -208,5 +254,5 @@ def coincide_select(
             reason[i] = f"kept: whole cluster taken ({where})"
         else:
             reason[i] = f"kept: greedy MMD pick {pick_rank[i] + 1} ({where})"
-    info = {"tau": tau, "clusters_used": int((quotas > 0).sum()), "quotas_from": "cluster probabilities" if given is None else "select.quota"}
+    info = {"tau": tau, "mmd_width": mmd_width, "mmd_block_rows": mmd_block_rows, "clusters_used": int((quotas > 0).sum()), "quotas_from": "cluster probabilities" if given is None else "select.quota"}
     return Selection(selected, p[groups].astype(np.float32), reason, quotas, info)

@@ -16,7 +16,8 @@ Output:
 Budget: see rsdist.select.budget (fraction rounded half up, or a count; exact). Rows are put in
 sample_id order before any strategy runs, so the same inputs and seed give the same manifest.
 Resources: the driver process; `coincide` spreads its clusters over Ray tasks of 0.5 CPU each
-(`typicality-mmd` runs the same greedy MMD in the driver, an m x m kernel per cluster of m rows);
+(`typicality-mmd` runs the same greedy MMD in the driver); greedy MMD holds an m x m kernel for a
+cluster of m rows, or for blocks of select.mmd_block_rows rows when a cluster is larger;
 `scalselect` streams the features twice and holds only a d x d matrix and one score per row.
 """
 
@@ -248,7 +249,7 @@ def choose(run: RunDir, pool: Pool, cfg: SelectConfig, budget: int) -> Selection
         if method == "caption-typicality":
             return caption_select(k, g, typicality[rows], b, cfg.quota, cfg.seed, cfg.keep, what="caption typicality")
         if method == "typicality-mmd":
-            return typicality_mmd_select(x[rows], g, k, typicality[rows], b, cfg.quota, cfg.candidates)
+            return typicality_mmd_select(x[rows], g, k, typicality[rows], b, cfg.quota, cfg.candidates, cfg.mmd_width, cfg.mmd_block_rows, cfg.seed)
         if method == "semdedup":
             sub_red = type(red)(red.max_cos[rows], red.duplicate_of[rows])
             return semdedup_select(k, g, sub_red, b, ids)
@@ -258,7 +259,9 @@ def choose(run: RunDir, pool: Pool, cfg: SelectConfig, budget: int) -> Selection
             init_ray()
             parts = cfg.num_tasks or max(1, int(2 * cluster_cpus()))
             quotas = cluster_quotas(g, k, b, cfg.quota) if cfg.within_clusters else None
-            return coincide_select(x[rows], g, k, b, cfg.tau, cfg.max_cosine, cfg.density_rows, cfg.seed, use_ray=True, parts=parts, quotas=quotas)
+            return coincide_select(
+                x[rows], g, k, b, cfg.tau, cfg.max_cosine, cfg.density_rows, cfg.seed, use_ray=True, parts=parts, quotas=quotas, mmd_width=cfg.mmd_width, mmd_block_rows=cfg.mmd_block_rows
+            )
         if method == "error-driven":
             fx, fids, fw = read_failures(run, cfg)
             if fx.shape[1] != x.shape[1]:
