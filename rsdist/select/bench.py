@@ -1,7 +1,9 @@
 """Benchmark of the select stage: seconds per method on a constructed pool, random as the baseline,
 and the streamed leverage against a dense SVD (time and largest difference).
 
-`rsdist bench select [--rows N] [--dim D] [--clusters K] [--budget B] [--methods a,b] [--out DIR]`
+`rsdist bench select [--rows N] [--dim D] [--clusters K] [--budget B] [--methods a,b] [--out DIR]
+[--mmd-block-rows B]`; with B > 0 coincide is timed a second time with its greedy MMD in blocks of
+at most B rows (`coincide_blocked_s`, and its ratio to the whole-cluster MMD).
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ def bench(argv: list[str]) -> dict:
                    help=f"comma-separated, from {SELECT_METHODS}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run directory to build the pool in (default: a temporary one)")
+    p.add_argument("--mmd-block-rows", type=int, default=0, help="also time coincide with select.mmd_block_rows at this value (0: not)")
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     if "random" not in methods:
@@ -104,6 +107,12 @@ def bench(argv: list[str]) -> dict:
         result = select.run(run, SelectConfig(method=method, budget=args.budget, seed=args.seed))
         out[f"{method}_s"] = round(time.perf_counter() - t0, 3)
         out[f"{method}_selected"] = result.rows_out
+    if args.mmd_block_rows > 0 and "coincide" in methods:
+        _say(f"method coincide, greedy MMD in blocks of at most {args.mmd_block_rows} rows")
+        t0 = time.perf_counter()
+        select.run(run, SelectConfig(method="coincide", budget=args.budget, seed=args.seed, mmd_block_rows=args.mmd_block_rows))
+        out["coincide_blocked_s"] = round(time.perf_counter() - t0, 3)
+        out["coincide_blocked_over_whole"] = round(out["coincide_blocked_s"] / max(out["coincide_s"], 1e-9), 3)
     for method in methods:
         if method != "random":
             out[f"{method}_over_random"] = round(out[f"{method}_s"] / max(out["random_s"], 1e-9), 2)

@@ -103,3 +103,17 @@ def test_typicality_mmd_picks_representative_rows_among_the_typical():
     assert sel.reason[kept[0]].startswith("kept: greedy MMD pick")
     only_top = typicality_mmd_select(x, groups, 1, typicality, 4, "proportional", candidates=1.0)
     assert set(np.flatnonzero(only_top.selected)) == set(np.argsort(-typicality)[:4])  # candidates = quota: the top 4
+
+
+def test_typicality_mmd_passes_width_and_blocks_to_its_greedy_mmd():
+    from rsdist.select.coincide import blocked_greedy_mmd
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, 5))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    typicality = rng.normal(size=40)
+    groups = np.zeros(40, dtype=np.int64)
+    sel = typicality_mmd_select(x, groups, 1, typicality, 8, "proportional", 2.0, mmd_width=0.5, mmd_block_rows=15, seed=9)
+    allowed = np.isin(np.arange(40), np.argsort(-typicality, kind="stable")[:16])
+    assert set(np.flatnonzero(sel.selected)) == set(blocked_greedy_mmd(x, 8, allowed, 0.5, 15, 9).tolist())
+    assert sel.info["mmd_width"] == 0.5 and sel.info["mmd_block_rows"] == 15

@@ -3,13 +3,16 @@
 import itertools
 
 import numpy as np
+import pytest
 
 from rsdist.select.coincide import (
+    blocked_greedy_mmd,
     cluster_probabilities,
     coincide_select,
     density,
     greedy_mmd,
     sequential_quotas,
+    split_quota,
     transferability,
 )
 
@@ -54,16 +57,17 @@ def test_dense_cluster_is_under_sampled():
     assert taken[0] / 60 < taken[1] / 20  # denser cluster gets the smaller share of its rows
 
 
-def test_greedy_mmd_matches_brute_force_first_steps():
+@pytest.mark.parametrize("width", [1.0, 0.5, 0.3])
+def test_greedy_mmd_matches_brute_force_first_steps(width):
     rng = np.random.default_rng(5)
     x = unit(rng.normal(size=(9, 4)))
-    kern = np.exp(-((x[:, None] - x[None]) ** 2).sum(-1) / 2)
+    kern = np.exp(-((x[:, None] - x[None]) ** 2).sum(-1) / (2 * width**2))
 
     def mmd(idx):
         idx = list(idx)
         return kern[np.ix_(idx, idx)].mean() - 2 * kern[idx].mean()
 
-    picks = greedy_mmd(x, 3)
+    picks = greedy_mmd(x, 3, width=width)
     chosen = []
     for _ in range(3):
         best = min((j for j in range(9) if j not in chosen), key=lambda j: mmd(chosen + [j]))
@@ -102,7 +106,42 @@ def test_greedy_mmd_picks_only_allowed_rows():
     allowed = np.arange(12) % 2 == 0
     picks = greedy_mmd(x, 4, allowed)
     assert len(set(picks.tolist())) == 4 and allowed[picks].all()
-    import pytest
-
     with pytest.raises(ValueError, match="greedy_mmd: 6 allowed rows, fewer than the 7 to pick"):
         greedy_mmd(x, 7, allowed)
+
+
+def test_split_quota_is_proportional_exact_and_capped():
+    assert split_quota(10, np.array([50, 30, 20])).tolist() == [5, 3, 2]
+    assert split_quota(7, np.array([3, 3, 3])).tolist() == [3, 2, 2]  # remainder ties to the first
+    assert split_quota(9, np.array([3, 3, 3])).tolist() == [3, 3, 3]
+    parts = split_quota(13, np.array([1, 40, 2, 17]))
+    assert parts.sum() == 13 and (parts <= [1, 40, 2, 17]).all()
+
+
+def test_blocked_greedy_mmd_is_greedy_mmd_when_the_cluster_fits_a_block():
+    x = unit(np.random.default_rng(7).normal(size=(30, 6)))
+    for block_rows in (0, 30, 100):
+        assert blocked_greedy_mmd(x, 8, block_rows=block_rows, seed=3).tolist() == greedy_mmd(x, 8).tolist()
+
+
+def test_blocked_greedy_mmd_picks_each_block_by_greedy_mmd():
+    x = unit(np.random.default_rng(8).normal(size=(101, 6)))
+    allowed = np.arange(101) % 3 != 0
+    picks = blocked_greedy_mmd(x, 20, allowed, width=0.5, block_rows=25, seed=4)
+    assert len(picks) == 20 and len(set(picks.tolist())) == 20 and allowed[picks].all()
+    assert picks.tolist() == blocked_greedy_mmd(x, 20, allowed, width=0.5, block_rows=25, seed=4).tolist()
+    blocks = np.array_split(np.random.default_rng(4).permutation(101), 5)  # ceil(101 / 25) blocks
+    shares = split_quota(20, np.array([allowed[b].sum() for b in blocks]))
+    for b, q in zip(blocks, shares):
+        inside = [p for p in picks.tolist() if p in set(b.tolist())]
+        assert sorted(inside) == sorted(b[greedy_mmd(x[b], int(q), allowed[b], 0.5)].tolist())
+    with pytest.raises(ValueError, match="greedy_mmd: 67 allowed rows, fewer than the 70 to pick"):
+        blocked_greedy_mmd(x, 70, allowed, block_rows=25)
+
+
+def test_coincide_passes_width_and_blocks_to_its_greedy_mmd():
+    x, groups = two_clusters()
+    sel = coincide_select(x, groups, 2, 20, quotas=np.array([15, 5]), mmd_width=0.4, mmd_block_rows=16, seed=2)
+    assert set(np.flatnonzero(sel.selected[:60])) == set(blocked_greedy_mmd(x[:60], 15, width=0.4, block_rows=16, seed=2).tolist())
+    assert set(np.flatnonzero(sel.selected[60:])) == set(blocked_greedy_mmd(x[60:], 5, width=0.4, block_rows=16, seed=2).tolist())
+    assert sel.info["mmd_width"] == 0.4 and sel.info["mmd_block_rows"] == 16

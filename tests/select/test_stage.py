@@ -145,6 +145,10 @@ def test_config_errors_name_the_field():
         SelectConfig(method="random", within_clusters=True)
     with pytest.raises(ConfigError, match="select.candidates: 0.5 must be at least 1"):
         SelectConfig(method="typicality-mmd", candidates=0.5)
+    with pytest.raises(ConfigError, match="select.mmd_width: 0 must be > 0"):
+        SelectConfig(method="coincide", mmd_width=0)
+    with pytest.raises(ConfigError, match="select.mmd_block_rows: -1 must be >= 0"):
+        SelectConfig(method="coincide", mmd_block_rows=-1)
 
 
 def test_caption_diversity_names_a_pool_row_without_shard_row(run_dir):
