@@ -211,7 +211,7 @@ class SelectConfig:
     within_clusters: bool = _help("scalselect and coincide: spend the budget over clusters by select.quota and rank inside each cluster, instead of by the method's own rule (scalselect: the global top leverage; coincide: its cluster probabilities). Keeps the pool's scene mix.", default=False)
     candidates: float = _help("typicality-mmd: each cluster's greedy MMD picks its quota among its candidates x quota images of highest caption typicality (at least the quota).", default=2.0)
     mmd_width: float = _help("coincide and typicality-mmd: width w of the greedy MMD's kernel exp(-||x - y||^2 / (2 w^2)) on the unit rows of select.space; 1.0 is COINCIDE's (its density's) kernel, smaller widths spread the picks over more of a cluster's modes.", default=1.0)
-    mmd_block_rows: int = _help("coincide and typicality-mmd: a cluster of more rows than this picks by greedy MMD in random blocks of at most this many rows (kernel memory block^2, work linear in the cluster); 0 = whole clusters (an m x m kernel for m rows).", default=0)
+    mmd_block_rows: int = _help("coincide and typicality-mmd: a cluster of more rows than this picks by greedy MMD in random blocks of at most this many rows (kernel memory block^2, work linear in the cluster size); 0 = whole clusters, an m x m kernel for m rows (80 GB at m = 100,000).", default=4096)
     num_tasks: int = _help("coincide: Ray tasks the clusters are spread over; 0 = twice the cluster's CPUs.", default=0)
 
     def __post_init__(self) -> None:

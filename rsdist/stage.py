@@ -57,6 +57,9 @@ def _default(f: dataclasses.Field) -> Any:
 FINGERPRINT_DEFAULTS: dict[tuple[str, str], Any] = {
     ("SelectConfig", "method"): "shift",  # default "cluster-random" since the selection experiment (docs/results.md)
 }
+# Not listed: SelectConfig.mmd_block_rows arrived with default 4096, which picks exactly as before
+# (whole clusters) for clusters of up to 4,096 rows; a run made before it with larger clusters
+# keeps its whole-cluster greedy MMD selection, which is the exact version of the blocked one.
 
 
 def _fingerprint_default(x: Any, f: dataclasses.Field) -> Any:

@@ -2,8 +2,9 @@
 and the streamed leverage against a dense SVD (time and largest difference).
 
 `rsdist bench select [--rows N] [--dim D] [--clusters K] [--budget B] [--methods a,b] [--out DIR]
-[--mmd-block-rows B]`; with B > 0 coincide is timed a second time with its greedy MMD in blocks of
-at most B rows (`coincide_blocked_s`, and its ratio to the whole-cluster MMD).
+[--mmd-rows M] [--mmd-block-rows B]`; the greedy MMD check times one cluster of M rows picked
+whole and in blocks of at most B rows, and measures each pick's MMD to the cluster (a random pick
+of the same size is the yardstick).
 """
 
 from __future__ import annotations
@@ -76,6 +77,43 @@ def leverage_check(rows: int, dim: int, seed: int) -> dict:
             "leverage_max_abs_diff": float(np.abs(streamed - dense).max())}
 
 
+def mmd_to(x: np.ndarray, picks: np.ndarray, chunk: int = 2048) -> float:
+    """MMD^2 (RBF, width 1) between the rows `picks` of `x` and all of `x`, in row chunks (no m x m kernel)."""
+    from rsdist.select.coincide import _sq_dists
+
+    def kernel_mean(a: np.ndarray, b: np.ndarray) -> float:
+        return sum(float(np.exp(-_sq_dists(a[i:i + chunk], b) / 2.0).sum()) for i in range(0, len(a), chunk)) / (len(a) * len(b))
+
+    s = x[picks]
+    return kernel_mean(s, s) - 2.0 * kernel_mean(s, x) + kernel_mean(x, x)
+
+
+def mmd_check(rows: int, dim: int, budget: float, block_rows: int, seed: int) -> dict:
+    """Greedy MMD over one cluster of `rows` unit rows (20 sub-modes), whole and in blocks: seconds,
+    kernel memory and the MMD^2 of each pick to the cluster, with a random pick as the yardstick."""
+    from rsdist.select.budget import budget_count
+    from rsdist.select.coincide import blocked_greedy_mmd, greedy_mmd
+
+    rng = np.random.default_rng(seed)
+    modes = rng.normal(size=(20, dim))
+    x = modes[rng.integers(0, 20, rows)] + 1.5 * rng.normal(size=(rows, dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    n = budget_count(budget, rows)
+    t0 = time.perf_counter()
+    whole = greedy_mmd(x, n)
+    t_whole = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    blocked = blocked_greedy_mmd(x, n, block_rows=block_rows, seed=seed)
+    t_blocked = time.perf_counter() - t0
+    mmd = {name: mmd_to(x, p) for name, p in (("whole", whole), ("blocked", blocked), ("random", rng.choice(rows, n, replace=False)))}
+    return {"mmd_rows": rows, "mmd_dim": dim, "mmd_picks": n, "mmd_block_rows": block_rows,
+            "mmd_whole_s": round(t_whole, 3), "mmd_blocked_s": round(t_blocked, 3),
+            "mmd_blocked_over_whole": round(t_blocked / max(t_whole, 1e-9), 3),
+            "mmd_whole_kernel_mb": round(rows * rows * 8 / 2**20, 1),
+            "mmd_blocked_kernel_mb": round(min(rows, block_rows) ** 2 * 8 / 2**20, 1),
+            "mmd2_whole": mmd["whole"], "mmd2_blocked": mmd["blocked"], "mmd2_random": mmd["random"]}
+
+
 def bench(argv: list[str]) -> dict:
     p = argparse.ArgumentParser(prog="rsdist bench select", description=__doc__)
     p.add_argument("--rows", type=int, default=20000, help="pool rows")
@@ -86,7 +124,8 @@ def bench(argv: list[str]) -> dict:
                    help=f"comma-separated, from {SELECT_METHODS}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run directory to build the pool in (default: a temporary one)")
-    p.add_argument("--mmd-block-rows", type=int, default=0, help="also time coincide with select.mmd_block_rows at this value (0: not)")
+    p.add_argument("--mmd-rows", type=int, default=8000, help="rows of the one cluster of the greedy MMD check (0: skip the check)")
+    p.add_argument("--mmd-block-rows", type=int, default=1024, help="block size of the blocked side of the greedy MMD check")
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     if "random" not in methods:
@@ -107,17 +146,14 @@ def bench(argv: list[str]) -> dict:
         result = select.run(run, SelectConfig(method=method, budget=args.budget, seed=args.seed))
         out[f"{method}_s"] = round(time.perf_counter() - t0, 3)
         out[f"{method}_selected"] = result.rows_out
-    if args.mmd_block_rows > 0 and "coincide" in methods:
-        _say(f"method coincide, greedy MMD in blocks of at most {args.mmd_block_rows} rows")
-        t0 = time.perf_counter()
-        select.run(run, SelectConfig(method="coincide", budget=args.budget, seed=args.seed, mmd_block_rows=args.mmd_block_rows))
-        out["coincide_blocked_s"] = round(time.perf_counter() - t0, 3)
-        out["coincide_blocked_over_whole"] = round(out["coincide_blocked_s"] / max(out["coincide_s"], 1e-9), 3)
     for method in methods:
         if method != "random":
             out[f"{method}_over_random"] = round(out[f"{method}_s"] / max(out["random_s"], 1e-9), 2)
     _say("streamed leverage vs dense SVD")
     out.update(leverage_check(args.rows, 2 * args.dim, args.seed))
+    if args.mmd_rows > 0:
+        _say(f"greedy MMD on one cluster of {args.mmd_rows} rows: whole vs blocks of {args.mmd_block_rows}")
+        out.update(mmd_check(args.mmd_rows, 2 * args.dim, args.budget, args.mmd_block_rows, args.seed))
     if tmp is not None:
         tmp.cleanup()
     return out
