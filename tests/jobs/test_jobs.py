@@ -119,3 +119,29 @@ def test_schedule_curve_groups_cells_by_epochs(tmp_path):
     assert [g["method"] for g in json.loads(only.stdout.strip().splitlines()[-1])["groups"]] == ["full"]
     bad = subprocess.run([sys.executable, script, str(tmp_path / "nowhere")], capture_output=True, text=True)
     assert bad.returncode != 0 and "nowhere" in bad.stderr
+
+
+def test_seed_differences_pairs_methods_with_random_by_seed(tmp_path):
+    """Cells of two results.json files are paired with random's cell of the same seed; the first
+    file wins on a repeated cell; differences, random's sd and seeds above are reported."""
+    import json
+
+    def results(name: str, cells: list[tuple[str, float, int, float]]) -> str:
+        path = tmp_path / name
+        path.write_text(json.dumps({"cells": [{"method": m, "budget": b, "seed": s, "metrics": {"mR": v}} for m, b, s, v in cells]}))
+        return str(path)
+
+    first = results("a.json", [("random", 0.2, 0, 20.0), ("random", 0.2, 1, 22.0), ("random", 0.2, 2, 21.0), ("mmd", 0.2, 0, 23.0), ("mmd", 0.2, 1, 23.0), ("random", 0.33, 0, 30.0)])
+    second = results("b.json", [("mmd", 0.2, 0, 99.0), ("mmd", 0.2, 2, 20.5), ("alone", 0.2, 0, 25.0)])
+    script = os.path.join(ROOT, "jobs", "seed_differences.py")
+    png = tmp_path / "seeds.png"
+    out = subprocess.run([sys.executable, script, first, second, "--budget", "0.2", "--out", str(png)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    fig = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(fig) == {"mmd"}  # "alone" shares one seed with random: no sd, left out
+    mmd = fig["mmd"]
+    assert mmd["seeds"] == [0, 1, 2] and mmd["differences"] == [3.0, 1.0, -0.5]  # seed 0 from the first file
+    assert abs(mmd["mean"] - 3.5 / 3) < 1e-9 and mmd["random_sd"] == 1.0 and mmd["seeds_above"] == 2
+    assert png.stat().st_size > 1000
+    none = subprocess.run([sys.executable, script, second, "--budget", "0.2"], capture_output=True, text=True)
+    assert none.returncode != 0 and "no random cells" in none.stderr

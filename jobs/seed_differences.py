@@ -1,0 +1,94 @@
+"""Each method against random, seed by seed: the per-seed mR difference of one budget, with the
+2-random-sd line the selection target asks for.
+
+    python jobs/seed_differences.py runs/exp-20s20/results.json runs/exp-20img/results.json \
+        --budget 0.2 [--metric mR] [--out docs/results_20_seeds.png]
+
+Reads experiments' results.json (their `cells`), pairs every method's cell with random's cell of
+the same seed and budget (the first file that has a cell wins, so overlapping runs may be passed
+together), prints one line per method (mean difference, random's sd over the same seeds, seeds
+above) and, with --out, plots the per-seed differences. The figures as one JSON object on the last
+line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+
+def read_cells(paths: list[str], budget: float, metric: str) -> dict[str, dict[int, float]]:
+    """method -> seed -> metric, for the cells of `budget` (the first file wins on a repeat)."""
+    out: dict[str, dict[int, float]] = {}
+    for path in paths:
+        with open(path) as f:
+            cells = json.load(f)["cells"]
+        for cell in cells:
+            if abs(float(cell["budget"]) - budget) < 1e-9:
+                out.setdefault(cell["method"], {}).setdefault(int(cell["seed"]), float(cell["metrics"][metric]))
+    return out
+
+
+def paired(cells: dict[str, dict[int, float]]) -> dict[str, dict]:
+    """Per method: the seeds it shares with random, the differences and the summary figures."""
+    if "random" not in cells:
+        raise SystemExit("seed_differences: no random cells at this budget in the given files")
+    random = cells["random"]
+    out = {}
+    for method, by_seed in sorted(cells.items()):
+        seeds = sorted(set(by_seed) & set(random))
+        if method == "random" or len(seeds) < 2:
+            continue
+        diffs = [by_seed[s] - random[s] for s in seeds]
+        random_sd = statistics.stdev(random[s] for s in seeds)
+        out[method] = {
+            "seeds": seeds,
+            "differences": diffs,
+            "mean": statistics.mean(diffs),
+            "random_sd": random_sd,
+            "in_random_sd": statistics.mean(diffs) / random_sd,
+            "seeds_above": sum(d > 0 for d in diffs),
+        }
+    return out
+
+
+def plot(result: dict[str, dict], metric: str, budget: float, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.2))
+    for i, (method, r) in enumerate(result.items()):
+        offset = (i - (len(result) - 1) / 2) * 0.12
+        ax.plot([s + offset for s in r["seeds"]], r["differences"], "o", ms=4, label=f"{method}: mean {r['mean']:+.2f} ({r['in_random_sd']:+.1f} random sd)")
+        ax.axhline(r["mean"], color=ax.lines[-1].get_color(), lw=0.8, alpha=0.6)
+    sd = max(r["random_sd"] for r in result.values())
+    ax.axhline(2 * sd, color="k", ls="--", lw=1, label=f"2 random sd ({2 * sd:.2f})")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("seed")
+    ax.set_ylabel(f"{metric} - random's {metric}, same seed")
+    ax.set_title(f"Against random at {budget:g}, seed by seed")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="+", help="experiments' results.json files")
+    parser.add_argument("--budget", type=float, required=True)
+    parser.add_argument("--metric", default="mR")
+    parser.add_argument("--out", default=None, help="PNG of the per-seed differences")
+    args = parser.parse_args()
+    result = paired(read_cells(args.results, args.budget, args.metric))
+    for method, r in result.items():
+        print(f"{method}: {args.metric} {r['mean']:+.2f} over {len(r['seeds'])} seeds = {r['in_random_sd']:+.2f} random sd ({r['random_sd']:.2f}), {r['seeds_above']} above")
+    if args.out:
+        plot(result, args.metric, args.budget, args.out)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
