@@ -2,7 +2,7 @@
 2-random-sd line the selection target asks for.
 
     python jobs/seed_differences.py runs/exp-20s20/results.json runs/exp-20img/results.json \
-        --budget 0.2 [--metric mR] [--out docs/results_20_seeds.png]
+        --budget 0.2 [--metric mR] [--seeds 5-19] [--out docs/results_20_seeds.png]
 
 Reads experiments' results.json (their `cells`), pairs every method's cell with random's cell of
 the same seed and budget (the first file that has a cell wins, so overlapping runs may be passed
@@ -18,14 +18,14 @@ import json
 import statistics
 
 
-def read_cells(paths: list[str], budget: float, metric: str) -> dict[str, dict[int, float]]:
-    """method -> seed -> metric, for the cells of `budget` (the first file wins on a repeat)."""
+def read_cells(paths: list[str], budget: float, metric: str, seeds: range | None = None) -> dict[str, dict[int, float]]:
+    """method -> seed -> metric, for the cells of `budget` (and `seeds`; the first file wins on a repeat)."""
     out: dict[str, dict[int, float]] = {}
     for path in paths:
         with open(path) as f:
             cells = json.load(f)["cells"]
         for cell in cells:
-            if abs(float(cell["budget"]) - budget) < 1e-9:
+            if abs(float(cell["budget"]) - budget) < 1e-9 and (seeds is None or int(cell["seed"]) in seeds):
                 out.setdefault(cell["method"], {}).setdefault(int(cell["seed"]), float(cell["metrics"][metric]))
     return out
 
@@ -80,9 +80,14 @@ def main() -> None:
     parser.add_argument("results", nargs="+", help="experiments' results.json files")
     parser.add_argument("--budget", type=float, required=True)
     parser.add_argument("--metric", default="mR")
+    parser.add_argument("--seeds", default=None, help="only these seeds, FIRST-LAST (e.g. 5-19: the seeds no setting was chosen on)")
     parser.add_argument("--out", default=None, help="PNG of the per-seed differences")
     args = parser.parse_args()
-    result = paired(read_cells(args.results, args.budget, args.metric))
+    seeds = None
+    if args.seeds:
+        first, _, last = args.seeds.partition("-")
+        seeds = range(int(first), int(last or first) + 1)
+    result = paired(read_cells(args.results, args.budget, args.metric, seeds))
     for method, r in result.items():
         print(f"{method}: {args.metric} {r['mean']:+.2f} over {len(r['seeds'])} seeds = {r['in_random_sd']:+.2f} random sd ({r['random_sd']:.2f}), {r['seeds_above']} above")
     if args.out:

@@ -143,5 +143,7 @@ def test_seed_differences_pairs_methods_with_random_by_seed(tmp_path):
     assert mmd["seeds"] == [0, 1, 2] and mmd["differences"] == [3.0, 1.0, -0.5]  # seed 0 from the first file
     assert abs(mmd["mean"] - 3.5 / 3) < 1e-9 and mmd["random_sd"] == 1.0 and mmd["seeds_above"] == 2
     assert png.stat().st_size > 1000
+    some = subprocess.run([sys.executable, script, first, second, "--budget", "0.2", "--seeds", "1-2"], capture_output=True, text=True)
+    assert json.loads(some.stdout.strip().splitlines()[-1])["mmd"]["seeds"] == [1, 2]
     none = subprocess.run([sys.executable, script, second, "--budget", "0.2"], capture_output=True, text=True)
     assert none.returncode != 0 and "no random cells" in none.stderr
