@@ -127,8 +127,9 @@ def typicality_mmd_select(
     mmd_block_rows: int = 0,
     seed: int = 0,
 ) -> Selection:
-    """Per-cluster quotas; in each cluster, greedy MMD (COINCIDE's, against the whole cluster) picks
-    the quota among the `candidates` x quota images of highest caption typicality.
+    """Per-cluster quotas; in each cluster, greedy MMD (COINCIDE's, against the whole cluster, or
+    against its block above `mmd_block_rows`: blocked_greedy_mmd) picks the quota among the
+    `candidates` x quota images of highest caption typicality.
 
     Typicality keeps the pairs whose text and picture agree on what the cluster is; MMD spreads the
     picks over the cluster's visual modes instead of piling them where typical captions are densest.
