@@ -108,6 +108,22 @@ def test_dedup_filter_composes_with_shift_and_a_shift_column(run_dir):
     assert sum(r["selected"] for r in manifest) == 30
 
 
+def test_dedup_filter_composes_with_typicality_mmd_in_the_image_space(run_dir):
+    """typicality-mmd behind the filter (with the 20% settings): the duplicates are dropped before
+    the per-cluster typicality and MMD run on the survivors, and the count stays exact."""
+    ids = write_inputs(run_dir)
+    cfg = SelectConfig(method="typicality-mmd", budget=30, dedup_threshold=0.99, dedup_keep="first", space="image", mmd_width=0.5)
+    select.run(run_dir, cfg)
+    manifest = run_dir.read_table("selection", "manifest.parquet").to_pylist()
+    dropped = {r["sample_id"] for r in manifest if "near-duplicate" in r["reason"]}
+    copies = {ids[i] for i in (0, 50, 51, 52, 53, 54)}  # six identical image rows
+    assert len(dropped) == 5 and dropped < copies and min(copies) not in dropped  # 'first': the lowest sample_id stays
+    assert not any(r["selected"] for r in manifest if r["sample_id"] in dropped)
+    assert sum(r["selected"] for r in manifest) == 30
+    info = run_dir.read_json("selection", "selection.json")
+    assert info["info"]["mmd_width"] == 0.5 and info["settings"]["space"] == "image"
+
+
 def test_run_stage_skips_a_complete_selection(run_dir):
     write_inputs(run_dir)
     cfg = SelectConfig(method="random", budget=0.5)
