@@ -70,6 +70,7 @@ class DataConfig:
     format: str = _help(f"Input layout, one of {INGEST_FORMATS}; 'auto' detects it.", default="auto")
     images: Optional[str] = _help("Images root when it is not inside `source` (default: <source>/images).", default=None)
     test_fraction: float = _help("Share of samples held out for evaluation when the data has no test split (drawn by a hash of sample_id).", default=0.1)
+    test_offset: float = _help("Where the held-out window starts: a sample is held out when the hash fraction h of its sample_id lies in [test_offset, test_offset + test_fraction) (mod 1). Another offset gives another fixed development split (0.1 with test_fraction 0.1: disjoint from the default one).", default=0.0)
     shard_rows: int = _help("Rows per canonical parquet shard.", default=512)
     max_image_bytes: int = _help("Images larger than this are quarantined as too-large.", default=32 * 1024 * 1024)
     synthetic_per_class: int = _help("Unique scenes per class in the generated demo set.", default=40)
@@ -80,6 +81,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _choice("data.format", self.format, INGEST_FORMATS)
         _fraction("data.test_fraction", self.test_fraction)
+        _fraction("data.test_offset", self.test_offset, lo_open=False)
         _positive("data.shard_rows", self.shard_rows)
         _positive("data.max_image_bytes", self.max_image_bytes)
         _positive("data.synthetic_per_class", self.synthetic_per_class)

@@ -136,8 +136,11 @@ def iter_chunks(items: Iterable[Item], size: int) -> Iterator[tuple[int, list[It
 
 def chunk_settings(src: Source, data: DataConfig) -> dict:
     """Everything that decides a chunk's output; markers written under other settings are void."""
-    return {"source_name": src.name, "format": src.format, "shard_rows": data.shard_rows,
-            "test_fraction": data.test_fraction, "max_image_bytes": data.max_image_bytes}
+    settings = {"source_name": src.name, "format": src.format, "shard_rows": data.shard_rows,
+                "test_fraction": data.test_fraction, "max_image_bytes": data.max_image_bytes}
+    if data.test_offset:  # only when set, so chunks written before the setting existed stay valid
+        settings["test_offset"] = data.test_offset
+    return settings
 
 
 # --- engines -----------------------------------------------------------------------------------

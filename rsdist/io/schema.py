@@ -58,6 +58,12 @@ def hash_fraction(sample_id: str) -> float:
     return int(hashlib.sha1(sample_id.encode("utf-8")).hexdigest()[:12], 16) / float(1 << 48)
 
 
+def held_out(sample_id: str, test_fraction: float, test_offset: float = 0.0) -> bool:
+    """Whether the hash split holds the sample out: its hash fraction lies in the window
+    [test_offset, test_offset + test_fraction), wrapping past 1."""
+    return (hash_fraction(sample_id) - test_offset) % 1.0 < test_fraction
+
+
 def empty_row() -> dict:
     """A canonical row with every field present and empty, to be filled by a reader."""
     return {

@@ -122,3 +122,26 @@ def test_mismatched_caption_counts_name_both_files(tmp_path):
     put(f"{root}/captions/train_caps.txt", "a\nb\nc\n")
     with pytest.raises(IngestError, match="train_caps.txt: 3 caption lines do not match 2 names"):
         ingest.run(RunDir(str(tmp_path / "run")), DataConfig(source=root))
+
+
+def test_test_offset_moves_the_held_out_window(tmp_path):
+    """The default split holds out hash fractions in [0, f); test_offset o holds out [o, o + f)
+    (mod 1): a second fixed split, disjoint from the first when o >= f, unchanged at o = 0."""
+    from rsdist.io.schema import hash_fraction, held_out
+
+    write_captions_txt(str(tmp_path / "ds"))
+    splits = {}
+    for offset in (0.0, 0.5, 0.9):
+        run = RunDir(str(tmp_path / f"run-{offset}"))
+        _ingest(run, source=str(tmp_path / "ds"), test_fraction=0.4, test_offset=offset)
+        splits[offset] = {r["sample_id"]: r["split"] for r in run.read_table("shards", columns=["sample_id", "split"]).to_pylist()}
+    for offset, split in splits.items():
+        assert 0 < list(split.values()).count("test") < len(split), offset  # both sides non-empty: the checks below bite
+        for sid, s in split.items():
+            h = hash_fraction(sid)
+            inside = offset <= h < offset + 0.4 or (offset + 0.4 > 1 and h < offset + 0.4 - 1)
+            assert (s == "test") == inside == held_out(sid, 0.4, offset)
+    assert not {s for s, v in splits[0.0].items() if v == "test"} & {s for s, v in splits[0.5].items() if v == "test"}
+    assert held_out("x", 0.1) == (hash_fraction("x") < 0.1)
+    with pytest.raises(ConfigError, match="data.test_offset: 1.0 must be a fraction in"):
+        DataConfig(test_offset=1.0)
