@@ -15,40 +15,41 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 
-def read_cells(paths: list[str], budget: float, metric: str, seeds: range | None = None) -> dict[str, dict[int, float]]:
-    """method -> seed -> metric, for the cells of `budget` (and `seeds`; the first file wins on a repeat)."""
-    out: dict[str, dict[int, float]] = {}
+def read_cells(paths: list[str], budget: float, seeds: range | None = None) -> list[dict]:
+    """The cells of `budget` (and `seeds`) in the files; the first file wins on a repeated
+    (method, seed)."""
+    out: dict[tuple[str, int], dict] = {}
     for path in paths:
         with open(path) as f:
             cells = json.load(f)["cells"]
         for cell in cells:
             if abs(float(cell["budget"]) - budget) < 1e-9 and (seeds is None or int(cell["seed"]) in seeds):
-                out.setdefault(cell["method"], {}).setdefault(int(cell["seed"]), float(cell["metrics"][metric]))
-    return out
+                out.setdefault((cell["method"], int(cell["seed"])), cell)
+    return list(out.values())
 
 
-def paired(cells: dict[str, dict[int, float]]) -> dict[str, dict]:
-    """Per method: the seeds it shares with random, the differences and the summary figures."""
-    if "random" not in cells:
+def paired(cells: list[dict], metric: str) -> dict[str, dict]:
+    """Per method with at least two seeds shared with random: the experiment's own paired figures
+    (rsdist.experiment.paired_against_random) plus each shared seed's difference, for the plot."""
+    from rsdist.experiment import paired_against_random
+
+    if not any(c["method"] == "random" for c in cells):
         raise SystemExit("seed_differences: no random cells at this budget in the given files")
-    random = cells["random"]
+    value = {(c["method"], int(c["seed"])): c["metrics"][metric] for c in cells}
     out = {}
-    for method, by_seed in sorted(cells.items()):
-        seeds = sorted(set(by_seed) & set(random))
-        if method == "random" or len(seeds) < 2:
+    for row in paired_against_random(cells, [metric]):
+        if row["seeds"] < 2:
             continue
-        diffs = [by_seed[s] - random[s] for s in seeds]
-        random_sd = statistics.stdev(random[s] for s in seeds)
-        out[method] = {
+        seeds = sorted(s for m, s in value if m == row["method"] and ("random", s) in value)
+        out[row["method"]] = {
             "seeds": seeds,
-            "differences": diffs,
-            "mean": statistics.mean(diffs),
-            "random_sd": random_sd,
-            "in_random_sd": statistics.mean(diffs) / random_sd,
-            "seeds_above": sum(d > 0 for d in diffs),
+            "differences": [value[(row["method"], s)] - value[("random", s)] for s in seeds],
+            "mean": row[f"{metric}_diff"],
+            "random_sd": row[f"{metric}_random_sd"],
+            "in_random_sd": row[f"{metric}_diff_in_random_sd"],
+            "seeds_above": row[f"{metric}_seeds_above"],
         }
     return out
 
@@ -87,7 +88,7 @@ def main() -> None:
     if args.seeds:
         first, _, last = args.seeds.partition("-")
         seeds = range(int(first), int(last or first) + 1)
-    result = paired(read_cells(args.results, args.budget, args.metric, seeds))
+    result = paired(read_cells(args.results, args.budget, seeds), args.metric)
     for method, r in result.items():
         print(f"{method}: {args.metric} {r['mean']:+.2f} over {len(r['seeds'])} seeds = {r['in_random_sd']:+.2f} random sd ({r['random_sd']:.2f}), {r['seeds_above']} above")
     if args.out:

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from rsdist.select.budget import apportion
 from rsdist.select.strategies import Selection, members_of
 
 log = logging.getLogger("rsdist")
@@ -120,27 +121,12 @@ def greedy_mmd(x: np.ndarray, n: int, allowed: np.ndarray | None = None, width: 
     return picks
 
 
-def split_quota(n: int, weights: np.ndarray) -> np.ndarray:
-    """`n` split in proportion to `weights` by largest remainder (ties to the first), never above a
-    weight; the parts sum to `n` (at most the weights' sum)."""
-    weights = np.asarray(weights, dtype=np.int64)
-    exact = n * weights / max(int(weights.sum()), 1)
-    parts = np.minimum(np.floor(exact).astype(np.int64), weights)
-    order = np.lexsort((np.arange(len(weights)), -(exact - parts)))
-    for i in order:
-        if parts.sum() >= n:
-            break
-        if parts[i] < weights[i]:
-            parts[i] += 1
-    return parts
-
-
 def blocked_greedy_mmd(
     x: np.ndarray, n: int, allowed: np.ndarray | None = None, width: float = 1.0, block_rows: int = 0, seed: int = 0
 ) -> np.ndarray:
     """greedy_mmd, with a cluster of more than `block_rows` rows (0: no limit) first dealt at random
     (with the seed) into equal blocks of at most `block_rows` rows; each block picks its share of `n`
-    (in proportion to its allowed rows) by greedy MMD against the block.
+    (rsdist.select.budget.apportion over its allowed rows) by greedy MMD against the block.
 
     Why: greedy MMD holds an m x m kernel and costs O(m n d) for a cluster of m rows. Blocks bound
     the kernel to block_rows^2 and the work to O(m block_rows d) per cluster, so the pick stays
@@ -154,7 +140,8 @@ def blocked_greedy_mmd(
     free = np.ones(m, dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
     if int(free.sum()) < n:
         raise ValueError(f"greedy_mmd: {int(free.sum())} allowed rows, fewer than the {n} to pick")
-    shares = split_quota(n, np.array([int(free[b].sum()) for b in blocks]))
+    room = np.array([int(free[b].sum()) for b in blocks])
+    shares = apportion(room, n, room)  # the budget's largest-remainder rule, capped by each block's rows
     picks = [b[greedy_mmd(x[b], int(q), None if allowed is None else free[b], width)] for b, q in zip(blocks, shares) if q > 0]
     return np.concatenate(picks) if picks else np.zeros(0, dtype=np.int64)
 

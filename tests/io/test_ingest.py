@@ -145,3 +145,19 @@ def test_test_offset_moves_the_held_out_window(tmp_path):
     assert held_out("x", 0.1) == (hash_fraction("x") < 0.1)
     with pytest.raises(ConfigError, match="data.test_offset: 1.0 must be a fraction in"):
         DataConfig(test_offset=1.0)
+
+
+def test_a_new_test_offset_on_a_finished_run_splits_again(tmp_path):
+    """The same run directory ingested again with another offset is not skipped (the stage's
+    fingerprint and the chunk markers carry the offset): the split follows the new window."""
+    from rsdist.io.schema import held_out
+
+    write_captions_txt(str(tmp_path / "ds"))
+    run = RunDir(str(tmp_path / "run"))
+    _ingest(run, source=str(tmp_path / "ds"), test_fraction=0.4)
+    record, _ = _ingest(run, source=str(tmp_path / "ds"), test_fraction=0.4, test_offset=0.5)
+    assert not record.get("skipped")
+    rows = run.read_table("shards", columns=["sample_id", "split"]).to_pylist()
+    assert all((r["split"] == "test") == held_out(r["sample_id"], 0.4, 0.5) for r in rows)
+    again, _ = _ingest(run, source=str(tmp_path / "ds"), test_fraction=0.4, test_offset=0.5)
+    assert again.get("skipped")

@@ -5,6 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
+from rsdist.select.budget import apportion
 from rsdist.select.coincide import (
     blocked_greedy_mmd,
     cluster_probabilities,
@@ -12,7 +13,6 @@ from rsdist.select.coincide import (
     density,
     greedy_mmd,
     sequential_quotas,
-    split_quota,
     transferability,
 )
 
@@ -83,10 +83,13 @@ def test_probabilities_sum_to_one():
     assert abs(p.sum() - 1) < 1e-12 and np.all(p > 0)
 
 
-def test_ray_tasks_give_the_same_selection_as_local(ray_session):
+@pytest.mark.parametrize("block_rows", [0, 16])
+def test_ray_tasks_give_the_same_selection_as_local(ray_session, block_rows):
+    """Also with greedy MMD in blocks (16 rows: the 60-row cluster is split), which ships width,
+    block size and seed to the tasks."""
     x, groups = two_clusters(1)
-    local = coincide_select(x, groups, 2, 25, use_ray=False, parts=2)
-    remote = coincide_select(x, groups, 2, 25, use_ray=True, parts=2)
+    local = coincide_select(x, groups, 2, 25, use_ray=False, parts=2, mmd_width=0.5, mmd_block_rows=block_rows, seed=4)
+    remote = coincide_select(x, groups, 2, 25, use_ray=True, parts=2, mmd_width=0.5, mmd_block_rows=block_rows, seed=4)
     assert np.array_equal(local.selected, remote.selected)
     assert list(local.reason) == list(remote.reason)
 
@@ -110,11 +113,17 @@ def test_greedy_mmd_picks_only_allowed_rows():
         greedy_mmd(x, 7, allowed)
 
 
-def test_split_quota_is_proportional_exact_and_capped():
-    assert split_quota(10, np.array([50, 30, 20])).tolist() == [5, 3, 2]
-    assert split_quota(7, np.array([3, 3, 3])).tolist() == [3, 2, 2]  # remainder ties to the first
-    assert split_quota(9, np.array([3, 3, 3])).tolist() == [3, 3, 3]
-    parts = split_quota(13, np.array([1, 40, 2, 17]))
+def block_shares(n, rows):
+    """How blocked_greedy_mmd splits `n` over blocks of `rows` candidate rows."""
+    rows = np.array(rows)
+    return apportion(rows, n, rows)
+
+
+def test_block_shares_are_proportional_exact_and_capped():
+    assert block_shares(10, [50, 30, 20]).tolist() == [5, 3, 2]
+    assert block_shares(7, [3, 3, 3]).tolist() == [3, 2, 2]  # remainder ties to the first
+    assert block_shares(9, [3, 3, 3]).tolist() == [3, 3, 3]
+    parts = block_shares(13, [1, 40, 2, 17])
     assert parts.sum() == 13 and (parts <= [1, 40, 2, 17]).all()
 
 
@@ -131,7 +140,7 @@ def test_blocked_greedy_mmd_picks_each_block_by_greedy_mmd():
     assert len(picks) == 20 and len(set(picks.tolist())) == 20 and allowed[picks].all()
     assert picks.tolist() == blocked_greedy_mmd(x, 20, allowed, width=0.5, block_rows=25, seed=4).tolist()
     blocks = np.array_split(np.random.default_rng(4).permutation(101), 5)  # ceil(101 / 25) blocks
-    shares = split_quota(20, np.array([allowed[b].sum() for b in blocks]))
+    shares = block_shares(20, [allowed[b].sum() for b in blocks])
     for b, q in zip(blocks, shares):
         inside = [p for p in picks.tolist() if p in set(b.tolist())]
         assert sorted(inside) == sorted(b[greedy_mmd(x[b], int(q), allowed[b], 0.5)].tolist())
