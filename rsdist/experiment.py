@@ -12,8 +12,14 @@ view, time falls with the budget; `epochs_by_budget` gives a budget its own coun
 budget at its best schedule) and `steps` (epochs scaled by 1 / budget so every cell takes about
 as many optimiser steps as full data: the data-quality view).
 
+Several development splits (`test_offsets`): every cell runs on each held-out window
+[offset, offset + data.test_fraction) of the hash split, under `<out>/splits/o<offset>/{base,cells}`.
+The first split's base computes the features; the others take them (rsdist/features/resplit.py)
+and only ingest and cluster again. Against random, cells pair by (split, seed), and random's sd is
+pooled within splits: a split's held-out set moves every cell on it alike, which pairing removes.
+
 Output: results.json (every cell, the table, and "vs_random": each method against random at the
-same budget, paired by seed), experiment.md (the table: mean and sd per method and budget,
+same budget, paired by seed; "vs_random_by_split" with several splits), experiment.md (the table: mean and sd per method and budget,
 relative to full data, selection and training seconds; and the paired comparison),
 budget_curve.png (metric against budget per method).
 """
@@ -48,6 +54,7 @@ class ExperimentConfig:
     epochs_by_budget: dict = _help("`epochs` protocol: epochs per budget, {budget: epochs} (1 = full data), for each budget at its own schedule; a budget not listed trains train.epochs.", default_factory=dict)
     include_full: bool = _help("Also train on the full pool (the reference every cell is compared with).", default=True)
     metrics: list[str] = _help("Metrics the table and plot show.", default_factory=lambda: ["mR", "zero_shot_acc"])
+    test_offsets: list[float] = _help("Development splits: run every cell on each of these data.test_offset values (held-out windows of the hash split; disjoint when they are data.test_fraction or more apart); empty = data.test_offset alone.", default_factory=list)
 
     def __post_init__(self) -> None:
         self.methods = [self._variant(m) for m in self.methods]
@@ -60,6 +67,18 @@ class ExperimentConfig:
         self.epochs_by_budget = self._epochs_by_budget(self.epochs_by_budget)
         if not self.metrics:
             raise ConfigError("experiment.metrics: must name at least one metric")
+        self.test_offsets = self._test_offsets(self.test_offsets)
+
+    @staticmethod
+    def _test_offsets(offsets: Any) -> list[float]:
+        if not isinstance(offsets, list):
+            raise ConfigError(f"experiment.test_offsets: {offsets!r} must be a list of offsets in [0, 1)")
+        for o in offsets:
+            if isinstance(o, bool) or not isinstance(o, (int, float)) or not 0 <= o < 1:
+                raise ConfigError(f"experiment.test_offsets: {o!r} must be an offset in [0, 1)")
+        if len(set(offsets)) != len(offsets):
+            raise ConfigError(f"experiment.test_offsets: {offsets} repeats an offset")
+        return [float(o) for o in offsets]
 
 
     def _epochs_by_budget(self, mapping: Any) -> dict[float, int]:
@@ -133,26 +152,51 @@ def cell_config(cfg: RunConfig, exp: ExperimentConfig, variant: dict, budget: fl
     )
 
 
+def split_config(cfg: RunConfig, offset: float | None) -> RunConfig:
+    """The experiment's config on one development split: with `test_offsets`, its own folder."""
+    if offset is None:
+        return cfg
+    return dataclasses.replace(cfg, run_dir=f"{cfg.run_dir}/splits/o{offset:g}", data=dataclasses.replace(cfg.data, test_offset=offset))
+
+
+def build_base(cfg: RunConfig, features_from: str | None = None) -> str:
+    """Ingest, features and clusters in `<cfg.run_dir>/base`; with `features_from`, the features are
+    taken from that base (same rows, another split) instead of computed."""
+    from rsdist.features import resplit
+    from rsdist.pipeline import run_pipeline
+
+    base_dir = f"{cfg.run_dir}/base"
+    bodies = None
+    if features_from is not None:
+        bodies = {"features": lambda run: resplit.run(run, cfg.features, RunDir(features_from))}
+    run_pipeline(dataclasses.replace(cfg, run_dir=base_dir), only=["ingest", "features", "cluster"], write_summary=False, bodies=bodies)
+    return base_dir
+
+
 def run_experiment(cfg: RunConfig, exp: ExperimentConfig) -> dict:
     """Run every cell (skipping finished ones) and write the table, the plot and the raw results."""
     from rsdist.pipeline import run_pipeline
 
     out = RunDir(cfg.run_dir)
-    base_dir = f"{cfg.run_dir}/base"
-    base_cfg = dataclasses.replace(cfg, run_dir=base_dir)
-    run_pipeline(base_cfg, only=["ingest", "features", "cluster"], write_summary=False)
-    cells = [(v, b, s) for v in exp.methods for b in exp.budgets for s in exp.seeds]
+    splits, first_base = [], None
+    for offset in exp.test_offsets or [None]:
+        scfg = split_config(cfg, offset)
+        base_dir = build_base(scfg, features_from=first_base)
+        first_base = first_base or base_dir
+        splits.append((scfg, base_dir))
+    variants = [(v, b, s) for v in exp.methods for b in exp.budgets for s in exp.seeds]
     if exp.include_full:
-        cells = [({"label": "full", "method": "random"}, 1.0, s) for s in exp.seeds] + cells
+        variants = [({"label": "full", "method": "random"}, 1.0, s) for s in exp.seeds] + variants
+    cells = [(scfg, base_dir, *v) for scfg, base_dir in splits for v in variants]
     results = []
-    for i, (variant, budget, seed) in enumerate(cells, 1):
+    for i, (scfg, base_dir, variant, budget, seed) in enumerate(cells, 1):
         method = variant["label"]
-        log.info("experiment cell %d/%d: %s", i, len(cells), cell_name(method, budget, seed))
-        ccfg = cell_config(cfg, exp, variant, budget, seed)
+        log.info("experiment cell %d/%d: %s (test_offset %g)", i, len(cells), cell_name(method, budget, seed), scfg.data.test_offset)
+        ccfg = cell_config(scfg, exp, variant, budget, seed)
         run = RunDir(ccfg.run_dir, base=base_dir, inherited=INHERITED)
         summary = run_pipeline(ccfg, only=["select", "train", "eval"], run=run)
         results.append({
-            "method": method, "budget": budget, "seed": seed, "epochs": ccfg.train.epochs,
+            "method": method, "budget": budget, "seed": seed, "test_offset": scfg.data.test_offset, "epochs": ccfg.train.epochs,
             "selected": summary["selection"]["selected"], "pool": summary["selection"]["pool"],
             "select_seconds": summary["stages"]["select"]["seconds"],
             "train_seconds": summary["stages"]["train"]["seconds"],
@@ -161,9 +205,14 @@ def run_experiment(cfg: RunConfig, exp: ExperimentConfig) -> dict:
     table = aggregate(results, exp.metrics)
     paired = paired_against_random(results, exp.metrics)
     report = {"protocol": exp.protocol, "settings": dataclasses.asdict(exp), "cells": results, "table": table, "vs_random": paired}
+    if len(splits) > 1:
+        report["vs_random_by_split"] = paired_by_split(results, exp.metrics)
     out.write_json(report, "results.json")
     plot = plot_budget_curves(out, table, exp.metrics[0])
-    out.write_text(render_table(table, exp, plot) + render_paired(paired, exp.metrics), "experiment.md")
+    text = render_table(table, exp, plot) + render_paired(paired, exp.metrics)
+    if len(splits) > 1:
+        text += render_paired(report["vs_random_by_split"], exp.metrics, title="Against random on each split, paired by seed:")
+    out.write_text(text, "experiment.md")
     return report
 
 
@@ -196,24 +245,39 @@ def aggregate(results: list[dict], metrics: list[str]) -> list[dict]:
     return rows
 
 
+def _split(cell: dict) -> float:
+    return float(cell.get("test_offset", 0.0))  # results written before test_offsets: one split
+
+
+def pooled_sd(groups: list[list[float]]) -> float:
+    """The within-group sd pooled over groups (sum of squared deviations from each group's mean,
+    over n - groups); with one group, the sample sd."""
+    groups = [g for g in groups if g]
+    dof = sum(len(g) for g in groups) - len(groups)
+    if dof < 1:
+        return 0.0
+    return math.sqrt(sum(sum((x - statistics.mean(g)) ** 2 for x in g) for g in groups) / dof)
+
+
 def paired_against_random(results: list[dict], metrics: list[str]) -> list[dict]:
-    """Each method against random at the same budget, paired by seed (the seed draws both selections
-    and initialises both trainings): mean and sd of the per-seed difference, the mean difference in
-    units of random's sd over those seeds, and how many seeds are above random."""
-    by_cell = {(r["method"], r["budget"], r["seed"]): r for r in results}
+    """Each method against random at the same budget, paired by seed on the same split (the seed
+    draws both selections and initialises both trainings; the split fixes both held-out sets):
+    mean and sd of the per-pair difference, the mean difference in units of random's sd over
+    those seeds (pooled within splits), and how many pairs are above random."""
+    by_cell = {(r["method"], r["budget"], _split(r), r["seed"]): r for r in results}
     rows = []
     for method, budget in sorted({(r["method"], r["budget"]) for r in results if r["method"] not in ("random", "full")}):
-        seeds = sorted(s for (m, b, s) in by_cell if m == method and b == budget and ("random", budget, s) in by_cell)
-        if not seeds:
+        keys = sorted((o, s) for (m, b, o, s) in by_cell if m == method and b == budget and ("random", budget, o, s) in by_cell)
+        if not keys:
             continue
-        row: dict[str, Any] = {"method": method, "budget": budget, "seeds": len(seeds)}
+        row: dict[str, Any] = {"method": method, "budget": budget, "seeds": len(keys), "splits": len({o for o, _ in keys})}
         for m in metrics:
-            pairs = [(_metric(by_cell[(method, budget, s)], m), _metric(by_cell[("random", budget, s)], m)) for s in seeds]
-            pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+            pairs = [(o, _metric(by_cell[(method, budget, o, s)], m), _metric(by_cell[("random", budget, o, s)], m)) for o, s in keys]
+            pairs = [(o, a, b) for o, a, b in pairs if a is not None and b is not None]
             if not pairs:
                 continue
-            diff = [a - b for a, b in pairs]
-            random_sd = statistics.stdev(b for _, b in pairs) if len(pairs) > 1 else 0.0
+            diff = [a - b for _, a, b in pairs]
+            random_sd = pooled_sd([[b for o, _, b in pairs if o == split] for split in sorted({o for o, _, _ in pairs})])
             row[f"{m}_diff"] = statistics.mean(diff)
             row[f"{m}_diff_sd"] = statistics.stdev(diff) if len(diff) > 1 else 0.0
             row[f"{m}_random_sd"] = random_sd
@@ -223,15 +287,25 @@ def paired_against_random(results: list[dict], metrics: list[str]) -> list[dict]
     return rows
 
 
-def render_paired(paired: list[dict], metrics: list[str]) -> str:
+def paired_by_split(results: list[dict], metrics: list[str]) -> list[dict]:
+    """paired_against_random on each split alone, each row with its test_offset."""
+    rows = []
+    for offset in sorted({_split(r) for r in results}):
+        rows += [{**row, "test_offset": offset} for row in paired_against_random([r for r in results if _split(r) == offset], metrics)]
+    return sorted(rows, key=lambda r: (r["method"], r["budget"], r["test_offset"]))
+
+
+def render_paired(paired: list[dict], metrics: list[str], title: str = "Against random at the same budget, paired by seed:") -> str:
     if not paired:
         return ""
-    head = ["method", "budget", "seeds"]
+    by_split = any("test_offset" in row for row in paired)
+    pairs = "split x seed" if any(row.get("splits", 1) > 1 for row in paired) else "seeds"
+    head = ["method", "budget"] + (["test_offset"] if by_split else []) + [pairs]
     for m in metrics:
         head += [f"{m} - random", "sd", "/ random sd", "seeds above"]
-    lines = ["", "Against random at the same budget, paired by seed:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = ["", title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in paired:
-        cells = [row["method"], f"{row['budget']:g}", str(row["seeds"])]
+        cells = [row["method"], f"{row['budget']:g}"] + ([f"{row['test_offset']:g}"] if by_split else []) + [str(row["seeds"])]
         for m in metrics:
             if f"{m}_diff" not in row:
                 cells += ["", "", "", ""]

@@ -74,25 +74,27 @@ STAGE_NAMES = ("ingest", "features", "cluster", "select", "train", "eval")
 
 
 def run_pipeline(cfg: RunConfig, only: list[str] | None = None, force: bool = False, run: RunDir | None = None,
-                 write_summary: bool = True) -> dict:
+                 write_summary: bool = True, bodies: dict[str, Callable[[RunDir], StageResult]] | None = None) -> dict:
     """Run the stages (all, or only those named, whose upstream output must then be complete).
 
     `run` overrides the run directory built from cfg.run_dir (an experiment passes a cell that
     inherits the upstream folders of a base run). Returns the summary, written to <run>/summary.json
     and report.md unless `write_summary` is False (an experiment preparing its shared base run
-    leaves that run's own summary alone).
+    leaves that run's own summary alone). `bodies` replaces a stage's body by one that writes the
+    same output another way, under the same fingerprint (an experiment's second split takes its
+    features from the first split's run: rsdist/features/resplit.py).
     """
     from rsdist.raycluster import init_ray
     from rsdist.report import build_summary, write_report
 
-    for name in only or []:
+    for name in [*(only or []), *(bodies or {})]:
         if name not in STAGE_NAMES:
             raise ValueError(f"stage: {name!r} is not one of: {', '.join(STAGE_NAMES)}")
     run = run or RunDir(cfg.run_dir)
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     data = resolve_data(run, cfg.data)
     run.write_json({"rsdist": rsdist.__version__, **config_to_dict(cfg)}, "config.json")
-    specs = stage_specs(cfg, data)
+    specs = [dataclasses.replace(s, body=(bodies or {}).get(s.name, s.body)) for s in stage_specs(cfg, data)]
     records: dict[str, dict] = {}
     upstream = rsdist.__version__
     started = time.perf_counter()

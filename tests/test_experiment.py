@@ -1,9 +1,10 @@
 import statistics
 
+import pyarrow.compute as pc
 import pytest
 
 from rsdist.config import ConfigError, config_from_dict
-from rsdist.experiment import ExperimentConfig, aggregate, cell_config, load_experiment, paired_against_random, render_paired, run_experiment
+from rsdist.experiment import ExperimentConfig, aggregate, cell_config, load_experiment, paired_against_random, paired_by_split, pooled_sd, render_paired, run_experiment
 from rsdist.io.rundir import RunDir
 from rsdist.select.budget import budget_count
 from tests.test_pipeline import tiny_settings
@@ -67,24 +68,59 @@ def test_epochs_by_budget_gives_each_budget_its_schedule():
             ExperimentConfig(budgets=[0.2], **bad)
 
 
+def test_pairs_are_taken_on_the_same_split_and_random_sd_is_pooled_within_splits():
+    def cell(method, offset, seed, mr):
+        return {**_cell(method, 0.2, seed, mr), "test_offset": offset}
+
+    # split 0.5's held-out set is harder: every cell on it is ~10 lower, which must not count as spread
+    cells = [cell("random", 0.0, 0, 20.0), cell("random", 0.0, 1, 22.0), cell("random", 0.5, 0, 10.0), cell("random", 0.5, 1, 14.0),
+             cell("m", 0.0, 0, 21.0), cell("m", 0.0, 1, 23.0), cell("m", 0.5, 0, 12.0), cell("m", 0.5, 1, 13.0)]
+    (row,) = paired_against_random(cells, ["mR"])
+    assert (row["seeds"], row["splits"]) == (4, 2)
+    assert row["mR_diff"] == pytest.approx((1 + 1 + 2 - 1) / 4)
+    assert row["mR_random_sd"] == pytest.approx(((2 + 8) / 2) ** 0.5)  # squared deviations 1+1 and 4+4 over 4 - 2 dof
+    assert row["mR_seeds_above"] == 3
+    assert "| m | 0.2 | 4 |" in render_paired([row], ["mR"]) and "split x seed" in render_paired([row], ["mR"])
+    by_split = paired_by_split(cells, ["mR"])
+    assert [(r["test_offset"], r["mR_diff"], r["mR_random_sd"]) for r in by_split] == [(0.0, 1.0, pytest.approx(2 ** 0.5)), (0.5, 0.5, pytest.approx(8 ** 0.5))]
+    assert "| m | 0.2 | 0.5 | 2 | +0.50 |" in render_paired(by_split, ["mR"], title="per split")
+    assert pooled_sd([[1.0, 3.0]]) == pytest.approx(statistics.stdev([1.0, 3.0])) and pooled_sd([[1.0], []]) == 0.0
+
+
+def test_test_offsets_are_checked():
+    assert ExperimentConfig(test_offsets=[0, 0.5]).test_offsets == [0.0, 0.5]
+    for bad, message in (({"test_offsets": [1.0]}, r"test_offsets: 1.0 must be an offset in \[0, 1\)"),
+                         ({"test_offsets": [0.1, 0.1]}, r"repeats an offset"), ({"test_offsets": 0.5}, r"must be a list")):
+        with pytest.raises(ConfigError, match=message):
+            ExperimentConfig(**bad)
+
+
 @pytest.mark.slow
-def test_experiment_runs_cells_on_a_shared_base_and_resumes(ray_session, tmp_path):
+def test_experiment_runs_cells_on_shared_bases_of_two_splits_and_resumes(ray_session, tmp_path):
     import yaml
 
     settings = tiny_settings(str(tmp_path / "exp"))
-    settings["train"]["epochs"] = 1
+    settings["train"].update(epochs=1, num_workers=1)  # one Ray Train worker: four cells start quicker
     settings["eval"] = {"baseline": False}
-    settings["experiment"] = {"methods": ["random"], "budgets": [0.5], "seeds": [0]}
+    settings["experiment"] = {"methods": ["random"], "budgets": [0.5], "seeds": [0], "test_offsets": [0.0, 0.5]}
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(settings))
     cfg, exp = load_experiment(str(path))
     report = run_experiment(cfg, exp)
-    assert [(c["method"], c["budget"]) for c in report["cells"]] == [("full", 1.0), ("random", 0.5)]
-    full, half = report["cells"]
-    assert full["selected"] == full["pool"] and half["selected"] == budget_count(0.5, half["pool"])
+    assert [(c["method"], c["budget"], c["test_offset"]) for c in report["cells"]] == [("full", 1.0, 0.0), ("random", 0.5, 0.0), ("full", 1.0, 0.5), ("random", 0.5, 0.5)]
+    for full, half in (report["cells"][:2], report["cells"][2:]):
+        assert full["selected"] == full["pool"] and half["selected"] == budget_count(0.5, half["pool"])
     out = RunDir(cfg.run_dir)
     assert out.exists("results.json") and out.exists("experiment.md") and out.exists("budget_curve.png")
-    assert not out.exists("cells", "random_b0.5_s0", "features")  # cells inherit the base's upstream folders
-    assert not out.exists("base", "summary.json")  # the base run's own summary is left alone
+    first, second = (RunDir(f"{cfg.run_dir}/splits/{name}/base") for name in ("o0", "o0.5"))
+    assert not out.exists("splits", "o0.5", "cells", "random_b0.5_s0", "features")  # cells inherit their base's upstream folders
+    assert out.exists("splits", "o0.5", "cells", "random_b0.5_s0", "eval")
+    assert not first.exists("summary.json")  # the base run's own summary is left alone
+    assert "taken_from" not in first.read_json("features", "_SUCCESS.json")
+    assert second.read_json("features", "_SUCCESS.json")["taken_from"] == first.url("features")
+    held_out = [set(r.read_table("features", columns=["sample_id", "split"]).filter(pc.field("split") == "test").column("sample_id").to_pylist())
+                for r in (first, second)]
+    assert held_out[0] and held_out[1] and not held_out[0] & held_out[1]  # disjoint held-out windows
+    assert report["vs_random_by_split"] == []  # random alone: nothing to pair (pairing: the tests above)
     again = run_experiment(cfg, exp)
     assert again["cells"] == report["cells"]  # finished cells are not recomputed
