@@ -5,8 +5,8 @@
         --budget 0.2 [--metric mR] [--seeds 5-19] [--out docs/results_20_seeds.png]
 
 Reads experiments' results.json (their `cells`), pairs every method's cell with random's cell of
-the same seed and budget (the first file that has a cell wins, so overlapping runs may be passed
-together), prints one line per method (mean difference, random's sd over the same seeds, seeds
+the same seed, budget and development split (the first file that has a cell wins, so overlapping
+runs may be passed together; with several splits, random's sd is pooled within splits), prints one line per method (mean difference, random's sd over the same seeds, seeds
 above) and, with --out, plots the per-seed differences. The figures as one JSON object on the last
 line.
 """
@@ -17,35 +17,40 @@ import argparse
 import json
 
 
+def _split(cell: dict) -> float:
+    return float(cell.get("test_offset", 0.0))
+
+
 def read_cells(paths: list[str], budget: float, seeds: range | None = None) -> list[dict]:
     """The cells of `budget` (and `seeds`) in the files; the first file wins on a repeated
-    (method, seed)."""
-    out: dict[tuple[str, int], dict] = {}
+    (method, split, seed)."""
+    out: dict[tuple[str, float, int], dict] = {}
     for path in paths:
         with open(path) as f:
             cells = json.load(f)["cells"]
         for cell in cells:
             if abs(float(cell["budget"]) - budget) < 1e-9 and (seeds is None or int(cell["seed"]) in seeds):
-                out.setdefault((cell["method"], int(cell["seed"])), cell)
+                out.setdefault((cell["method"], _split(cell), int(cell["seed"])), cell)
     return list(out.values())
 
 
 def paired(cells: list[dict], metric: str) -> dict[str, dict]:
-    """Per method with at least two seeds shared with random: the experiment's own paired figures
-    (rsdist.experiment.paired_against_random) plus each shared seed's difference, for the plot."""
+    """Per method with at least two cells paired with random's: the experiment's own paired figures
+    (rsdist.experiment.paired_against_random) plus each pair's split, seed and difference."""
     from rsdist.experiment import paired_against_random
 
     if not any(c["method"] == "random" for c in cells):
         raise SystemExit("seed_differences: no random cells at this budget in the given files")
-    value = {(c["method"], int(c["seed"])): c["metrics"][metric] for c in cells}
+    value = {(c["method"], _split(c), int(c["seed"])): c["metrics"][metric] for c in cells}
     out = {}
     for row in paired_against_random(cells, [metric]):
         if row["seeds"] < 2:
             continue
-        seeds = sorted(s for m, s in value if m == row["method"] and ("random", s) in value)
+        pairs = sorted((o, s) for m, o, s in value if m == row["method"] and ("random", o, s) in value)
         out[row["method"]] = {
-            "seeds": seeds,
-            "differences": [value[(row["method"], s)] - value[("random", s)] for s in seeds],
+            "seeds": [s for _, s in pairs],
+            "test_offsets": [o for o, _ in pairs],
+            "differences": [value[(row["method"], o, s)] - value[("random", o, s)] for o, s in pairs],
             "mean": row[f"{metric}_diff"],
             "random_sd": row[f"{metric}_random_sd"],
             "in_random_sd": row[f"{metric}_diff_in_random_sd"],
@@ -60,16 +65,21 @@ def plot(result: dict[str, dict], metric: str, budget: float, path: str) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.2))
+    keys = sorted({(o, s) for r in result.values() for o, s in zip(r["test_offsets"], r["seeds"])})
+    splits = len({o for o, _ in keys}) > 1
+    x = {k: i for i, k in enumerate(keys)} if splits else {k: k[1] for k in keys}
+    fig, ax = plt.subplots(figsize=(max(8, len(keys) * 0.35), 5.2))
     for i, (method, r) in enumerate(result.items()):
-        offset = (i - (len(result) - 1) / 2) * 0.12
-        ax.plot([s + offset for s in r["seeds"]], r["differences"], "o", ms=4, label=f"{method}: mean {r['mean']:+.2f} ({r['in_random_sd']:+.1f} random sd)")
+        shift = (i - (len(result) - 1) / 2) * 0.12
+        ax.plot([x[k] + shift for k in zip(r["test_offsets"], r["seeds"])], r["differences"], "o", ms=4, label=f"{method}: mean {r['mean']:+.2f} ({r['in_random_sd']:+.1f} random sd)")
         ax.axhline(r["mean"], color=ax.lines[-1].get_color(), lw=0.8, alpha=0.6)
     sd = max(r["random_sd"] for r in result.values())
     ax.axhline(2 * sd, color="k", ls="--", lw=1, label=f"2 random sd ({2 * sd:.2f})")
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xlabel("seed")
-    ax.set_ylabel(f"{metric} - random's {metric}, same seed")
+    if splits:
+        ax.set_xticks(range(len(keys)), [f"{o:g}/{s}" for o, s in keys], rotation=90, fontsize=7)
+    ax.set_xlabel("test_offset/seed" if splits else "seed")
+    ax.set_ylabel(f"{metric} - random's {metric}, same seed and split")
     ax.set_title(f"Against random at {budget:g}, seed by seed")
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     fig.tight_layout()
@@ -90,7 +100,7 @@ def main() -> None:
         seeds = range(int(first), int(last or first) + 1)
     result = paired(read_cells(args.results, args.budget, seeds), args.metric)
     for method, r in result.items():
-        print(f"{method}: {args.metric} {r['mean']:+.2f} over {len(r['seeds'])} seeds = {r['in_random_sd']:+.2f} random sd ({r['random_sd']:.2f}), {r['seeds_above']} above")
+        print(f"{method}: {args.metric} {r['mean']:+.2f} over {len(r['seeds'])} pairs = {r['in_random_sd']:+.2f} random sd ({r['random_sd']:.2f}), {r['seeds_above']} above")
     if args.out:
         plot(result, args.metric, args.budget, args.out)
     print(json.dumps(result))

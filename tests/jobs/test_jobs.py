@@ -147,3 +147,14 @@ def test_seed_differences_pairs_methods_with_random_by_seed(tmp_path):
     assert json.loads(some.stdout.strip().splitlines()[-1])["mmd"]["seeds"] == [1, 2]
     none = subprocess.run([sys.executable, script, second, "--budget", "0.2"], capture_output=True, text=True)
     assert none.returncode != 0 and "no random cells" in none.stderr
+    # two development splits: pairs by (split, seed), never across splits
+    split = results("c.json", [])
+    cells = [("random", 0.0, 0, 20.0), ("random", 0.0, 1, 22.0), ("random", 0.5, 0, 10.0), ("random", 0.5, 1, 14.0),
+             ("mmd", 0.0, 0, 21.0), ("mmd", 0.0, 1, 23.0), ("mmd", 0.5, 0, 12.0), ("mmd", 0.5, 1, 13.0)]
+    (tmp_path / "c.json").write_text(json.dumps({"cells": [{"method": m, "budget": 0.2, "seed": s, "test_offset": o, "metrics": {"mR": v}} for m, o, s, v in cells]}))
+    two = subprocess.run([sys.executable, script, split, "--budget", "0.2", "--out", str(tmp_path / "two.png")], capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr
+    mmd = json.loads(two.stdout.strip().splitlines()[-1])["mmd"]
+    assert mmd["test_offsets"] == [0.0, 0.0, 0.5, 0.5] and mmd["seeds"] == [0, 1, 0, 1] and mmd["differences"] == [1.0, 1.0, 2.0, -1.0]
+    assert abs(mmd["random_sd"] - 5 ** 0.5) < 1e-9  # pooled within splits
+    assert (tmp_path / "two.png").stat().st_size > 1000
