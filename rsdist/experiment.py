@@ -54,6 +54,7 @@ class ExperimentConfig:
     epochs_by_budget: dict = _help("`epochs` protocol: epochs per budget, {budget: epochs} (1 = full data), for each budget at its own schedule; a budget not listed trains train.epochs.", default_factory=dict)
     include_full: bool = _help("Also train on the full pool (the reference every cell is compared with).", default=True)
     metrics: list[str] = _help("Metrics the table and plot show.", default_factory=lambda: ["mR", "zero_shot_acc"])
+    features_from: str | None = _help("A finished run or experiment base made with the same features settings from the same rows (under any split): the experiment's first base takes its features from there instead of computing them.", default=None)
     test_offsets: list[float] = _help("Development splits: run every cell on each of these data.test_offset values (held-out windows of the hash split; disjoint when they are data.test_fraction or more apart); empty = data.test_offset alone.", default_factory=list)
 
     def __post_init__(self) -> None:
@@ -178,7 +179,7 @@ def run_experiment(cfg: RunConfig, exp: ExperimentConfig) -> dict:
     from rsdist.pipeline import run_pipeline
 
     out = RunDir(cfg.run_dir)
-    splits, first_base = [], None
+    splits, first_base = [], exp.features_from
     for offset in exp.test_offsets or [None]:
         scfg = split_config(cfg, offset)
         base_dir = build_base(scfg, features_from=first_base)

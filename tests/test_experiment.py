@@ -1,10 +1,11 @@
+import dataclasses
 import statistics
 
 import pyarrow.compute as pc
 import pytest
 
 from rsdist.config import ConfigError, config_from_dict
-from rsdist.experiment import ExperimentConfig, aggregate, cell_config, load_experiment, paired_against_random, paired_by_split, pooled_sd, render_paired, run_experiment
+from rsdist.experiment import ExperimentConfig, aggregate, build_base, split_config, cell_config, load_experiment, paired_against_random, paired_by_split, pooled_sd, render_paired, run_experiment
 from rsdist.io.rundir import RunDir
 from rsdist.select.budget import budget_count
 from tests.test_pipeline import tiny_settings
@@ -124,3 +125,7 @@ def test_experiment_runs_cells_on_shared_bases_of_two_splits_and_resumes(ray_ses
     assert report["vs_random_by_split"] == []  # random alone: nothing to pair (pairing: the tests above)
     again = run_experiment(cfg, exp)
     assert again["cells"] == report["cells"]  # finished cells are not recomputed
+    # another experiment's base (experiment.features_from) takes its features from a finished base
+    other = build_base(split_config(dataclasses.replace(cfg, run_dir=str(tmp_path / "other")), 0.25), features_from=first.uri)
+    assert RunDir(other).read_json("features", "_SUCCESS.json")["taken_from"] == first.url("features")
+    assert RunDir(other).exists("clusters", "_SUCCESS.json")
