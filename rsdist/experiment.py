@@ -223,7 +223,8 @@ def _metric(cell: dict, name: str) -> float | None:
 
 
 def aggregate(results: list[dict], metrics: list[str]) -> list[dict]:
-    """Mean and sd per (method, budget) of each metric, relative to the full-data mean."""
+    """Mean and sd per (method, budget) of each metric, relative to the full-data mean; with
+    several development splits, the sd is pooled within splits (seed-to-seed spread)."""
     groups: dict[tuple[str, float], list[dict]] = {}
     for r in results:
         groups.setdefault((r["method"], r["budget"]), []).append(r)
@@ -238,7 +239,7 @@ def aggregate(results: list[dict], metrics: list[str]) -> list[dict]:
             if not values:
                 continue
             row[f"{m}_mean"] = statistics.mean(values)
-            row[f"{m}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            row[f"{m}_sd"] = pooled_sd([[v for c in cells if _split(c) == o and (v := _metric(c, m)) is not None] for o in sorted({_split(c) for c in cells})])
             ref = [v for v in (_metric(c, m) for c in full) if v is not None]
             if ref and statistics.mean(ref):
                 row[f"{m}_rel_full"] = row[f"{m}_mean"] / statistics.mean(ref)

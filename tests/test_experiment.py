@@ -85,6 +85,8 @@ def test_pairs_are_taken_on_the_same_split_and_random_sd_is_pooled_within_splits
     by_split = paired_by_split(cells, ["mR"])
     assert [(r["test_offset"], r["mR_diff"], r["mR_random_sd"]) for r in by_split] == [(0.0, 1.0, pytest.approx(2 ** 0.5)), (0.5, 0.5, pytest.approx(8 ** 0.5))]
     assert "| m | 0.2 | 0.5 | 2 | +0.50 |" in render_paired(by_split, ["mR"], title="per split")
+    table = {r["method"]: r for r in aggregate(cells, ["mR"])}
+    assert table["random"]["mR_mean"] == 16.5 and table["random"]["mR_sd"] == pytest.approx(5 ** 0.5)  # sd within splits, too
     assert pooled_sd([[1.0, 3.0]]) == pytest.approx(statistics.stdev([1.0, 3.0])) and pooled_sd([[1.0], []]) == 0.0
 
 
