@@ -80,7 +80,7 @@ def plot(result: dict[str, dict], metric: str, budget: float, path: str) -> None
         ax.set_xticks(range(len(keys)), [f"{o:g}/{s}" for o, s in keys], rotation=90, fontsize=7)
     ax.set_xlabel("test_offset/seed" if splits else "seed")
     ax.set_ylabel(f"{metric} - random's {metric}, same seed and split")
-    ax.set_title(f"Against random at {budget:g}, seed by seed")
+    ax.set_title(f"Against random at {budget:g}, " + ("by split and seed" if splits else "seed by seed"))
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
