@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 
-
-def _split(cell: dict) -> float:
-    return float(cell.get("test_offset", 0.0))
+from rsdist.experiment import cell_split, paired_against_random
 
 
 def read_cells(paths: list[str], budget: float, seeds: range | None = None) -> list[dict]:
@@ -30,18 +28,16 @@ def read_cells(paths: list[str], budget: float, seeds: range | None = None) -> l
             cells = json.load(f)["cells"]
         for cell in cells:
             if abs(float(cell["budget"]) - budget) < 1e-9 and (seeds is None or int(cell["seed"]) in seeds):
-                out.setdefault((cell["method"], _split(cell), int(cell["seed"])), cell)
+                out.setdefault((cell["method"], cell_split(cell), int(cell["seed"])), cell)
     return list(out.values())
 
 
 def paired(cells: list[dict], metric: str) -> dict[str, dict]:
     """Per method with at least two cells paired with random's: the experiment's own paired figures
     (rsdist.experiment.paired_against_random) plus each pair's split, seed and difference."""
-    from rsdist.experiment import paired_against_random
-
     if not any(c["method"] == "random" for c in cells):
         raise SystemExit("seed_differences: no random cells at this budget in the given files")
-    value = {(c["method"], _split(c), int(c["seed"])): c["metrics"][metric] for c in cells}
+    value = {(c["method"], cell_split(c), int(c["seed"])): c["metrics"][metric] for c in cells}
     out = {}
     for row in paired_against_random(cells, [metric]):
         if row["seeds"] < 2:

@@ -69,6 +69,8 @@ class ExperimentConfig:
         if not self.metrics:
             raise ConfigError("experiment.metrics: must name at least one metric")
         self.test_offsets = self._test_offsets(self.test_offsets)
+        if self.features_from is not None and (not isinstance(self.features_from, str) or not self.features_from):
+            raise ConfigError(f"experiment.features_from: {self.features_from!r} must be a run directory (a path or URI)")
 
     @staticmethod
     def _test_offsets(offsets: Any) -> list[float]:
@@ -239,7 +241,7 @@ def aggregate(results: list[dict], metrics: list[str]) -> list[dict]:
             if not values:
                 continue
             row[f"{m}_mean"] = statistics.mean(values)
-            row[f"{m}_sd"] = pooled_sd([[v for c in cells if _split(c) == o and (v := _metric(c, m)) is not None] for o in sorted({_split(c) for c in cells})])
+            row[f"{m}_sd"] = pooled_sd(by_split([(cell_split(c), v) for c in cells if (v := _metric(c, m)) is not None]))
             ref = [v for v in (_metric(c, m) for c in full) if v is not None]
             if ref and statistics.mean(ref):
                 row[f"{m}_rel_full"] = row[f"{m}_mean"] / statistics.mean(ref)
@@ -247,8 +249,17 @@ def aggregate(results: list[dict], metrics: list[str]) -> list[dict]:
     return rows
 
 
-def _split(cell: dict) -> float:
-    return float(cell.get("test_offset", 0.0))  # results written before test_offsets: one split
+def cell_split(cell: dict) -> float:
+    """A result cell's development split (its test_offset; results written before test_offsets: 0)."""
+    return float(cell.get("test_offset", 0.0))
+
+
+def by_split(items: list[tuple[float, float]]) -> list[list[float]]:
+    """(split, value) pairs as one list of values per split, splits in order (for pooled_sd)."""
+    groups: dict[float, list[float]] = {}
+    for split, value in sorted(items, key=lambda kv: kv[0]):
+        groups.setdefault(split, []).append(value)
+    return list(groups.values())
 
 
 def pooled_sd(groups: list[list[float]]) -> float:
@@ -266,7 +277,7 @@ def paired_against_random(results: list[dict], metrics: list[str]) -> list[dict]
     draws both selections and initialises both trainings; the split fixes both held-out sets):
     mean and sd of the per-pair difference, the mean difference in units of random's sd over
     those seeds (pooled within splits), and how many pairs are above random."""
-    by_cell = {(r["method"], r["budget"], _split(r), r["seed"]): r for r in results}
+    by_cell = {(r["method"], r["budget"], cell_split(r), r["seed"]): r for r in results}
     rows = []
     for method, budget in sorted({(r["method"], r["budget"]) for r in results if r["method"] not in ("random", "full")}):
         keys = sorted((o, s) for (m, b, o, s) in by_cell if m == method and b == budget and ("random", budget, o, s) in by_cell)
@@ -279,7 +290,7 @@ def paired_against_random(results: list[dict], metrics: list[str]) -> list[dict]
             if not pairs:
                 continue
             diff = [a - b for _, a, b in pairs]
-            random_sd = pooled_sd([[b for o, _, b in pairs if o == split] for split in sorted({o for o, _, _ in pairs})])
+            random_sd = pooled_sd(by_split([(o, b) for o, _, b in pairs]))
             row[f"{m}_diff"] = statistics.mean(diff)
             row[f"{m}_diff_sd"] = statistics.stdev(diff) if len(diff) > 1 else 0.0
             row[f"{m}_random_sd"] = random_sd
@@ -292,22 +303,22 @@ def paired_against_random(results: list[dict], metrics: list[str]) -> list[dict]
 def paired_by_split(results: list[dict], metrics: list[str]) -> list[dict]:
     """paired_against_random on each split alone, each row with its test_offset."""
     rows = []
-    for offset in sorted({_split(r) for r in results}):
-        rows += [{**row, "test_offset": offset} for row in paired_against_random([r for r in results if _split(r) == offset], metrics)]
+    for offset in sorted({cell_split(r) for r in results}):
+        rows += [{**row, "test_offset": offset} for row in paired_against_random([r for r in results if cell_split(r) == offset], metrics)]
     return sorted(rows, key=lambda r: (r["method"], r["budget"], r["test_offset"]))
 
 
 def render_paired(paired: list[dict], metrics: list[str], title: str = "Against random at the same budget, paired by seed:") -> str:
     if not paired:
         return ""
-    by_split = any("test_offset" in row for row in paired)
+    per_split = any("test_offset" in row for row in paired)
     pairs = "split x seed" if any(row.get("splits", 1) > 1 for row in paired) else "seeds"
-    head = ["method", "budget"] + (["test_offset"] if by_split else []) + [pairs]
+    head = ["method", "budget"] + (["test_offset"] if per_split else []) + [pairs]
     for m in metrics:
         head += [f"{m} - random", "sd", "/ random sd", "seeds above"]
     lines = ["", title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in paired:
-        cells = [row["method"], f"{row['budget']:g}"] + ([f"{row['test_offset']:g}"] if by_split else []) + [str(row["seeds"])]
+        cells = [row["method"], f"{row['budget']:g}"] + ([f"{row['test_offset']:g}"] if per_split else []) + [str(row["seeds"])]
         for m in metrics:
             if f"{m}_diff" not in row:
                 cells += ["", "", "", ""]

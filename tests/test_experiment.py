@@ -93,7 +93,8 @@ def test_pairs_are_taken_on_the_same_split_and_random_sd_is_pooled_within_splits
 def test_test_offsets_are_checked():
     assert ExperimentConfig(test_offsets=[0, 0.5]).test_offsets == [0.0, 0.5]
     for bad, message in (({"test_offsets": [1.0]}, r"test_offsets: 1.0 must be an offset in \[0, 1\)"),
-                         ({"test_offsets": [0.1, 0.1]}, r"repeats an offset"), ({"test_offsets": 0.5}, r"must be a list")):
+                         ({"test_offsets": [0.1, 0.1]}, r"repeats an offset"), ({"test_offsets": 0.5}, r"must be a list"),
+                         ({"features_from": 3}, r"experiment.features_from: 3 must be a run directory")):
         with pytest.raises(ConfigError, match=message):
             ExperimentConfig(**bad)
 
