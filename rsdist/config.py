@@ -62,6 +62,7 @@ DEDUP_KEEP_RULES = ("farthest", "nearest", "first")
 QUOTA_RULES = ("proportional", "equal")
 KEEP_RULES = ("highest", "lowest", "both")
 TRAIN_METHODS = ("lora", "harma", "heads")
+KEEP_EPOCH_RULES = ("last", "best-val")
 
 
 @dataclass
@@ -71,6 +72,7 @@ class DataConfig:
     images: Optional[str] = _help("Images root when it is not inside `source` (default: <source>/images).", default=None)
     test_fraction: float = _help("Share of samples held out for evaluation when the data has no test split (drawn by a hash of sample_id).", default=0.1)
     test_offset: float = _help("Where the held-out window starts: a sample is held out when the hash fraction h of its sample_id lies in [test_offset, test_offset + test_fraction) (mod 1). Another offset gives another fixed development split (0.1 with test_fraction 0.1: disjoint from the default one).", default=0.0)
+    val_fraction: float = _help("Share of samples held out for validation when the data has no split of its own: split 'val', never selected or trained on, read by train.keep_epoch 'best-val'; the window [test_offset + test_fraction, + val_fraction) (mod 1), next to the held-out one. 0 = none.", default=0.0)
     shard_rows: int = _help("Rows per canonical parquet shard.", default=512)
     max_image_bytes: int = _help("Images larger than this are quarantined as too-large.", default=32 * 1024 * 1024)
     synthetic_per_class: int = _help("Unique scenes per class in the generated demo set.", default=40)
@@ -82,6 +84,9 @@ class DataConfig:
         _choice("data.format", self.format, INGEST_FORMATS)
         _fraction("data.test_fraction", self.test_fraction)
         _fraction("data.test_offset", self.test_offset, lo_open=False)
+        _fraction("data.val_fraction", self.val_fraction, lo_open=False)
+        if self.test_fraction + self.val_fraction >= 1:
+            raise ConfigError(f"data.val_fraction: {self.val_fraction} plus data.test_fraction={self.test_fraction} must leave a training pool (sum below 1)")
         _positive("data.shard_rows", self.shard_rows)
         _positive("data.max_image_bytes", self.max_image_bytes)
         _positive("data.synthetic_per_class", self.synthetic_per_class)
@@ -271,7 +276,8 @@ class TrainConfig:
     max_logit_scale: float = _help("Upper clamp of the learnable InfoNCE scale (CLIP uses 100).", default=100.0)
     shuffle_buffer: int = _help("Rows in each worker's local shuffle buffer (0 = no shuffling).", default=1024)
     max_failures: int = _help("Worker failures Ray Train recovers from (restarting at the last checkpoint).", default=0)
-    checkpoints_to_keep: int = _help("Epoch checkpoints kept under checkpoints/ray (oldest removed).", default=2)
+    checkpoints_to_keep: int = _help("Epoch checkpoints kept under checkpoints/ray (oldest removed; with keep_epoch 'best-val', the lowest validation mR; the latest is always kept).", default=2)
+    keep_epoch: str = _help(f"Which epoch becomes the trained model, one of {KEEP_EPOCH_RULES}: 'last', or 'best-val' = the epoch with the highest mR on the validation rows (split 'val', e.g. from data.val_fraction), measured after every epoch: early stopping without stopping, so `epochs` is the most it trains.", default="last")
     harma_hidden: int = _help("HarMA: adapter width (Linear d->hidden, attention over hidden).", default=128)
     harma_heads: int = _help("HarMA: attention heads in each adapter (must divide harma_hidden and harma_mini_dim).", default=8)
     harma_mini_dim: int = _help("HarMA: width of the shared mini-adapter (0 = none).", default=64)
@@ -291,6 +297,7 @@ class TrainConfig:
         if not self.lora_targets:
             raise ConfigError("train.lora_targets: must name at least one module (e.g. query, key, value)")
         _choice("train.method", self.method, TRAIN_METHODS)
+        _choice("train.keep_epoch", self.keep_epoch, KEEP_EPOCH_RULES)
         _positive("train.harma_hidden", self.harma_hidden)
         _positive("train.harma_heads", self.harma_heads)
         _positive("train.harma_mini_dim", self.harma_mini_dim, allow_zero=True)

@@ -200,6 +200,7 @@ def run_experiment(cfg: RunConfig, exp: ExperimentConfig) -> dict:
         summary = run_pipeline(ccfg, only=["select", "train", "eval"], run=run)
         results.append({
             "method": method, "budget": budget, "seed": seed, "test_offset": scfg.data.test_offset, "epochs": ccfg.train.epochs,
+            "kept_epoch": summary["stages"]["train"].get("kept_epoch", ccfg.train.epochs),
             "selected": summary["selection"]["selected"], "pool": summary["selection"]["pool"],
             "select_seconds": summary["stages"]["select"]["seconds"],
             "train_seconds": summary["stages"]["train"]["seconds"],

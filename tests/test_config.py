@@ -20,6 +20,8 @@ def test_defaults_are_valid_and_round_trip():
         ({"trian": {}}, "trian: unknown setting"),
         ({"train": {"lr": -1}}, "train.lr: -1"),
         ({"data": {"test_fraction": 1.5}}, "data.test_fraction: 1.5"),
+        ({"data": {"test_fraction": 0.5, "val_fraction": 0.5}}, "data.val_fraction: 0.5 plus data.test_fraction=0.5 must leave a training pool"),
+        ({"train": {"keep_epoch": "best"}}, "train.keep_epoch: 'best' is not one of"),
     ],
 )
 def test_bad_values_name_the_field(values, message):

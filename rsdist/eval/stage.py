@@ -137,7 +137,7 @@ def run(run: RunDir, cfg: EvalConfig, encoder: str) -> StageResult:
         model = load_trained(encoder, meta["embed_dim"], local_checkpoint(run, tmp), seed=meta.get("seed", 0))
         trained = evaluate_model(model, rows, classes, cfg, frozen if heads_only else None)
     log.info("eval: trained mR %.2f, zero-shot %.2f%%", trained["mR"], trained.get("zero_shot_acc", float("nan")))
-    report = {"trained": trained, "settings": {**dataclasses.asdict(cfg), "encoder": encoder, "embed_dim": meta["embed_dim"], "method": meta.get("method", "lora"), "checkpoint": run.url(*FINAL), "trained_epochs": meta.get("epochs")}}
+    report = {"trained": trained, "settings": {**dataclasses.asdict(cfg), "encoder": encoder, "embed_dim": meta["embed_dim"], "method": meta.get("method", "lora"), "checkpoint": run.url(*FINAL), "trained_epochs": meta.get("epochs"), "kept_epoch": meta.get("kept_epoch", meta.get("epochs"))}}
     if cfg.baseline:
         report["untrained"] = evaluate_model(load_trained(encoder, meta["embed_dim"], None, seed=meta.get("seed", 0)), rows, classes, cfg, frozen)
         log.info("eval: untrained mR %.2f, zero-shot %.2f%%", report["untrained"]["mR"], report["untrained"].get("zero_shot_acc", float("nan")))

@@ -138,8 +138,11 @@ def chunk_settings(src: Source, data: DataConfig) -> dict:
     """Everything that decides a chunk's output; markers written under other settings are void."""
     settings = {"source_name": src.name, "format": src.format, "shard_rows": data.shard_rows,
                 "test_fraction": data.test_fraction, "max_image_bytes": data.max_image_bytes}
-    if data.test_offset:  # only when set, so chunks written before the setting existed stay valid
+    # Only when set, so chunks written before these settings existed stay valid.
+    if data.test_offset:
         settings["test_offset"] = data.test_offset
+    if data.val_fraction:
+        settings["val_fraction"] = data.val_fraction
     return settings
 
 

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from rsdist.io.images import ImageTooLarge, UnreadableImage, inspect_image
 from rsdist.io.readers import Bad, Item, Record, item_from_json
 from rsdist.io.rundir import RunDir
-from rsdist.io.schema import CANONICAL_SCHEMA, QUARANTINE_SCHEMA, empty_row, held_out, make_sample_id
+from rsdist.io.schema import CANONICAL_SCHEMA, QUARANTINE_SCHEMA, empty_row, hash_split, make_sample_id
 
 log = logging.getLogger("rsdist")
 
@@ -78,7 +78,7 @@ def _read_blob(blob: list) -> bytes:
     raise ValueError(f"unknown inline image kind {kind!r}")
 
 
-def materialize(item: Item, source_name: str, test_fraction: float, max_image_bytes: int, test_offset: float = 0.0) -> dict:
+def materialize(item: Item, source_name: str, test_fraction: float, max_image_bytes: int, test_offset: float = 0.0, val_fraction: float = 0.0) -> dict:
     """One record -> a canonical row (plus `_content`), or a quarantine row (`_reason` set)."""
     if isinstance(item, Bad):
         return _quarantine_row(item.file, item.key, item.line, item.reason, item.detail)
@@ -109,7 +109,7 @@ def materialize(item: Item, source_name: str, test_fraction: float, max_image_by
         row.update(image=info.data, image_format=info.format, width=info.width, height=info.height)
         meta.update(info.meta)
     sid = make_sample_id(source_name, rec.key)
-    split = rec.split or ("test" if held_out(sid, test_fraction, test_offset) else "train")
+    split = rec.split or hash_split(sid, test_fraction, test_offset, val_fraction)
     content = _content_hash(data, rec)
     meta.update(key=rec.key, content_sha1=content)
     row.update(sample_id=sid, task=rec.task, text=rec.text, captions=rec.captions, answer=rec.answer,
@@ -136,14 +136,15 @@ def _quarantine_row(file: str, key: str, line: int, reason: str, detail: str) ->
 def write_chunk(run: RunDir, chunk: int, items: list[Item], settings: dict) -> dict:
     """Materialize `items`, write the chunk's shard and quarantine, then its marker; return the marker.
 
-    `settings`: source_name, test_fraction, max_image_bytes and optionally test_offset (as in
-    `ingest.chunk_settings`).
+    `settings`: source_name, test_fraction, max_image_bytes and optionally test_offset and
+    val_fraction (as in `ingest.chunk_settings`).
     """
     rows, bad, content = [], [], []
     reasons: dict[str, int] = {}
     splits: dict[str, int] = {}
     for item in items:
-        row = materialize(item, settings["source_name"], settings["test_fraction"], settings["max_image_bytes"], settings.get("test_offset", 0.0))
+        row = materialize(item, settings["source_name"], settings["test_fraction"], settings["max_image_bytes"],
+                          settings.get("test_offset", 0.0), settings.get("val_fraction", 0.0))
         if row.get("_reason"):
             log.warning("ingest: quarantined %s (key %s): %s: %s", row["_qsource"], row["_qkey"], row["_reason"], row["_detail"])
             bad.append({"source": row["_qsource"], "key": row["_qkey"], "reason": row["_reason"], "detail": row["_detail"]})

@@ -64,6 +64,15 @@ def held_out(sample_id: str, test_fraction: float, test_offset: float = 0.0) -> 
     return (hash_fraction(sample_id) - test_offset) % 1.0 < test_fraction
 
 
+def hash_split(sample_id: str, test_fraction: float, test_offset: float = 0.0, val_fraction: float = 0.0) -> str:
+    """'test' inside the held-out window, 'val' inside the validation window that follows it
+    ([test_offset + test_fraction, + val_fraction), wrapping past 1), else 'train'."""
+    position = (hash_fraction(sample_id) - test_offset) % 1.0
+    if position < test_fraction:
+        return "test"
+    return "val" if position < test_fraction + val_fraction else "train"
+
+
 def empty_row() -> dict:
     """A canonical row with every field present and empty, to be filled by a reader."""
     return {

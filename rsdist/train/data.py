@@ -104,6 +104,15 @@ def training_rows(run: RunDir) -> tuple[pa.Table, int]:
     return rows, len(ids)
 
 
+def validation_rows(run: RunDir) -> pa.Table:
+    """The validation rows (split == 'val'; never selected or trained on) with image_emb and captions,
+    for train.keep_epoch 'best-val'."""
+    rows = feature_rows(run, split="val")
+    if rows.num_rows == 0:
+        raise ValueError(f"{run.url('features')}: train.keep_epoch 'best-val' needs validation rows (split == 'val'); set data.val_fraction or give the data a val split")
+    return join_captions(run, rows.select(["sample_id", "image_emb"]))
+
+
 def pick_caption_index(n_captions: int, seed: int, epoch: int, sample_id: str) -> int:
     """Which of an image's captions this epoch uses, fixed by (seed, epoch, sample_id): independent
     of which worker sees the row and in which order, so a resumed run draws the same captions."""

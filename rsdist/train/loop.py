@@ -7,6 +7,9 @@ draws one caption per image (seeded by seed, epoch and sample id, so the several
 image are all used across epochs; with method 'heads' the rows carry the frozen text tower's features
 of every caption, so the tower is not run), and minimises symmetric InfoNCE within its local batch (method
 'lora') or the HarMA loss, InfoNCE + weighted triplet (method 'harma').
+With `keep_epoch: best-val`, rank 0 also measures mR on the validation rows (dataset "val", given
+whole to every worker, read once) after each epoch and reports it as `val_mR`, by which Ray keeps
+the best checkpoints.
 After each epoch every worker calls `ray.train.report` once; only rank 0 attaches a checkpoint:
 `text_adapter/` or `harma.pt`, `heads.pt` (heads, logit_scale, optimizer and schedule state, epoch, history)
 and `state.json` (the same, minus tensors). On start, `ray.train.get_checkpoint()` gives the last
@@ -23,6 +26,7 @@ import time
 import numpy as np
 import torch
 
+from rsdist.eval.metrics import retrieval_metrics
 from rsdist.models.dual import build_encoder
 from rsdist.train.data import pick_caption, pick_caption_index
 from rsdist.train.harma import harma_loss
@@ -88,6 +92,42 @@ def _batch_tensors(batch: dict, encoder, seed: int, epoch: int, max_tokens: int,
     return feats.to(device), {k: v.to(device) for k, v in tokens.items()}
 
 
+def load_validation(shard, text_dim: int) -> dict:
+    """The validation rows as arrays: image features, every caption (as stored text-tower features
+    when the rows carry `caption_feats`, else as text) and the row each caption belongs to."""
+    images, features, texts, owner = [], [], [], []
+    for batch in shard.iter_batches(batch_size=1024, batch_format="numpy"):
+        for i, emb in enumerate(batch["image_emb"]):
+            if "caption_feats" in batch:
+                per_caption = np.asarray(batch["caption_feats"][i], dtype=np.float32).reshape(-1, text_dim)
+                features.append(per_caption)
+            else:
+                per_caption = [str(c) for c in batch["captions"][i]]
+                texts += per_caption
+            owner += [len(images)] * len(per_caption)
+            images.append(np.asarray(emb, dtype=np.float32))
+    return {"image_emb": np.stack(images), "caption_feats": np.concatenate(features) if features else None,
+            "captions": texts, "text_image": np.asarray(owner)}
+
+
+@torch.no_grad()
+def validation_mR(encoder, val: dict, max_tokens: int, device, batch_size: int = 256) -> float:
+    """mR of the encoder as it is now on the validation rows (load_validation's arrays)."""
+    was_training = encoder.training
+    encoder.eval()
+    images = encoder.project_image(torch.from_numpy(val["image_emb"]).to(device))
+    if val["caption_feats"] is not None:
+        text = encoder.project_text(torch.from_numpy(val["caption_feats"]).to(device))
+    else:
+        parts = []
+        for start in range(0, len(val["captions"]), batch_size):
+            tokens = encoder.tokenize(val["captions"][start:start + batch_size], max_tokens)
+            parts.append(encoder.project_text(encoder.encode_text_features(**{k: v.to(device) for k, v in tokens.items()})))
+        text = torch.cat(parts)
+    encoder.train(was_training)
+    return retrieval_metrics((images @ text.t()).float().cpu().numpy(), val["text_image"])["mR"]
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -116,6 +156,8 @@ def train_loop_per_worker(config: dict) -> None:
     model = ray.train.torch.prepare_model(ContrastivePair(encoder))
 
     shard = ray.train.get_dataset_shard("train")
+    validate = rank == 0 and config.get("keep_epoch") == "best-val"
+    val = load_validation(ray.train.get_dataset_shard("val"), encoder.text_dim) if validate else None
     for epoch in range(start_epoch, config["epochs"]):
         model.train()
         started = time.perf_counter()
@@ -147,10 +189,13 @@ def train_loop_per_worker(config: dict) -> None:
             "seconds": round(time.perf_counter() - started, 3),
             "logit_scale": float(encoder.logit_scale.detach().exp()),
         }
+        if validate:
+            record["val_mR"] = validation_mR(encoder, val, config["max_text_tokens"], device)
         history.append(record)
         metrics = {**record, "trainable_params": trainable, "total_params": total, "full_finetune_params": full}
         if rank == 0:
-            print(f"train: epoch {epoch + 1}/{config['epochs']} loss {record['loss']:.4f} on {record['rows']} rows, {record['seconds']:.1f}s", flush=True)
+            val_note = f", validation mR {record['val_mR']:.2f}" if validate else ""
+            print(f"train: epoch {epoch + 1}/{config['epochs']} loss {record['loss']:.4f} on {record['rows']} rows, {record['seconds']:.1f}s{val_note}", flush=True)
             with tempfile.TemporaryDirectory() as folder:
                 state = {"epoch": epoch + 1, "history": history, "method": config.get("method", "lora"), "trainable_params": trainable, "total_params": total, "full_finetune_params": full}
                 save_trained(encoder, folder, {**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})

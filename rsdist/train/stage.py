@@ -8,13 +8,16 @@ Input:
   trained on, even if selected),
 - `<run>/features/part-*.parquet`: `image_emb`, the image-tower features. The image tower is frozen,
   so training reuses these instead of decoding and encoding the images again,
-- `<run>/shards/part-*.parquet`: `captions` (all captions of each image; `text` when empty).
+- `<run>/shards/part-*.parquet`: `captions` (all captions of each image; `text` when empty),
+- with `keep_epoch: best-val`, the rows with split == 'val' (features and captions), on which
+  every epoch is scored.
 Output, `<run>/checkpoints/`:
 - `ray/train/`: Ray Train's run folder, one checkpoint per epoch (running the stage again with the
   same run directory resumes after the last finished epoch),
 - `final/`: `text_adapter/` (peft LoRA adapter) or `harma.pt` (HarMA adapters) or neither (heads), `heads.pt` (heads +
-  logit_scale), `train_meta.json` (encoder, embed_dim, method and its settings, per-epoch loss,
-  trainable parameters against full fine-tuning, rows, seconds).
+  logit_scale), `train_meta.json` (encoder, embed_dim, method and its settings, per-epoch loss and
+  validation mR, the epoch kept, trainable parameters against full fine-tuning, rows, seconds).
+  The kept epoch is the last one, or with `keep_epoch: best-val` the one with the best validation mR.
 Resources: `num_workers` Ray Train workers of `cpus_per_worker` CPUs each (fractional by default, so
 a 2-CPU machine never waits for a slot) and one GPU each when the cluster has GPUs.
 """
@@ -36,7 +39,7 @@ from rsdist.io.rundir import RunDir
 from rsdist.raycluster import cluster_gpus
 from rsdist.stage import Resources, StageResult
 from rsdist.models.text_cache import frozen_text_features
-from rsdist.train.data import training_rows, with_caption_features
+from rsdist.train.data import training_rows, validation_rows, with_caption_features
 from rsdist.train.loop import STATE_FILE, train_loop_per_worker
 from rsdist.train.model import ADAPTER_DIR, HARMA_FILE, HARMA_SETTINGS, HEADS_FILE
 
@@ -71,8 +74,23 @@ def loop_config(cfg: TrainConfig, encoder: str, train_rows: int) -> dict:
     return {**dataclasses.asdict(cfg), "encoder": encoder, "steps_per_epoch": max(1, math.ceil(per_worker / cfg.batch_size))}
 
 
-def make_trainer(run: RunDir, cfg: TrainConfig, encoder: str, dataset, train_rows: int):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+VAL_METRIC = "val_mR"
+
+
+def checkpoint_config(cfg: TrainConfig):
+    """Which epoch checkpoints Ray keeps: the newest ones, or with keep_epoch 'best-val' those with
+    the best validation mR (Ray always keeps the latest too, so a stopped run resumes)."""
+    from ray.train import CheckpointConfig
+
+    if cfg.keep_epoch == "best-val":
+        return CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep, checkpoint_score_attribute=VAL_METRIC, checkpoint_score_order="max")
+    return CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep)
+
+
+def make_trainer(run: RunDir, cfg: TrainConfig, encoder: str, datasets: dict, train_rows: int):
+    """A TorchTrainer over `datasets`: "train" split equally between the workers, "val" (if
+    present) given whole to each."""
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     res = resources(cfg)
@@ -84,9 +102,10 @@ def make_trainer(run: RunDir, cfg: TrainConfig, encoder: str, dataset, train_row
             storage_path=storage_path(run),
             name="train",
             failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep),
+            checkpoint_config=checkpoint_config(cfg),
         ),
-        datasets={"train": dataset},
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
     )
 
 
@@ -124,10 +143,16 @@ def run(run: RunDir, cfg: TrainConfig, encoder: str) -> StageResult:
     if rows.num_rows < cfg.num_workers:
         raise ValueError(f"train: {rows.num_rows} selected training rows, fewer than train.num_workers={cfg.num_workers}")
     log.info("train: %d selected rows, %d workers, %d epochs", rows.num_rows, cfg.num_workers, cfg.epochs)
+    val = validation_rows(run) if cfg.keep_epoch == "best-val" else None
     if cfg.method == "heads":
-        rows = with_caption_features(rows, frozen_text_features(encoder, cfg.seed, cfg.max_text_tokens))
-    dataset = ray.data.from_arrow(rows)
-    trainer = make_trainer(run, cfg, encoder, dataset, rows.num_rows)
+        frozen = frozen_text_features(encoder, cfg.seed, cfg.max_text_tokens)
+        rows = with_caption_features(rows, frozen)
+        val = None if val is None else with_caption_features(val, frozen)
+    datasets = {"train": ray.data.from_arrow(rows)}
+    if val is not None:
+        log.info("train: %d validation rows score every epoch; the best is kept", val.num_rows)
+        datasets["val"] = ray.data.from_arrow(val)
+    trainer = make_trainer(run, cfg, encoder, datasets, rows.num_rows)
     started = time.perf_counter()
     result = trainer.fit()
     seconds = time.perf_counter() - started
@@ -137,7 +162,11 @@ def run(run: RunDir, cfg: TrainConfig, encoder: str) -> StageResult:
         raise RuntimeError(f"train: Ray Train finished without a checkpoint under {storage_path(run)}")
     with result.checkpoint.as_directory() as folder:
         with open(os.path.join(folder, STATE_FILE)) as f:
-            state = json.load(f)
+            state = json.load(f)  # the last epoch's: the whole history
+    kept = result.get_best_checkpoint(VAL_METRIC, "max") if cfg.keep_epoch == "best-val" else result.checkpoint
+    with kept.as_directory() as folder:
+        with open(os.path.join(folder, STATE_FILE)) as f:
+            kept_epoch = json.load(f)["epoch"]
         history = state["history"]
         meta = {
             "encoder": encoder,
@@ -146,6 +175,8 @@ def run(run: RunDir, cfg: TrainConfig, encoder: str) -> StageResult:
             "method": cfg.method,
             **method_settings(cfg),
             "epochs": state["epoch"],
+            "keep_epoch": cfg.keep_epoch,
+            "kept_epoch": kept_epoch,
             "history": history,
             "epoch_loss": [h["loss"] for h in history],
             "trainable_params": state["trainable_params"],
@@ -162,12 +193,13 @@ def run(run: RunDir, cfg: TrainConfig, encoder: str) -> StageResult:
             "settings": dataclasses.asdict(cfg),
         }
         write_final(run, folder, meta)
-    log.info("train: %s, %d epochs, final loss %.4f, %d trainable parameters (full fine-tuning: %d)", cfg.method, meta["epochs"], meta["epoch_loss"][-1], meta["trainable_params"], meta["full_finetune_params"])
+    log.info("train: %s, %d epochs (epoch %d kept), final loss %.4f, %d trainable parameters (full fine-tuning: %d)", cfg.method, meta["epochs"], kept_epoch, meta["epoch_loss"][-1], meta["trainable_params"], meta["full_finetune_params"])
     return StageResult(
         rows_in=n_selected,
         rows_out=meta["train_rows"],
         extra={
             "epochs": meta["epochs"],
+            "kept_epoch": kept_epoch,
             "final_loss": meta["epoch_loss"][-1],
             "trainable_params": meta["trainable_params"],
             "total_params": meta["total_params"],

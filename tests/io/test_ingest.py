@@ -161,3 +161,26 @@ def test_a_new_test_offset_on_a_finished_run_splits_again(tmp_path):
     assert all((r["split"] == "test") == held_out(r["sample_id"], 0.4, 0.5) for r in rows)
     again, _ = _ingest(run, source=str(tmp_path / "ds"), test_fraction=0.4, test_offset=0.5)
     assert again.get("skipped")
+
+
+def test_val_fraction_holds_out_the_window_after_the_test_one(tmp_path):
+    """data.val_fraction v marks [o + f, o + f + v) (mod 1) as 'val'; the test window is unchanged,
+    and without it the chunks are those of a run made before the setting existed."""
+    from rsdist.io.ingest import chunk_settings, open_source
+    from rsdist.io.schema import hash_fraction, hash_split, held_out
+
+    write_captions_txt(str(tmp_path / "ds"))
+    run = RunDir(str(tmp_path / "run"))
+    record, data = _ingest(run, source=str(tmp_path / "ds"), test_fraction=0.3, test_offset=0.8, val_fraction=0.3)
+    rows = run.read_table("shards", columns=["sample_id", "split"]).to_pylist()
+    counts = {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test")}
+    assert all(counts.values()), counts  # every split non-empty: the checks below bite
+    assert record["splits"]["val"] == counts["val"]
+    for r in rows:
+        position = (hash_fraction(r["sample_id"]) - 0.8) % 1.0
+        expected = "test" if position < 0.3 else "val" if position < 0.6 else "train"
+        assert r["split"] == expected == hash_split(r["sample_id"], 0.3, 0.8, 0.3)
+        assert (r["split"] == "test") == held_out(r["sample_id"], 0.3, 0.8)
+    plain = DataConfig(source=str(tmp_path / "ds"))
+    assert "val_fraction" not in chunk_settings(open_source(plain), plain)
+    assert chunk_settings(open_source(data), data)["val_fraction"] == 0.3

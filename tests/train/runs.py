@@ -32,14 +32,15 @@ def features_schema(dim: int) -> pa.Schema:
     ])
 
 
-def make_run(run, n_train: int = 40, n_test: int = 12, select: int = 24, dim: int = 32, seed: int = 0, parts: int = 2) -> dict:
-    """Write shards, features and a manifest selecting `select` of the train rows; return the ids."""
+def make_run(run, n_train: int = 40, n_test: int = 12, select: int = 24, dim: int = 32, seed: int = 0, parts: int = 2, n_val: int = 0) -> dict:
+    """Write shards, features and a manifest selecting `select` of the train rows; return the ids.
+    Rows come as n_train 'train', n_test 'test', then n_val 'val'."""
     rng = np.random.default_rng(seed)
     directions = rng.normal(size=(len(CLASSES), dim)).astype(np.float32) * 3
     rows, feats = [], []
-    for i in range(n_train + n_test):
+    for i in range(n_train + n_test + n_val):
         label = CLASSES[i % len(CLASSES)]
-        split = "train" if i < n_train else "test"
+        split = "train" if i < n_train else "test" if i < n_train + n_test else "val"
         row = empty_row()
         sid = make_sample_id("constructed", f"img{i}")
         caps = list(WORDS[label])
@@ -61,4 +62,5 @@ def make_run(run, n_train: int = 40, n_test: int = 12, select: int = 24, dim: in
         "reason": ["constructed" for _ in train_ids],
     })
     run.write_table(manifest, "selection", "manifest.parquet")
-    return {"train": train_ids, "selected": sorted(chosen), "test": [r["sample_id"] for r in rows[n_train:]]}
+    return {"train": train_ids, "selected": sorted(chosen), "test": [r["sample_id"] for r in rows[n_train:n_train + n_test]],
+            "val": [r["sample_id"] for r in rows[n_train + n_test:]]}

@@ -126,3 +126,31 @@ def test_heads_method_trains_only_the_heads_and_saves_no_adapter(ray_session, ru
     trained = load_trained("tiny", 16, run_dir.path("checkpoints", "final"))
     assert not torch.equal(trained.text_head.weight, encoder.text_head.weight)
     assert all(torch.equal(a, b) for a, b in zip(trained.text_tower.parameters(), encoder.text_tower.parameters()))
+
+
+def test_best_val_keeps_the_epoch_with_the_best_validation_mR(ray_session, run_dir):
+    from rsdist.config import EvalConfig
+    from rsdist.eval.stage import evaluate_model
+    from rsdist.models.text_cache import frozen_text_features
+    from rsdist.train.data import feature_rows, join_captions
+
+    make_run(run_dir, n_train=40, n_test=8, select=32, n_val=12)
+    cfg = small_config(method="heads", epochs=4, lr=5e-2, keep_epoch="best-val", checkpoints_to_keep=1)
+    result = train.run(run_dir, cfg, "tiny")
+    meta = run_dir.read_json("checkpoints", "final", "train_meta.json")
+    scores = [h["val_mR"] for h in meta["history"]]
+    assert len(scores) == 4 and meta["epochs"] == 4
+    assert scores[meta["kept_epoch"] - 1] == max(scores) and result.extra["kept_epoch"] == meta["kept_epoch"]
+    # final/ holds the kept epoch's heads: scored on the validation rows again, they give its mR.
+    kept = torch.load(run_dir.path("checkpoints", "final", "heads.pt"), weights_only=False)
+    assert kept["epoch"] == meta["kept_epoch"]
+    model = load_trained("tiny", 16, run_dir.path("checkpoints", "final"))
+    again = evaluate_model(model, join_captions(run_dir, feature_rows(run_dir, split="val")), [], EvalConfig(), frozen_text_features("tiny", 0, cfg.max_text_tokens))
+    assert again["mR"] == pytest.approx(max(scores), abs=1e-6)
+
+
+def test_best_val_without_validation_rows_names_the_setting(ray_session, run_dir):
+    make_run(run_dir, n_train=16, n_test=4, select=8)
+    with pytest.raises(ValueError, match="data.val_fraction") as e:
+        train.run(run_dir, small_config(method="heads", keep_epoch="best-val"), "tiny")
+    assert "\n" not in str(e.value)
