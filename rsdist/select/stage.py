@@ -214,7 +214,7 @@ def read_failures(run: RunDir, cfg: SelectConfig) -> tuple[np.ndarray, list, np.
 
 def choose(run: RunDir, pool: Pool, cfg: SelectConfig, budget: int) -> Selection:
     """Run the configured method (behind the near-duplicate filter when one is set)."""
-    method = cfg.method
+    method, within_clusters = ("coincide", True) if cfg.method == "coincide-within" else (cfg.method, cfg.within_clusters)
     ids = np.asarray(pool.ids.to_pylist(), dtype=object)
     needs_x = method in ("coincide", "semdedup", "error-driven", "typicality-mmd") or cfg.dedup_threshold is not None
     x = pool_embeddings(run, pool, cfg.space) if needs_x else None
@@ -241,7 +241,7 @@ def choose(run: RunDir, pool: Pool, cfg: SelectConfig, budget: int) -> Selection
         if method == "shift":
             return shift_select(k, g, shift[rows], b, cfg.quota, cfg.keep)
         if method == "scalselect":
-            return scalselect_select(k, g, lev_scores[rows], b, sub, cluster_quotas(g, k, b, cfg.quota) if cfg.within_clusters else None)
+            return scalselect_select(k, g, lev_scores[rows], b, sub, cluster_quotas(g, k, b, cfg.quota) if within_clusters else None)
         if method == "caption-diversity":
             sel = caption_select(k, g, information[rows], b, cfg.quota, cfg.seed, cfg.keep)
             sel.info.update(distinct_captions_pool=int(distinct[rows].sum()), distinct_captions_selected=int(distinct[rows][sel.selected].sum()))
@@ -258,7 +258,7 @@ def choose(run: RunDir, pool: Pool, cfg: SelectConfig, budget: int) -> Selection
 
             init_ray()
             parts = cfg.num_tasks or max(1, int(2 * cluster_cpus()))
-            quotas = cluster_quotas(g, k, b, cfg.quota) if cfg.within_clusters else None
+            quotas = cluster_quotas(g, k, b, cfg.quota) if within_clusters else None
             return coincide_select(
                 x[rows], g, k, b, cfg.tau, cfg.max_cosine, cfg.density_rows, cfg.seed, use_ray=True, parts=parts, quotas=quotas, mmd_width=cfg.mmd_width, mmd_block_rows=cfg.mmd_block_rows
             )

@@ -11,7 +11,7 @@ from rsdist.select import stage as select
 from rsdist.stage import fingerprint, run_stage
 
 DIM = 8
-METHODS = ["shift", "random", "cluster-random", "scalselect", "semdedup", "coincide", "error-driven", "caption-diversity", "caption-typicality", "typicality-mmd"]
+METHODS = ["shift", "random", "cluster-random", "scalselect", "semdedup", "coincide", "coincide-within", "error-driven", "caption-diversity", "caption-typicality", "typicality-mmd"]
 
 
 def emb_array(m):
@@ -74,7 +74,7 @@ def test_every_method_writes_an_exact_manifest(run_dir, ray_session, method):
     info = run_dir.read_json("selection", "selection.json")
     assert info["method"] == method and info["pool"] == 60 and info["selected"] == 15
     assert sum(c["selected"] for c in info["clusters"].values()) == 15
-    if method in ("shift", "cluster-random"):
+    if method in ("shift", "cluster-random", "coincide-within"):
         assert sum(c["quota"] for c in info["clusters"].values()) == 15
     if method == "caption-diversity":
         kept = [int(r["sample_id"] in set(manifest.filter(manifest.column("selected")).column("sample_id").to_pylist())) for r in manifest.to_pylist()]
@@ -184,3 +184,17 @@ def test_within_clusters_spends_the_proportional_quota(run_dir, ray_session, met
     assert all(v["selected"] == v["quota"] for v in info["clusters"].values())
     assert sum(v["quota"] for v in info["clusters"].values()) == 15
     assert all(abs(v["quota"] - 15 * sizes[c] / 60) < 1 for c, v in info["clusters"].items())
+
+
+def test_coincide_within_is_coincide_with_within_clusters(tmp_path, ray_session):
+    """The default method is a name for coincide with within_clusters: the same manifest."""
+    from rsdist.io.rundir import RunDir
+
+    tables = []
+    for name, cfg in (("alias", SelectConfig(budget=0.25)), ("spelled", SelectConfig(method="coincide", within_clusters=True, budget=0.25))):
+        run = RunDir(str(tmp_path / name))
+        write_inputs(run)
+        select.run(run, cfg)
+        tables.append(run.read_table("selection", "manifest.parquet"))
+    assert SelectConfig().method == "coincide-within"
+    assert tables[0].equals(tables[1])
