@@ -235,6 +235,8 @@ def aggregate(results: list[dict], metrics: list[str]) -> list[dict]:
     rows = []
     for (method, budget), cells in sorted(groups.items(), key=lambda kv: (kv[0][0] != "full", kv[0][0], kv[0][1])):
         row: dict[str, Any] = {"method": method, "budget": budget, "seeds": len(cells),
+                               "epochs": max(c["epochs"] for c in cells),
+                               "kept_epoch_mean": statistics.mean(c.get("kept_epoch", c["epochs"]) for c in cells),
                                "select_seconds": statistics.mean(c["select_seconds"] for c in cells),
                                "train_seconds": statistics.mean(c["train_seconds"] for c in cells)}
         for m in metrics:
@@ -335,13 +337,13 @@ def render_table(table: list[dict], exp: ExperimentConfig, plot: str | None) -> 
     head = ["method", "budget", "seeds"]
     for m in exp.metrics:
         head += [f"{m} mean", f"{m} sd", f"{m} / full"]
-    head += ["select s", "train s"]
+    head += ["epochs (mean kept)", "select s", "train s"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table:
         cells = [row["method"], f"{row['budget']:g}", str(row["seeds"])]
         for m in exp.metrics:
             cells += [f"{row.get(m + '_mean', float('nan')):.2f}", f"{row.get(m + '_sd', float('nan')):.2f}", f"{row.get(m + '_rel_full', float('nan')):.3f}"]
-        cells += [f"{row['select_seconds']:.1f}", f"{row['train_seconds']:.1f}"]
+        cells += [f"{row['epochs']} ({row['kept_epoch_mean']:.1f})", f"{row['select_seconds']:.1f}", f"{row['train_seconds']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     if plot:
         lines += ["", f"![{plot}]({plot})"]

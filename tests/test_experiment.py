@@ -11,13 +11,15 @@ from rsdist.select.budget import budget_count
 from tests.test_pipeline import tiny_settings
 
 
-def _cell(method, budget, seed, mr, secs=1.0):
-    return {"method": method, "budget": budget, "seed": seed, "select_seconds": 0.1, "train_seconds": secs, "metrics": {"mR": mr}}
+def _cell(method, budget, seed, mr, secs=1.0, kept_epoch=5):
+    return {"method": method, "budget": budget, "seed": seed, "epochs": 5, "kept_epoch": kept_epoch, "select_seconds": 0.1, "train_seconds": secs, "metrics": {"mR": mr}}
 
 
 def test_aggregate_mean_sd_and_relative_to_full():
-    cells = [_cell("full", 1.0, 0, 20.0), _cell("full", 1.0, 1, 22.0), _cell("random", 0.2, 0, 10.0), _cell("random", 0.2, 1, 12.0)]
+    cells = [_cell("full", 1.0, 0, 20.0), _cell("full", 1.0, 1, 22.0), _cell("random", 0.2, 0, 10.0, kept_epoch=2), _cell("random", 0.2, 1, 12.0, kept_epoch=5)]
     table = {(r["method"], r["budget"]): r for r in aggregate(cells, ["mR"])}
+    assert table[("random", 0.2)]["epochs"] == 5 and table[("random", 0.2)]["kept_epoch_mean"] == 3.5  # keep_epoch 'best-val'
+    assert table[("full", 1.0)]["kept_epoch_mean"] == 5
     assert table[("full", 1.0)]["mR_mean"] == 21.0
     assert table[("random", 0.2)]["mR_mean"] == 11.0
     assert table[("random", 0.2)]["mR_sd"] == pytest.approx(2 ** 0.5)
