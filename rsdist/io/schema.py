@@ -58,15 +58,10 @@ def hash_fraction(sample_id: str) -> float:
     return int(hashlib.sha1(sample_id.encode("utf-8")).hexdigest()[:12], 16) / float(1 << 48)
 
 
-def held_out(sample_id: str, test_fraction: float, test_offset: float = 0.0) -> bool:
-    """Whether the hash split holds the sample out: its hash fraction lies in the window
-    [test_offset, test_offset + test_fraction), wrapping past 1."""
-    return (hash_fraction(sample_id) - test_offset) % 1.0 < test_fraction
-
-
 def hash_split(sample_id: str, test_fraction: float, test_offset: float = 0.0, val_fraction: float = 0.0) -> str:
-    """'test' inside the held-out window, 'val' inside the validation window that follows it
-    ([test_offset + test_fraction, + val_fraction), wrapping past 1), else 'train'."""
+    """The split the hash draws: 'test' when the sample's hash fraction lies in the held-out window
+    [test_offset, test_offset + test_fraction), 'val' in the validation window that follows it
+    [test_offset + test_fraction, + val_fraction) (both wrapping past 1), else 'train'."""
     position = (hash_fraction(sample_id) - test_offset) % 1.0
     if position < test_fraction:
         return "test"

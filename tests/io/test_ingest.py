@@ -127,7 +127,7 @@ def test_mismatched_caption_counts_name_both_files(tmp_path):
 def test_test_offset_moves_the_held_out_window(tmp_path):
     """The default split holds out hash fractions in [0, f); test_offset o holds out [o, o + f)
     (mod 1): a second fixed split, disjoint from the first when o >= f, unchanged at o = 0."""
-    from rsdist.io.schema import hash_fraction, held_out
+    from rsdist.io.schema import hash_fraction, hash_split
 
     write_captions_txt(str(tmp_path / "ds"))
     splits = {}
@@ -140,9 +140,9 @@ def test_test_offset_moves_the_held_out_window(tmp_path):
         for sid, s in split.items():
             h = hash_fraction(sid)
             inside = offset <= h < offset + 0.4 or (offset + 0.4 > 1 and h < offset + 0.4 - 1)
-            assert (s == "test") == inside == held_out(sid, 0.4, offset)
+            assert (s == "test") == inside == (hash_split(sid, 0.4, offset) == "test")
     assert not {s for s, v in splits[0.0].items() if v == "test"} & {s for s, v in splits[0.5].items() if v == "test"}
-    assert held_out("x", 0.1) == (hash_fraction("x") < 0.1)
+    assert (hash_split("x", 0.1) == "test") == (hash_fraction("x") < 0.1)
     with pytest.raises(ConfigError, match="data.test_offset: 1.0 must be a fraction in"):
         DataConfig(test_offset=1.0)
 
@@ -150,7 +150,7 @@ def test_test_offset_moves_the_held_out_window(tmp_path):
 def test_a_new_test_offset_on_a_finished_run_splits_again(tmp_path):
     """The same run directory ingested again with another offset is not skipped (the stage's
     fingerprint and the chunk markers carry the offset): the split follows the new window."""
-    from rsdist.io.schema import held_out
+    from rsdist.io.schema import hash_split
 
     write_captions_txt(str(tmp_path / "ds"))
     run = RunDir(str(tmp_path / "run"))
@@ -158,7 +158,7 @@ def test_a_new_test_offset_on_a_finished_run_splits_again(tmp_path):
     record, _ = _ingest(run, source=str(tmp_path / "ds"), test_fraction=0.4, test_offset=0.5)
     assert not record.get("skipped")
     rows = run.read_table("shards", columns=["sample_id", "split"]).to_pylist()
-    assert all((r["split"] == "test") == held_out(r["sample_id"], 0.4, 0.5) for r in rows)
+    assert all(r["split"] == hash_split(r["sample_id"], 0.4, 0.5) for r in rows)
     again, _ = _ingest(run, source=str(tmp_path / "ds"), test_fraction=0.4, test_offset=0.5)
     assert again.get("skipped")
 
@@ -167,7 +167,7 @@ def test_val_fraction_holds_out_the_window_after_the_test_one(tmp_path):
     """data.val_fraction v marks [o + f, o + f + v) (mod 1) as 'val'; the test window is unchanged,
     and without it the chunks are those of a run made before the setting existed."""
     from rsdist.io.ingest import chunk_settings, open_source
-    from rsdist.io.schema import hash_fraction, hash_split, held_out
+    from rsdist.io.schema import hash_fraction, hash_split
 
     write_captions_txt(str(tmp_path / "ds"))
     run = RunDir(str(tmp_path / "run"))
@@ -180,7 +180,6 @@ def test_val_fraction_holds_out_the_window_after_the_test_one(tmp_path):
         position = (hash_fraction(r["sample_id"]) - 0.8) % 1.0
         expected = "test" if position < 0.3 else "val" if position < 0.6 else "train"
         assert r["split"] == expected == hash_split(r["sample_id"], 0.3, 0.8, 0.3)
-        assert (r["split"] == "test") == held_out(r["sample_id"], 0.3, 0.8)
     plain = DataConfig(source=str(tmp_path / "ds"))
     assert "val_fraction" not in chunk_settings(open_source(plain), plain)
     assert chunk_settings(open_source(data), data)["val_fraction"] == 0.3
