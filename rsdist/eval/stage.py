@@ -30,7 +30,7 @@ from rsdist.eval.metrics import class_prompts, classification_accuracy, retrieva
 from rsdist.io.rundir import RunDir
 from rsdist.models.text_cache import frozen_text_features
 from rsdist.stage import Resources, StageResult
-from rsdist.train.data import feature_rows, join_captions
+from rsdist.train.data import split_rows
 from rsdist.train.model import load_trained
 
 log = logging.getLogger("rsdist")
@@ -43,10 +43,10 @@ RESOURCES = Resources(num_cpus=1.0)
 
 def held_out_rows(run: RunDir) -> pa.Table:
     """Held-out rows: sample_id, label, image_emb, captions."""
-    rows = feature_rows(run, split="test")
+    rows = split_rows(run, "test")
     if rows.num_rows == 0:
         raise ValueError(f"{run.url('features')}: no rows with split == 'test' to evaluate on")
-    return join_captions(run, rows)
+    return rows
 
 
 def class_names(run: RunDir) -> list[str]:

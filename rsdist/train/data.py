@@ -104,13 +104,17 @@ def training_rows(run: RunDir) -> tuple[pa.Table, int]:
     return rows, len(ids)
 
 
+def split_rows(run: RunDir, split: str) -> pa.Table:
+    """The features rows of one split (sample_id, split, label, image_emb) with their captions."""
+    return join_captions(run, feature_rows(run, split=split))
+
+
 def validation_rows(run: RunDir) -> pa.Table:
-    """The validation rows (split == 'val'; never selected or trained on) with image_emb and captions,
-    for train.keep_epoch 'best-val'."""
-    rows = feature_rows(run, split="val")
+    """The validation rows (split == 'val'; never selected or trained on) for train.keep_epoch 'best-val'."""
+    rows = split_rows(run, "val")
     if rows.num_rows == 0:
         raise ValueError(f"{run.url('features')}: train.keep_epoch 'best-val' needs validation rows (split == 'val'); set data.val_fraction or give the data a val split")
-    return join_captions(run, rows.select(["sample_id", "image_emb"]))
+    return rows
 
 
 def pick_caption_index(n_captions: int, seed: int, epoch: int, sample_id: str) -> int:

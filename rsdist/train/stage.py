@@ -135,6 +135,12 @@ def write_final(run: RunDir, checkpoint_dir: str, meta: dict) -> None:
     run.write_json(meta, STAGE, FINAL, META_FILE)
 
 
+def read_state(checkpoint_dir: str) -> dict:
+    """An epoch checkpoint's state.json (epoch, history, parameter counts)."""
+    with open(os.path.join(checkpoint_dir, STATE_FILE)) as f:
+        return json.load(f)
+
+
 def run(run: RunDir, cfg: TrainConfig, encoder: str) -> StageResult:
     """Train on the selected rows; resume from `<run>/checkpoints/ray` when an earlier run stopped."""
     import ray.data
@@ -161,12 +167,10 @@ def run(run: RunDir, cfg: TrainConfig, encoder: str) -> StageResult:
     if result.checkpoint is None:
         raise RuntimeError(f"train: Ray Train finished without a checkpoint under {storage_path(run)}")
     with result.checkpoint.as_directory() as folder:
-        with open(os.path.join(folder, STATE_FILE)) as f:
-            state = json.load(f)  # the last epoch's: the whole history
+        state = read_state(folder)  # the last epoch's: the whole history
     kept = result.get_best_checkpoint(VAL_METRIC, "max") if cfg.keep_epoch == "best-val" else result.checkpoint
     with kept.as_directory() as folder:
-        with open(os.path.join(folder, STATE_FILE)) as f:
-            kept_epoch = json.load(f)["epoch"]
+        kept_epoch = state["epoch"] if kept is result.checkpoint else read_state(folder)["epoch"]
         history = state["history"]
         meta = {
             "encoder": encoder,
