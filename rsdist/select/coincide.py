@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from rsdist.select.budget import apportion
-from rsdist.select.strategies import Selection, members_of
+from rsdist.select.strategies import Selection, cluster_quotas, members_of
 
 log = logging.getLogger("rsdist")
 
@@ -144,6 +144,48 @@ def blocked_greedy_mmd(
     shares = apportion(room, n, room)  # the budget's largest-remainder rule, capped by each block's rows
     picks = [b[greedy_mmd(x[b], int(q), None if allowed is None else free[b], width)] for b, q in zip(blocks, shares) if q > 0]
     return np.concatenate(picks) if picks else np.zeros(0, dtype=np.int64)
+
+
+def mmd_among_top(
+    x: np.ndarray,
+    groups: np.ndarray,
+    k: int,
+    score: np.ndarray,
+    budget: int,
+    quota: str,
+    candidates: float,
+    mmd_width: float = 1.0,
+    mmd_block_rows: int = 0,
+    seed: int = 0,
+    what: str = "score",
+) -> Selection:
+    """Per-cluster quotas; in each cluster, greedy MMD (blocked_greedy_mmd) picks the quota among
+    the `candidates` x quota rows of highest `score` (at least the quota).
+
+    The score keeps the rows worth training on (`typicality-mmd`: caption typicality,
+    `alignment-mmd`: image-text alignment); MMD spreads the picks over the cluster's visual modes
+    instead of piling them where high scores are densest. `what` names the score in the reasons.
+    """
+    quotas = cluster_quotas(groups, k, budget, quota)
+    selected = np.zeros(len(groups), dtype=bool)
+    pick_rank = np.full(len(groups), -1, dtype=np.int64)
+    score_rank = np.empty(len(groups), dtype=np.int64)
+    for g, rows in enumerate(members_of(groups, k)):
+        order = np.lexsort((rows, -score[rows]))  # highest first, ties by row
+        score_rank[rows[order]] = np.arange(len(rows))
+        q = int(quotas[g])
+        if q == 0:
+            continue
+        allowed = np.zeros(len(rows), dtype=bool)
+        allowed[order[: min(len(rows), max(q, int(np.ceil(candidates * q))))]] = True
+        picks = blocked_greedy_mmd(x[rows], q, allowed, mmd_width, mmd_block_rows, seed)
+        selected[rows[picks]] = True
+        pick_rank[rows[picks]] = np.arange(q)
+    reason = np.empty(len(groups), dtype=object)
+    for i in range(len(groups)):
+        where = f"{what} {score[i]:.3f}, rank {score_rank[i] + 1} in cluster, quota {quotas[groups[i]]}"
+        reason[i] = f"kept: greedy MMD pick {pick_rank[i] + 1} ({where})" if selected[i] else f"dropped: {where}"
+    return Selection(selected, score.astype(np.float32), reason, quotas, {"candidates": candidates, "mmd_width": mmd_width, "mmd_block_rows": mmd_block_rows})
 
 
 def densities_of_chunk(blocks: list[np.ndarray], max_rows: int, seed: int) -> list[float]:

@@ -4,7 +4,8 @@ Input:
   <run>/clusters/part-*.parquet   sample_id, cluster (the training pool; the test split is not in it)
   <run>/features/part-*.parquet   only the columns the method needs: `shift` (or one `shift_<name>`)
                                   for `shift`; the embedding of `space` for coincide, scalselect,
-                                  semdedup, error-driven, typicality-mmd and the near-duplicate filter
+                                  semdedup, error-driven, typicality-mmd, alignment-mmd and the
+                                  near-duplicate filter; alignment-mmd also image_emb and text_emb
   <run>/shards/part-*.parquet     caption-diversity, caption-typicality and typicality-mmd only:
                                   sample_id, captions (text when empty)
   failures parquet                error-driven only (see SelectConfig.failures)
@@ -16,9 +17,10 @@ Output:
 Budget: see rsdist.select.budget (fraction rounded half up, or a count; exact). Rows are put in
 sample_id order before any strategy runs, so the same inputs and seed give the same manifest.
 Resources: the driver process; `coincide` spreads its clusters over Ray tasks of 0.5 CPU each
-(`typicality-mmd` runs the same greedy MMD in the driver); greedy MMD holds an m x m kernel for a
+(`typicality-mmd` and `alignment-mmd` run the same greedy MMD in the driver); greedy MMD holds an m x m kernel for a
 cluster of m rows, or for blocks of select.mmd_block_rows rows when a cluster is larger;
-`scalselect` streams the features twice and holds only a d x d matrix and one score per row.
+`scalselect` and `alignment-mmd`'s alignment stream the features twice and hold only a d x d
+matrix and one score per row (per ridge strength for the alignment).
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ import pyarrow.parquet as pq
 from rsdist.config import SelectConfig
 from rsdist.io.rundir import RunDir
 from rsdist.select.budget import budget_count
-from rsdist.select.captions import caption_information, caption_select, caption_typicality, typicality_mmd_select
-from rsdist.select.coincide import coincide_select
+from rsdist.select.alignment import RIDGE_GRID, fit_ridge_map, held_out_fit
+from rsdist.select.captions import caption_information, caption_select, caption_typicality
+from rsdist.select.coincide import coincide_select, mmd_among_top
 from rsdist.select.error_driven import error_driven_select, load_teacher
 from rsdist.select.scalselect import GramAccumulator, dominant_subspace, leverage_scores, scalselect_select
 from rsdist.select.semdedup import redundancy, semdedup_select, with_dedup_filter
@@ -176,6 +179,40 @@ def streamed_leverage(run: RunDir, pool: Pool, space: str, energy: float, batch_
     return scores, sub
 
 
+def streamed_alignment(run: RunDir, pool: Pool, batch_size: int = 4096) -> np.ndarray:
+    """Each pool row's image-text alignment (rsdist.select.alignment) in two passes over features/:
+    accumulate the joint Gram of the unit [image | text] rows, then score every row at each ridge
+    strength and keep the strength of least mean leave-one-out error."""
+    where = run.url("features")
+    columns = ["sample_id", "image_emb", "text_emb"]
+
+    def pool_rows(batch):
+        rows, pos = _positions(pool, batch.column(0), where)
+        table = pa.Table.from_batches([batch]).take(pa.array(rows))
+        return pos, embedding_of(table, "image", where), embedding_of(table, "text", where)
+
+    acc, image_dim = None, 0
+    for batch in run.iter_batches("features", columns=columns, batch_size=batch_size):
+        pos, image, text = pool_rows(batch)
+        if len(pos):
+            if acc is None:
+                image_dim = image.shape[1]
+                acc = GramAccumulator(image_dim + text.shape[1])
+            acc.add(np.hstack([image, text]))
+    if acc is None or acc.n != pool.size:
+        raise ValueError(f"{where}: holds {0 if acc is None else acc.n} of the {pool.size} pool rows")
+    ridge = fit_ridge_map(acc, image_dim)
+    errors = np.zeros((pool.size, len(RIDGE_GRID)))
+    cosines = np.zeros_like(errors)
+    for batch in run.iter_batches("features", columns=columns, batch_size=batch_size):
+        pos, image, text = pool_rows(batch)
+        if len(pos):
+            errors[pos], cosines[pos] = held_out_fit(image, text, ridge)
+    best = int(np.argmin(errors.mean(axis=0)))
+    log.info("alignment-mmd: ridge strength %g x the mean eigenvalue (least held-out error of %s)", RIDGE_GRID[best], RIDGE_GRID)
+    return cosines[:, best]
+
+
 def pool_captions(run: RunDir, pool: Pool) -> list[list[str]]:
     """Every pool row's captions (its `text` when the list is empty), in pool order."""
     table = caption_rows(run, pool.ids)
@@ -216,7 +253,7 @@ def choose(run: RunDir, pool: Pool, cfg: SelectConfig, budget: int) -> Selection
     """Run the configured method (behind the near-duplicate filter when one is set)."""
     method, within_clusters = ("coincide", True) if cfg.method == "coincide-within" else (cfg.method, cfg.within_clusters)
     ids = np.asarray(pool.ids.to_pylist(), dtype=object)
-    needs_x = method in ("coincide", "semdedup", "error-driven", "typicality-mmd") or cfg.dedup_threshold is not None
+    needs_x = method in ("coincide", "semdedup", "error-driven", "typicality-mmd", "alignment-mmd") or cfg.dedup_threshold is not None
     x = pool_embeddings(run, pool, cfg.space) if needs_x else None
     shift = None
     if method == "shift":
@@ -230,6 +267,8 @@ def choose(run: RunDir, pool: Pool, cfg: SelectConfig, budget: int) -> Selection
         information, distinct = caption_information(pool_captions(run, pool))
     if method in ("caption-typicality", "typicality-mmd"):
         typicality = caption_typicality(pool_captions(run, pool), pool.groups, pool.k)
+    if method == "alignment-mmd":
+        alignment = streamed_alignment(run, pool)
     red = redundancy(x, pool.groups, cfg.dedup_keep) if (method == "semdedup" or cfg.dedup_threshold is not None) else None
 
     def strategy(rows: np.ndarray, b: int) -> Selection:
@@ -249,7 +288,9 @@ def choose(run: RunDir, pool: Pool, cfg: SelectConfig, budget: int) -> Selection
         if method == "caption-typicality":
             return caption_select(k, g, typicality[rows], b, cfg.quota, cfg.seed, cfg.keep, what="caption typicality")
         if method == "typicality-mmd":
-            return typicality_mmd_select(x[rows], g, k, typicality[rows], b, cfg.quota, cfg.candidates, cfg.mmd_width, cfg.mmd_block_rows, cfg.seed)
+            return mmd_among_top(x[rows], g, k, typicality[rows], b, cfg.quota, cfg.candidates, cfg.mmd_width, cfg.mmd_block_rows, cfg.seed, "caption typicality")
+        if method == "alignment-mmd":
+            return mmd_among_top(x[rows], g, k, alignment[rows], b, cfg.quota, cfg.candidates, cfg.mmd_width, cfg.mmd_block_rows, cfg.seed, "image-text alignment")
         if method == "semdedup":
             sub_red = type(red)(red.max_cos[rows], red.duplicate_of[rows])
             return semdedup_select(k, g, sub_red, b, ids)

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from rsdist.select.captions import caption_information, caption_select, caption_typicality, normalize_caption, typicality_mmd_select
+from rsdist.select.captions import caption_information, caption_select, caption_typicality, normalize_caption
 
 
 def test_normalisation_merges_case_spacing_and_trailing_punctuation():
@@ -88,32 +88,3 @@ def test_typicality_leaves_out_words_no_other_image_uses():
     assert caption_typicality([[], ["a b"], ["a b"], ["c"]], groups, 2)[0] == 0.0
     # Every word specific to its cluster: log((2 / 3) / (2 / 5)) each.
     np.testing.assert_allclose(base, np.log((2 / 3) / (2 / 5)))
-
-
-def test_typicality_mmd_picks_representative_rows_among_the_typical():
-    rng = np.random.default_rng(0)
-    # One cluster, two visual modes of 10 rows each; the typical captions are rows 0-5 and 10-15.
-    x = np.vstack([rng.normal(0, 0.05, (10, 4)) + [1, 0, 0, 0], rng.normal(0, 0.05, (10, 4)) + [0, 1, 0, 0]])
-    typicality = np.where(np.isin(np.arange(20), [0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15]), 1.0, 0.0) + 0.01 * np.arange(20)
-    groups = np.zeros(20, dtype=np.int64)
-    sel = typicality_mmd_select(x, groups, 1, typicality, 4, "proportional", candidates=3.0)
-    kept = np.flatnonzero(sel.selected)
-    assert len(kept) == 4 and set(kept) <= {0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15}
-    assert (kept < 10).sum() == 2  # both modes represented, not the 4 most typical (all in mode 2)
-    assert sel.reason[kept[0]].startswith("kept: greedy MMD pick")
-    only_top = typicality_mmd_select(x, groups, 1, typicality, 4, "proportional", candidates=1.0)
-    assert set(np.flatnonzero(only_top.selected)) == set(np.argsort(-typicality)[:4])  # candidates = quota: the top 4
-
-
-def test_typicality_mmd_passes_width_and_blocks_to_its_greedy_mmd():
-    from rsdist.select.coincide import blocked_greedy_mmd
-
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(40, 5))
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    typicality = rng.normal(size=40)
-    groups = np.zeros(40, dtype=np.int64)
-    sel = typicality_mmd_select(x, groups, 1, typicality, 8, "proportional", 2.0, mmd_width=0.5, mmd_block_rows=15, seed=9)
-    allowed = np.isin(np.arange(40), np.argsort(-typicality, kind="stable")[:16])
-    assert set(np.flatnonzero(sel.selected)) == set(blocked_greedy_mmd(x, 8, allowed, 0.5, 15, 9).tolist())
-    assert sel.info["mmd_width"] == 0.5 and sel.info["mmd_block_rows"] == 15

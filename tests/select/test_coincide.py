@@ -12,6 +12,7 @@ from rsdist.select.coincide import (
     coincide_select,
     density,
     greedy_mmd,
+    mmd_among_top,
     sequential_quotas,
     transferability,
 )
@@ -154,3 +155,31 @@ def test_coincide_passes_width_and_blocks_to_its_greedy_mmd():
     assert set(np.flatnonzero(sel.selected[:60])) == set(blocked_greedy_mmd(x[:60], 15, width=0.4, block_rows=16, seed=2).tolist())
     assert set(np.flatnonzero(sel.selected[60:])) == set(blocked_greedy_mmd(x[60:], 5, width=0.4, block_rows=16, seed=2).tolist())
     assert sel.info["mmd_width"] == 0.4 and sel.info["mmd_block_rows"] == 16
+
+
+def test_mmd_among_top_picks_representative_rows_among_the_top_scores():
+    rng = np.random.default_rng(0)
+    # One cluster, two visual modes of 10 rows each; the typical captions are rows 0-5 and 10-15.
+    x = np.vstack([rng.normal(0, 0.05, (10, 4)) + [1, 0, 0, 0], rng.normal(0, 0.05, (10, 4)) + [0, 1, 0, 0]])
+    typicality = np.where(np.isin(np.arange(20), [0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15]), 1.0, 0.0) + 0.01 * np.arange(20)
+    groups = np.zeros(20, dtype=np.int64)
+    sel = mmd_among_top(x, groups, 1, typicality, 4, "proportional", candidates=3.0)
+    kept = np.flatnonzero(sel.selected)
+    assert len(kept) == 4 and set(kept) <= {0, 1, 2, 3, 4, 5, 10, 11, 12, 13, 14, 15}
+    assert (kept < 10).sum() == 2  # both modes represented, not the 4 most typical (all in mode 2)
+    assert sel.reason[kept[0]].startswith("kept: greedy MMD pick")
+    assert "score" in sel.reason[kept[0]]
+    only_top = mmd_among_top(x, groups, 1, typicality, 4, "proportional", candidates=1.0)
+    assert set(np.flatnonzero(only_top.selected)) == set(np.argsort(-typicality)[:4])  # candidates = quota: the top 4
+
+
+def test_mmd_among_top_passes_width_and_blocks_to_its_greedy_mmd():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, 5))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    typicality = rng.normal(size=40)
+    groups = np.zeros(40, dtype=np.int64)
+    sel = mmd_among_top(x, groups, 1, typicality, 8, "proportional", 2.0, mmd_width=0.5, mmd_block_rows=15, seed=9)
+    allowed = np.isin(np.arange(40), np.argsort(-typicality, kind="stable")[:16])
+    assert set(np.flatnonzero(sel.selected)) == set(blocked_greedy_mmd(x, 8, allowed, 0.5, 15, 9).tolist())
+    assert sel.info["mmd_width"] == 0.5 and sel.info["mmd_block_rows"] == 15

@@ -11,7 +11,7 @@ from rsdist.select import stage as select
 from rsdist.stage import fingerprint, run_stage
 
 DIM = 8
-METHODS = ["shift", "random", "cluster-random", "scalselect", "semdedup", "coincide", "coincide-within", "error-driven", "caption-diversity", "caption-typicality", "typicality-mmd"]
+METHODS = ["shift", "random", "cluster-random", "scalselect", "semdedup", "coincide", "coincide-within", "error-driven", "caption-diversity", "caption-typicality", "typicality-mmd", "alignment-mmd"]
 
 
 def emb_array(m):
@@ -84,6 +84,14 @@ def test_every_method_writes_an_exact_manifest(run_dir, ray_session, method):
         dup_ids = {ids[i] for i in range(51, 55)}
         kept = set(manifest.filter(manifest.column("selected")).column("sample_id").to_pylist())
         assert len(kept & (dup_ids | {ids[0], ids[50]})) <= 1
+
+
+def test_streamed_alignment_does_not_depend_on_the_batches(run_dir):
+    write_inputs(run_dir)
+    pool = select.read_pool(run_dir)
+    whole = select.streamed_alignment(run_dir, pool)
+    np.testing.assert_allclose(select.streamed_alignment(run_dir, pool, batch_size=7), whole, rtol=1e-9, atol=1e-12)
+    assert whole.shape == (60,) and np.all(np.abs(whole) <= 1.0 + 1e-9)
 
 
 def test_same_inputs_give_the_same_manifest(tmp_path):
