@@ -2,13 +2,15 @@
 2-random-sd line the selection target asks for.
 
     python jobs/seed_differences.py runs/exp-20s20/results.json runs/exp-20img/results.json \
-        --budget 0.2 [--metric mR] [--seeds 5-19] [--out docs/results_20_seeds.png]
+        --budget 0.2 [--metric mR] [--seeds 5-19] [--out docs/results_20_seeds.png] [--pools]
 
 Reads experiments' results.json (their `cells`), pairs every method's cell with random's cell of
 the same seed, budget and development split (the first file that has a cell wins, so overlapping
 runs may be passed together; with several splits, random's sd is pooled within splits), prints one line per method (mean difference, random's sd over the same seeds, seeds
 above) and, with --out, plots the per-seed differences. The figures as one JSON object on the last
-line.
+line. With --pools every file is its own set of held-out splits (other data, or other splits
+that reuse test_offset values): file i's split o is keyed 10 i + o, so nothing is paired or pooled
+across files.
 """
 
 from __future__ import annotations
@@ -19,15 +21,17 @@ import json
 from rsdist.experiment import cell_split, paired_against_random
 
 
-def read_cells(paths: list[str], budget: float, seeds: range | None = None) -> list[dict]:
+def read_cells(paths: list[str], budget: float, seeds: range | None = None, pools: bool = False) -> list[dict]:
     """The cells of `budget` (and `seeds`) in the files; the first file wins on a repeated
-    (method, split, seed)."""
+    (method, split, seed). With `pools`, file i's splits are renamed 10 i + test_offset."""
     out: dict[tuple[str, float, int], dict] = {}
-    for path in paths:
+    for i, path in enumerate(paths):
         with open(path) as f:
             cells = json.load(f)["cells"]
         for cell in cells:
             if abs(float(cell["budget"]) - budget) < 1e-9 and (seeds is None or int(cell["seed"]) in seeds):
+                if pools:
+                    cell = dict(cell, test_offset=10 * i + cell_split(cell))
                 out.setdefault((cell["method"], cell_split(cell), int(cell["seed"])), cell)
     return list(out.values())
 
@@ -89,12 +93,13 @@ def main() -> None:
     parser.add_argument("--metric", default="mR")
     parser.add_argument("--seeds", default=None, help="only these seeds, FIRST-LAST (e.g. 5-19: the seeds no setting was chosen on)")
     parser.add_argument("--out", default=None, help="PNG of the per-seed differences")
+    parser.add_argument("--pools", action="store_true", help="each file is its own set of splits (split o of file i becomes 10 i + o)")
     args = parser.parse_args()
     seeds = None
     if args.seeds:
         first, _, last = args.seeds.partition("-")
         seeds = range(int(first), int(last or first) + 1)
-    result = paired(read_cells(args.results, args.budget, seeds), args.metric)
+    result = paired(read_cells(args.results, args.budget, seeds, args.pools), args.metric)
     for method, r in result.items():
         print(f"{method}: {args.metric} {r['mean']:+.2f} over {len(r['seeds'])} pairs = {r['in_random_sd']:+.2f} random sd ({r['random_sd']:.2f}), {r['seeds_above']} above")
     if args.out:

@@ -65,7 +65,7 @@ def make_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", help="real data instead of the synthetic demo set (folder or fsspec URI)")
     demo.add_argument("--format", default=None, help="layout of --data (default: detect)")
     demo.add_argument("--budget", type=float, default=None, help="fraction (0, 1] or count of training samples to keep (default 1/3)")
-    demo.add_argument("--method", default=None, help="selection strategy (default coincide-within)")
+    demo.add_argument("--method", default=None, help="selection strategy (default alignment-mmd)")
     demo.add_argument("--out", default="runs/demo", help="run directory")
     demo.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     demo.add_argument("--force", action="store_true")

@@ -55,7 +55,7 @@ def _default(f: dataclasses.Field) -> Any:
 # change (where the old default was in force and so left out of the fingerprint) is not taken for
 # one made with the new default, and a setting that names the old value explicitly still matches it.
 FINGERPRINT_DEFAULTS: dict[tuple[str, str], Any] = {
-    ("SelectConfig", "method"): "shift",  # then "cluster-random", now "coincide-within" (docs/results.md)
+    ("SelectConfig", "method"): "shift",  # then "cluster-random", "coincide-within", now "alignment-mmd" (docs/results.md)
 }
 # Not listed: SelectConfig.mmd_block_rows arrived with default 4096, which picks exactly as before
 # (whole clusters) for clusters of up to 4,096 rows; a run made before it with larger clusters

@@ -89,6 +89,6 @@ def test_a_changed_default_is_not_taken_for_the_old_one():
     """select.method's default changed from 'shift': runs made before the change (whose fingerprint
     left the then-default out) match an explicit 'shift', not the new default."""
     assert _settings(SelectConfig(method="shift")) == {}
-    assert _settings(SelectConfig()) == {"method": "coincide-within"}
+    assert _settings(SelectConfig()) == {"method": "alignment-mmd"}
     assert fingerprint(SelectConfig(method="shift")) == fingerprint(SelectConfig(method="shift", budget=1 / 3))
     assert fingerprint(SelectConfig()) != fingerprint(SelectConfig(method="shift"))

@@ -195,14 +195,13 @@ def test_within_clusters_spends_the_proportional_quota(run_dir, ray_session, met
 
 
 def test_coincide_within_is_coincide_with_within_clusters(tmp_path, ray_session):
-    """The default method is a name for coincide with within_clusters: the same manifest."""
+    """coincide-within is a name for coincide with within_clusters: the same manifest."""
     from rsdist.io.rundir import RunDir
 
     tables = []
-    for name, cfg in (("alias", SelectConfig(budget=0.25)), ("spelled", SelectConfig(method="coincide", within_clusters=True, budget=0.25))):
+    for name, cfg in (("alias", SelectConfig(method="coincide-within", budget=0.25)), ("spelled", SelectConfig(method="coincide", within_clusters=True, budget=0.25))):
         run = RunDir(str(tmp_path / name))
         write_inputs(run)
         select.run(run, cfg)
         tables.append(run.read_table("selection", "manifest.parquet"))
-    assert SelectConfig().method == "coincide-within"
     assert tables[0].equals(tables[1])
