@@ -17,8 +17,9 @@ Output:
 Budget: see rsdist.select.budget (fraction rounded half up, or a count; exact). Rows are put in
 sample_id order before any strategy runs, so the same inputs and seed give the same manifest.
 Resources: the driver process; `coincide` spreads its clusters over Ray tasks of 0.5 CPU each
-(`typicality-mmd` and `alignment-mmd` run the same greedy MMD in the driver); greedy MMD holds an m x m kernel for a
-cluster of m rows, or for blocks of select.mmd_block_rows rows when a cluster is larger;
+(`typicality-mmd` and `alignment-mmd` run the same greedy MMD in the driver); greedy MMD holds an
+m x m kernel for a cluster of m rows, or for blocks of select.mmd_block_rows rows when a cluster
+is larger;
 `scalselect` and `alignment-mmd`'s alignment stream the features twice and hold only a d x d
 matrix and one score per row (per ridge strength for the alignment).
 """
