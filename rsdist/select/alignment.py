@@ -9,10 +9,11 @@ is a caption that says something else (a generic sentence on a specific scene, a
 another image) and, in a contrastive batch, mostly noise.
 
 Exact leave-one-out needs no refits: for ridge with hat matrix H, the held-out residual of row i
-is e_i / (1 - H_ii). Two streamed passes, as ScalSelect's: one accumulates the joint Gram of
-[image, text] (`GramAccumulator`), an eigen-decomposition of the image block gives every ridge
-strength of a grid at once, and the second pass scores the rows for each strength. The strength
-kept is the one of least mean leave-one-out error (no setting to tune); memory O(d^2), time O(N d^2).
+is e_i / (1 - H_ii). Two passes over the rows in chunks: one accumulates the joint Gram of
+[image, text] (ScalSelect's `GramAccumulator`), an eigen-decomposition of the image block gives
+every ridge strength of a grid at once, and the second scores the rows for each strength. The
+strength kept is the one of least mean leave-one-out error (no setting to tune); beyond the rows,
+memory O(d^2 + chunk d), time O(N d^2).
 
 Each cluster then keeps its quota by greedy MMD among its `candidates` x quota best-aligned rows
 (`coincide.mmd_among_top`), as `typicality-mmd` does with caption typicality.
@@ -74,3 +75,20 @@ def held_out_fit(image: np.ndarray, text: np.ndarray, ridge: RidgeMap) -> tuple[
         denom = np.linalg.norm(predicted, axis=1) * y_norm
         cosines[:, j] = np.where(denom > 0, (predicted * y).sum(axis=1) / np.where(denom > 0, denom, 1.0), 0.0)
     return errors, cosines
+
+
+def pair_alignment(image: np.ndarray, text: np.ndarray, chunk_rows: int = 4096) -> tuple[np.ndarray, float]:
+    """(alignment per row, ridge strength kept in units of the mean eigenvalue) of the unit image
+    and text rows of a pool; see the module docstring. Rows are taken `chunk_rows` at a time, so
+    no float64 copy of the whole pool is made."""
+    chunks = [slice(s, s + chunk_rows) for s in range(0, len(image), chunk_rows)]
+    acc = GramAccumulator(image.shape[1] + text.shape[1])
+    for c in chunks:
+        acc.add(np.hstack([image[c], text[c]]))
+    ridge = fit_ridge_map(acc, image.shape[1])
+    errors = np.empty((len(image), len(RIDGE_GRID)))
+    cosines = np.empty_like(errors)
+    for c in chunks:
+        errors[c], cosines[c] = held_out_fit(image[c], text[c], ridge)
+    best = int(np.argmin(errors.mean(axis=0)))
+    return cosines[:, best], float(RIDGE_GRID[best])

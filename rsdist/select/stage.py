@@ -20,8 +20,9 @@ Resources: the driver process; `coincide` spreads its clusters over Ray tasks of
 (`typicality-mmd` and `alignment-mmd` run the same greedy MMD in the driver); greedy MMD holds an
 m x m kernel for a cluster of m rows, or for blocks of select.mmd_block_rows rows when a cluster
 is larger;
-`scalselect` and `alignment-mmd`'s alignment stream the features twice and hold only a d x d
-matrix and one score per row (per ridge strength for the alignment).
+`scalselect` streams the features twice and holds only a d x d matrix and one score per row;
+`alignment-mmd` reads its columns once (the MMD needs the rows in memory) and fits its ridge map
+in chunks.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import pyarrow.parquet as pq
 from rsdist.config import SelectConfig
 from rsdist.io.rundir import RunDir
 from rsdist.select.budget import budget_count
-from rsdist.select.alignment import RIDGE_GRID, fit_ridge_map, held_out_fit
+from rsdist.select.alignment import RIDGE_GRID, pair_alignment
 from rsdist.select.captions import caption_information, caption_select, caption_typicality
 from rsdist.select.coincide import coincide_select, mmd_among_top
 from rsdist.select.error_driven import error_driven_select, load_teacher
@@ -180,38 +181,14 @@ def streamed_leverage(run: RunDir, pool: Pool, space: str, energy: float, batch_
     return scores, sub
 
 
-def streamed_alignment(run: RunDir, pool: Pool, batch_size: int = 4096) -> np.ndarray:
-    """Each pool row's image-text alignment (rsdist.select.alignment) in two passes over features/:
-    accumulate the joint Gram of the unit [image | text] rows, then score every row at each ridge
-    strength and keep the strength of least mean leave-one-out error."""
+def embeddings_and_alignment(run: RunDir, pool: Pool, space: str) -> tuple[np.ndarray, np.ndarray]:
+    """alignment-mmd's one read of features/: the unit rows of `space` (for its greedy MMD) and
+    each pool row's image-text alignment (rsdist.select.alignment)."""
     where = run.url("features")
-    columns = ["sample_id", "image_emb", "text_emb"]
-
-    def pool_rows(batch):
-        rows, pos = _positions(pool, batch.column(0), where)
-        table = pa.Table.from_batches([batch]).take(pa.array(rows))
-        return pos, embedding_of(table, "image", where), embedding_of(table, "text", where)
-
-    acc, image_dim = None, 0
-    for batch in run.iter_batches("features", columns=columns, batch_size=batch_size):
-        pos, image, text = pool_rows(batch)
-        if len(pos):
-            if acc is None:
-                image_dim = image.shape[1]
-                acc = GramAccumulator(image_dim + text.shape[1])
-            acc.add(np.hstack([image, text]))
-    if acc is None or acc.n != pool.size:
-        raise ValueError(f"{where}: holds {0 if acc is None else acc.n} of the {pool.size} pool rows")
-    ridge = fit_ridge_map(acc, image_dim)
-    errors = np.zeros((pool.size, len(RIDGE_GRID)))
-    cosines = np.zeros_like(errors)
-    for batch in run.iter_batches("features", columns=columns, batch_size=batch_size):
-        pos, image, text = pool_rows(batch)
-        if len(pos):
-            errors[pos], cosines[pos] = held_out_fit(image, text, ridge)
-    best = int(np.argmin(errors.mean(axis=0)))
-    log.info("alignment-mmd: ridge strength %g x the mean eigenvalue (least held-out error of %s)", RIDGE_GRID[best], RIDGE_GRID)
-    return cosines[:, best]
+    table = read_pool_columns(run, pool, list(dict.fromkeys([*embedding_columns(space), "image_emb", "text_emb"])))
+    alignment, strength = pair_alignment(embedding_of(table, "image", where), embedding_of(table, "text", where))
+    log.info("alignment-mmd: ridge strength %g x the mean eigenvalue (least held-out error of %s)", strength, RIDGE_GRID)
+    return embedding_of(table, space, where), alignment
 
 
 def pool_captions(run: RunDir, pool: Pool) -> list[list[str]]:
@@ -254,7 +231,7 @@ def choose(run: RunDir, pool: Pool, cfg: SelectConfig, budget: int) -> Selection
     """Run the configured method (behind the near-duplicate filter when one is set)."""
     method, within_clusters = ("coincide", True) if cfg.method == "coincide-within" else (cfg.method, cfg.within_clusters)
     ids = np.asarray(pool.ids.to_pylist(), dtype=object)
-    needs_x = method in ("coincide", "semdedup", "error-driven", "typicality-mmd", "alignment-mmd") or cfg.dedup_threshold is not None
+    needs_x = method in ("coincide", "semdedup", "error-driven", "typicality-mmd") or cfg.dedup_threshold is not None
     x = pool_embeddings(run, pool, cfg.space) if needs_x else None
     shift = None
     if method == "shift":
@@ -269,7 +246,7 @@ def choose(run: RunDir, pool: Pool, cfg: SelectConfig, budget: int) -> Selection
     if method in ("caption-typicality", "typicality-mmd"):
         typicality = caption_typicality(pool_captions(run, pool), pool.groups, pool.k)
     if method == "alignment-mmd":
-        alignment = streamed_alignment(run, pool)
+        x, alignment = embeddings_and_alignment(run, pool, cfg.space)
     red = redundancy(x, pool.groups, cfg.dedup_keep) if (method == "semdedup" or cfg.dedup_threshold is not None) else None
 
     def strategy(rows: np.ndarray, b: int) -> Selection:

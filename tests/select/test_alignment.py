@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from rsdist.select.alignment import RIDGE_GRID, fit_ridge_map, held_out_fit
+from rsdist.select.alignment import RIDGE_GRID, fit_ridge_map, held_out_fit, pair_alignment
 from rsdist.select.scalselect import GramAccumulator
 
 
@@ -48,6 +48,16 @@ def test_swapped_captions_are_the_least_aligned_pairs():
     errors, cosines = held_out_fit(image, text, ridge_of(image, text))
     best = int(np.argmin(errors.mean(axis=0)))
     assert set(np.argsort(cosines[:, best])[:10]) == set(swapped)
+
+
+def test_pair_alignment_does_not_depend_on_the_chunks():
+    rng = np.random.default_rng(2)
+    image = rng.normal(size=(50, 6))
+    text = image @ rng.normal(size=(6, 3)) + 0.5 * rng.normal(size=(50, 3))
+    whole, strength = pair_alignment(image, text)
+    chunked, chunked_strength = pair_alignment(image, text, chunk_rows=7)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-9, atol=1e-12)
+    assert strength == chunked_strength and strength in RIDGE_GRID
 
 
 def test_fit_needs_two_rows():

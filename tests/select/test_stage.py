@@ -86,12 +86,16 @@ def test_every_method_writes_an_exact_manifest(run_dir, ray_session, method):
         assert len(kept & (dup_ids | {ids[0], ids[50]})) <= 1
 
 
-def test_streamed_alignment_does_not_depend_on_the_batches(run_dir):
+def test_alignment_mmd_reads_its_space_and_the_alignment_of_the_pool(run_dir):
+    from rsdist.select.alignment import pair_alignment
+
     write_inputs(run_dir)
     pool = select.read_pool(run_dir)
-    whole = select.streamed_alignment(run_dir, pool)
-    np.testing.assert_allclose(select.streamed_alignment(run_dir, pool, batch_size=7), whole, rtol=1e-9, atol=1e-12)
-    assert whole.shape == (60,) and np.all(np.abs(whole) <= 1.0 + 1e-9)
+    x, alignment = select.embeddings_and_alignment(run_dir, pool, "joint")
+    np.testing.assert_allclose(x, select.pool_embeddings(run_dir, pool, "joint"))
+    expected, _ = pair_alignment(select.pool_embeddings(run_dir, pool, "image"), select.pool_embeddings(run_dir, pool, "text"))
+    np.testing.assert_allclose(alignment, expected)
+    assert alignment.shape == (60,) and np.all(np.abs(alignment) <= 1.0 + 1e-9)
 
 
 def test_same_inputs_give_the_same_manifest(tmp_path):
