@@ -15,6 +15,11 @@ every ridge strength of a grid at once, and the second scores the rows for each 
 strength kept is the one of least mean leave-one-out error (no setting to tune); beyond the rows,
 memory O(d^2 + chunk d), time O(N d^2).
 
+Retrieval is scored both ways (image -> text and text -> image), so `direction: both` also fits
+the reverse map from the same Gram (its text block) and averages the two held-out cosines: a pair
+whose picture the caption does not predict (a specific sentence on an ambiguous picture) scores
+low too.
+
 Each cluster then keeps its quota by greedy MMD among its `candidates` x quota best-aligned rows
 (`coincide.mmd_among_top`), as `typicality-mmd` does with caption typicality.
 """
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rsdist.config import ALIGNMENT_DIRECTIONS
 from rsdist.select.scalselect import GramAccumulator
 
 RIDGE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -33,35 +39,36 @@ RIDGE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 
 @dataclass
 class RidgeMap:
-    """The image -> text ridge regression of a pool, for every strength of RIDGE_GRID."""
+    """The inputs -> outputs ridge regression of a pool, for every strength of RIDGE_GRID."""
 
-    image_mean: np.ndarray  # (dx,)
-    text_mean: np.ndarray  # (dy,)
-    vectors: np.ndarray  # (dx, dx) eigenvectors of the centred image Gram
+    input_mean: np.ndarray  # (dx,)
+    output_mean: np.ndarray  # (dy,)
+    vectors: np.ndarray  # (dx, dx) eigenvectors of the centred input Gram
     eigenvalues: np.ndarray  # (dx,)
     projected_cross: np.ndarray  # (dx, dy): V^T X_c^T Y_c
     n: int
     strengths: np.ndarray  # absolute ridge strengths, one per RIDGE_GRID entry
 
 
-def fit_ridge_map(acc: GramAccumulator, image_dim: int) -> RidgeMap:
-    """The ridge map from the joint Gram of rows [image | text] (image the first `image_dim` columns)."""
+def fit_ridge_map(acc: GramAccumulator, inputs: slice, outputs: slice) -> RidgeMap:
+    """The ridge map from the columns `inputs` to the columns `outputs` of the rows whose joint Gram
+    `acc` holds (rows [image | text]: image -> text is slice(0, dx) -> slice(dx, dx + dy))."""
     if acc.n < 2:
-        raise ValueError(f"alignment: {acc.n} pool rows, at least 2 are needed to fit the image -> text map")
+        raise ValueError(f"alignment: {acc.n} pool rows, at least 2 are needed to fit a ridge map between image and text")
     gram = acc.centred_gram()
-    gxx, gxy = gram[:image_dim, :image_dim], gram[:image_dim, image_dim:]
+    gxx, gxy = gram[inputs, inputs], gram[inputs, outputs]
     eigenvalues, vectors = np.linalg.eigh(gxx)
     eigenvalues = np.maximum(eigenvalues, 0.0)
     scale = max(float(eigenvalues.mean()), 1e-12)
     mean = acc.mean()
-    return RidgeMap(mean[:image_dim], mean[image_dim:], vectors, eigenvalues, vectors.T @ gxy, acc.n, np.asarray(RIDGE_GRID) * scale)
+    return RidgeMap(mean[inputs], mean[outputs], vectors, eigenvalues, vectors.T @ gxy, acc.n, np.asarray(RIDGE_GRID) * scale)
 
 
-def held_out_fit(image: np.ndarray, text: np.ndarray, ridge: RidgeMap) -> tuple[np.ndarray, np.ndarray]:
+def held_out_fit(inputs: np.ndarray, outputs: np.ndarray, ridge: RidgeMap) -> tuple[np.ndarray, np.ndarray]:
     """Per row and ridge strength: (squared leave-one-out error, cosine of the leave-one-out
-    prediction with the centred text), each of shape (rows, strengths)."""
-    z = (np.asarray(image, dtype=np.float64) - ridge.image_mean) @ ridge.vectors
-    y = np.asarray(text, dtype=np.float64) - ridge.text_mean
+    prediction with the centred output), each of shape (rows, strengths)."""
+    z = (np.asarray(inputs, dtype=np.float64) - ridge.input_mean) @ ridge.vectors
+    y = np.asarray(outputs, dtype=np.float64) - ridge.output_mean
     errors = np.empty((len(z), len(ridge.strengths)))
     cosines = np.empty_like(errors)
     y_norm = np.linalg.norm(y, axis=1)
@@ -77,18 +84,35 @@ def held_out_fit(image: np.ndarray, text: np.ndarray, ridge: RidgeMap) -> tuple[
     return errors, cosines
 
 
-def pair_alignment(image: np.ndarray, text: np.ndarray, chunk_rows: int = 4096) -> tuple[np.ndarray, float]:
-    """(alignment per row, ridge strength kept in units of the mean eigenvalue) of the unit image
-    and text rows of a pool; see the module docstring. Rows are taken `chunk_rows` at a time, so
-    no float64 copy of the whole pool is made."""
+def pair_alignment(image: np.ndarray, text: np.ndarray, chunk_rows: int = 4096, direction: str = "image-to-text") -> tuple[np.ndarray, tuple[float, ...]]:
+    """(alignment per row, ridge strength kept per direction in units of the mean eigenvalue) of
+    the unit image and text rows of a pool; see the module docstring. `direction` is one of
+    ALIGNMENT_DIRECTIONS; with "both" the alignment is the mean of the two directions' cosines.
+    Rows are taken `chunk_rows` at a time, so no float64 copy of the whole pool is made."""
+    if direction not in ALIGNMENT_DIRECTIONS:
+        raise ValueError(f"alignment: direction {direction!r} is not one of {ALIGNMENT_DIRECTIONS}")
     chunks = [slice(s, s + chunk_rows) for s in range(0, len(image), chunk_rows)]
     acc = GramAccumulator(image.shape[1] + text.shape[1])
     for c in chunks:
         acc.add(np.hstack([image[c], text[c]]))
-    ridge = fit_ridge_map(acc, image.shape[1])
-    errors = np.empty((len(image), len(RIDGE_GRID)))
+    image_cols, text_cols = slice(0, image.shape[1]), slice(image.shape[1], acc.dim)
+    maps = [(image, text, fit_ridge_map(acc, image_cols, text_cols))]
+    if direction == "both":
+        maps.append((text, image, fit_ridge_map(acc, text_cols, image_cols)))
+    alignment, strengths = np.zeros(len(image)), []
+    for inputs, outputs, ridge in maps:
+        cosines, strength = held_out_cosines(inputs, outputs, ridge, chunks)
+        alignment += cosines / len(maps)
+        strengths.append(strength)
+    return alignment, tuple(strengths)
+
+
+def held_out_cosines(inputs: np.ndarray, outputs: np.ndarray, ridge: RidgeMap, chunks: list[slice]) -> tuple[np.ndarray, float]:
+    """Each row's held-out cosine at the ridge strength of least mean held-out error, and that
+    strength in units of the mean eigenvalue."""
+    errors = np.empty((len(inputs), len(RIDGE_GRID)))
     cosines = np.empty_like(errors)
     for c in chunks:
-        errors[c], cosines[c] = held_out_fit(image[c], text[c], ridge)
+        errors[c], cosines[c] = held_out_fit(inputs[c], outputs[c], ridge)
     best = int(np.argmin(errors.mean(axis=0)))
     return cosines[:, best], float(RIDGE_GRID[best])

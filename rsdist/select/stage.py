@@ -181,13 +181,13 @@ def streamed_leverage(run: RunDir, pool: Pool, space: str, energy: float, batch_
     return scores, sub
 
 
-def embeddings_and_alignment(run: RunDir, pool: Pool, space: str) -> tuple[np.ndarray, np.ndarray]:
+def embeddings_and_alignment(run: RunDir, pool: Pool, space: str, direction: str = "image-to-text") -> tuple[np.ndarray, np.ndarray]:
     """alignment-mmd's one read of features/: the unit rows of `space` (for its greedy MMD) and
     each pool row's image-text alignment (rsdist.select.alignment)."""
     where = run.url("features")
     table = read_pool_columns(run, pool, list(dict.fromkeys([*embedding_columns(space), "image_emb", "text_emb"])))
-    alignment, strength = pair_alignment(embedding_of(table, "image", where), embedding_of(table, "text", where))
-    log.info("alignment-mmd: ridge strength %g x the mean eigenvalue (least held-out error of %s)", strength, RIDGE_GRID)
+    alignment, strengths = pair_alignment(embedding_of(table, "image", where), embedding_of(table, "text", where), direction=direction)
+    log.info("alignment-mmd (%s): ridge strength %s x the mean eigenvalue (least held-out error of %s)", direction, " / ".join(f"{s:g}" for s in strengths), RIDGE_GRID)
     return embedding_of(table, space, where), alignment
 
 
@@ -246,7 +246,7 @@ def choose(run: RunDir, pool: Pool, cfg: SelectConfig, budget: int) -> Selection
     if method in ("caption-typicality", "typicality-mmd"):
         typicality = caption_typicality(pool_captions(run, pool), pool.groups, pool.k)
     if method == "alignment-mmd":
-        x, alignment = embeddings_and_alignment(run, pool, cfg.space)
+        x, alignment = embeddings_and_alignment(run, pool, cfg.space, cfg.alignment_direction)
     red = redundancy(x, pool.groups, cfg.dedup_keep) if (method == "semdedup" or cfg.dedup_threshold is not None) else None
 
     def strategy(rows: np.ndarray, b: int) -> Selection:

@@ -11,7 +11,7 @@ def ridge_of(image, text, batches=1):
     acc = GramAccumulator(image.shape[1] + text.shape[1])
     for part in np.array_split(np.hstack([image, text]), batches):
         acc.add(part)
-    return fit_ridge_map(acc, image.shape[1])
+    return fit_ridge_map(acc, slice(0, image.shape[1]), slice(image.shape[1], acc.dim))
 
 
 def refit_without(image, text, i, strength):
@@ -57,11 +57,37 @@ def test_pair_alignment_does_not_depend_on_the_chunks():
     whole, strength = pair_alignment(image, text)
     chunked, chunked_strength = pair_alignment(image, text, chunk_rows=7)
     np.testing.assert_allclose(chunked, whole, rtol=1e-9, atol=1e-12)
-    assert strength == chunked_strength and strength in RIDGE_GRID
+    assert strength == chunked_strength and len(strength) == 1 and strength[0] in RIDGE_GRID
+
+
+def test_both_directions_average_the_two_held_out_maps():
+    rng = np.random.default_rng(3)
+    image = rng.normal(size=(60, 5))
+    text = image @ rng.normal(size=(5, 7)) + 0.4 * rng.normal(size=(60, 7))
+    forward, (s_forward,) = pair_alignment(image, text)
+    backward, (s_backward,) = pair_alignment(text, image)  # the caption predicting the picture
+    both, strengths = pair_alignment(image, text, chunk_rows=11, direction="both")
+    np.testing.assert_allclose(both, (forward + backward) / 2, rtol=1e-9, atol=1e-12)
+    assert strengths == (s_forward, s_backward)
+
+
+def test_both_directions_still_score_swapped_captions_lowest():
+    rng = np.random.default_rng(4)
+    image = rng.normal(size=(300, 8))
+    text = image @ rng.normal(size=(8, 12)) + 0.3 * rng.normal(size=(300, 12))
+    swapped = np.arange(0, 30, 3)
+    text[swapped] = text[swapped[::-1] + 1]
+    both, _ = pair_alignment(image, text, direction="both")
+    assert set(np.argsort(both)[:10]) == set(swapped)
+
+
+def test_unknown_direction_is_a_one_line_error():
+    with pytest.raises(ValueError, match="direction 'text-to-image' is not one of"):
+        pair_alignment(np.ones((3, 2)), np.ones((3, 2)), direction="text-to-image")
 
 
 def test_fit_needs_two_rows():
     acc = GramAccumulator(3)
     acc.add(np.ones((1, 3)))
     with pytest.raises(ValueError, match="at least 2"):
-        fit_ridge_map(acc, 2)
+        fit_ridge_map(acc, slice(0, 2), slice(2, 3))

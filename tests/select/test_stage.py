@@ -86,14 +86,15 @@ def test_every_method_writes_an_exact_manifest(run_dir, ray_session, method):
         assert len(kept & (dup_ids | {ids[0], ids[50]})) <= 1
 
 
-def test_alignment_mmd_reads_its_space_and_the_alignment_of_the_pool(run_dir):
+@pytest.mark.parametrize("direction", ["image-to-text", "both"])
+def test_alignment_mmd_reads_its_space_and_the_alignment_of_the_pool(run_dir, direction):
     from rsdist.select.alignment import pair_alignment
 
     write_inputs(run_dir)
     pool = select.read_pool(run_dir)
-    x, alignment = select.embeddings_and_alignment(run_dir, pool, "joint")
+    x, alignment = select.embeddings_and_alignment(run_dir, pool, "joint", direction)
     np.testing.assert_allclose(x, select.pool_embeddings(run_dir, pool, "joint"))
-    expected, _ = pair_alignment(select.pool_embeddings(run_dir, pool, "image"), select.pool_embeddings(run_dir, pool, "text"))
+    expected, _ = pair_alignment(select.pool_embeddings(run_dir, pool, "image"), select.pool_embeddings(run_dir, pool, "text"), direction=direction)
     np.testing.assert_allclose(alignment, expected)
     assert alignment.shape == (60,) and np.all(np.abs(alignment) <= 1.0 + 1e-9)
 
