@@ -137,6 +137,27 @@ def test_dedup_filter_composes_with_typicality_mmd_in_the_image_space(run_dir):
     assert info["info"]["mmd_width"] == 0.5 and info["settings"]["space"] == "image"
 
 
+def test_dedup_filter_composes_with_alignment_mmd_in_the_image_space(run_dir):
+    """alignment-mmd behind the filter, both directions, MMD in the image space, candidates 1 (each
+    cluster keeps exactly its best-aligned survivors): the survivors' scores are their own pool
+    rows' alignment, and no survivor left out of a cluster is better aligned than one kept."""
+    ids = write_inputs(run_dir)
+    cfg = SelectConfig(method="alignment-mmd", budget=30, dedup_threshold=0.99, dedup_keep="first", space="image", candidates=1.0, alignment_direction="both")
+    select.run(run_dir, cfg)
+    manifest = run_dir.read_table("selection", "manifest.parquet").to_pylist()
+    dropped = {r["sample_id"] for r in manifest if "near-duplicate" in r["reason"]}
+    assert len(dropped) == 5 and sum(r["selected"] for r in manifest) == 30
+    pool = select.read_pool(run_dir)
+    _, alignment = select.embeddings_and_alignment(run_dir, pool, "image", "both")
+    expected = dict(zip(pool.ids.to_pylist(), alignment))
+    survivors = [r for r in manifest if r["sample_id"] not in dropped]
+    assert all(r["score"] == pytest.approx(expected[r["sample_id"]], abs=1e-6) for r in survivors)
+    for c in {r["cluster"] for r in survivors}:
+        kept = [r["score"] for r in survivors if r["cluster"] == c and r["selected"]]
+        left = [r["score"] for r in survivors if r["cluster"] == c and not r["selected"]]
+        assert not left or not kept or min(kept) >= max(left)
+
+
 def test_run_stage_skips_a_complete_selection(run_dir):
     write_inputs(run_dir)
     cfg = SelectConfig(method="random", budget=0.5)
