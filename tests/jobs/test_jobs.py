@@ -158,3 +158,12 @@ def test_seed_differences_pairs_methods_with_random_by_seed(tmp_path):
     assert mmd["test_offsets"] == [0.0, 0.0, 0.5, 0.5] and mmd["seeds"] == [0, 1, 0, 1] and mmd["differences"] == [1.0, 1.0, 2.0, -1.0]
     assert abs(mmd["random_sd"] - 5 ** 0.5) < 1e-9  # pooled within splits
     assert (tmp_path / "two.png").stat().st_size > 1000
+    # --pools: a second file reusing split 0.0 is its own held-out set (keyed 10 + 0.0), not a repeat
+    (tmp_path / "d.json").write_text(json.dumps({"cells": [{"method": m, "budget": 0.2, "seed": s, "test_offset": 0.0, "metrics": {"mR": v}} for m, s, v in [("random", 0, 30.0), ("random", 1, 31.0), ("mmd", 0, 33.0), ("mmd", 1, 31.0)]]}))
+    merged = subprocess.run([sys.executable, script, split, str(tmp_path / "d.json"), "--budget", "0.2"], capture_output=True, text=True)
+    assert json.loads(merged.stdout.strip().splitlines()[-1])["mmd"]["differences"] == [1.0, 1.0, 2.0, -1.0]  # the first file wins
+    pooled = subprocess.run([sys.executable, script, split, str(tmp_path / "d.json"), "--budget", "0.2", "--pools"], capture_output=True, text=True)
+    assert pooled.returncode == 0, pooled.stderr
+    mmd = json.loads(pooled.stdout.strip().splitlines()[-1])["mmd"]
+    assert mmd["test_offsets"] == [0.0, 0.0, 0.5, 0.5, 10.0, 10.0] and mmd["differences"] == [1.0, 1.0, 2.0, -1.0, 3.0, 0.0]
+    assert abs(mmd["random_sd"] - ((2 + 8 + 0.5) / 3) ** 0.5) < 1e-9  # pooled within the three held-out sets
