@@ -167,3 +167,20 @@ def test_seed_differences_pairs_methods_with_random_by_seed(tmp_path):
     mmd = json.loads(pooled.stdout.strip().splitlines()[-1])["mmd"]
     assert mmd["test_offsets"] == [0.0, 0.0, 0.5, 0.5, 10.0, 10.0] and mmd["differences"] == [1.0, 1.0, 2.0, -1.0, 3.0, 0.0]
     assert abs(mmd["random_sd"] - ((2 + 8 + 0.5) / 3) ** 0.5) < 1e-9  # pooled within the three held-out sets
+
+
+def test_alignment_probes_compares_each_probe_with_the_default(run_dir):
+    """On a constructed pool: the default agrees with itself exactly, and every probe's ranking
+    and selections are reported as fractions."""
+    import json
+
+    from tests.select.test_stage import write_inputs
+
+    write_inputs(run_dir)
+    script = os.path.join(ROOT, "jobs", "alignment_probes.py")
+    out = subprocess.run([sys.executable, script, run_dir.root, "--budgets", "0.25"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    fig = json.loads(out.stdout.strip().splitlines()[-1])
+    assert fig["pool"] == 60 and fig["image-to-text"] == {"spearman": 1.0, "overlap_0.25": 1.0}
+    for name in ("text-to-image", "both", "kernel", "jitter"):
+        assert -1.0 <= fig[name]["spearman"] <= 1.0 and 0.0 <= fig[name]["overlap_0.25"] <= 1.0
