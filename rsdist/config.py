@@ -317,6 +317,7 @@ class EvalConfig:
     prompt: str = _help("Zero-shot class prompt; '{label}' is replaced by the class name in words.", default="an aerial photograph of {label}")
     max_text_tokens: int = _help("Captions and prompts are truncated to this many tokens (match train.max_text_tokens).", default=48)
     baseline: bool = _help("Also evaluate the untrained model (heads at initialisation, no adapter) for comparison.", default=True)
+    failure_rank: int = _help("With validation rows (split 'val', data.val_fraction): a validation image fails when its own caption is not among the first failure_rank captions retrieved for it, or one of its captions does not retrieve it among the first failure_rank images; the failures (weight = share of its queries missed) go to <run>/eval/failures.parquet for error-driven selection. 0 = write none.", default=5)
 
     def __post_init__(self) -> None:
         if not self.recall_ks:
@@ -327,6 +328,7 @@ class EvalConfig:
         if "{label}" not in self.prompt:
             raise ConfigError(f"eval.prompt: {self.prompt!r} must contain '{{label}}'")
         _positive("eval.max_text_tokens", self.max_text_tokens)
+        _positive("eval.failure_rank", self.failure_rank, allow_zero=True)
 
 
 @dataclass

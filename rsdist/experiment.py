@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import posixpath
 import statistics
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +48,7 @@ PROTOCOLS = ("epochs", "steps")
 
 @dataclass
 class ExperimentConfig:
-    methods: list = _help("Strategies to compare: a method name, or a mapping {label, method, <select settings>} for a variant (e.g. a dedup filter in front).", default_factory=lambda: ["random", "shift"])
+    methods: list = _help("Strategies to compare: a method name, or a mapping {label, method, <select settings>} for a variant (e.g. a dedup filter in front). Cells run in this order; an error-driven variant's `failures` may name an earlier cell's eval/failures.parquet relative to the split's folder, '{seed}' standing for the cell's seed.", default_factory=lambda: ["random", "shift"])
     budgets: list[float] = _help("Budgets as fractions of the training pool.", default_factory=lambda: [0.1, 0.2, 0.33])
     seeds: list[int] = _help("Seeds; each seeds both selection and training.", default_factory=lambda: [0, 1, 2])
     protocol: str = _help(f"Training protocol, one of {PROTOCOLS}.", default="epochs")
@@ -141,9 +142,19 @@ def cell_name(method: str, budget: float, seed: int) -> str:
     return f"{method}_b{budget:g}_s{seed}"
 
 
+def cell_failures(split_dir: str, failures: str, seed: int) -> str:
+    """A variant's `failures` file for one cell: `{seed}` becomes the cell's seed, and a relative
+    path is taken inside the split's folder, so `cells/random_b0.1_s{seed}/eval/failures.parquet`
+    is the failures of the same split's pilot cell of the same seed (listed before the variant)."""
+    path = failures.format(seed=seed)
+    return path if "://" in path or posixpath.isabs(path) else posixpath.join(split_dir, path)
+
+
 def cell_config(cfg: RunConfig, exp: ExperimentConfig, variant: dict, budget: float, seed: int) -> RunConfig:
     """The run config of one cell; the variant {'label': 'full', 'method': 'random'} at budget 1 is full data."""
     settings = {k: v for k, v in variant.items() if k != "label"}
+    if isinstance(settings.get("failures"), str):
+        settings["failures"] = cell_failures(cfg.run_dir, settings["failures"], seed)
     epochs = exp.epochs_by_budget.get(float(budget), cfg.train.epochs)
     if exp.protocol == "steps":
         epochs = max(1, math.ceil(cfg.train.epochs / budget))

@@ -15,6 +15,7 @@ def test_defaults_are_valid_and_round_trip():
         ({"select": {"method": "best"}}, "select.method: 'best' is not one of:"),
         ({"select": {"budget": 0}}, "select.budget: 0"),
         ({"select": {"budget": 12.5}}, "select.budget: 12.5"),
+        ({"eval": {"failure_rank": -1}}, "eval.failure_rank: -1 must be >= 0"),
         ({"select": {"alignment_direction": "reverse"}}, "select.alignment_direction: 'reverse' is not one of:"),
         ({"train": {"epochs": "many"}}, "train.epochs: 'many' is not a int"),
         ({"features": {"perturbations": ["zoom"]}}, "features.perturbations: 'zoom' is not one of"),

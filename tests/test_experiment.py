@@ -54,6 +54,16 @@ def test_variants_and_protocols():
             ExperimentConfig(**bad)
 
 
+def test_error_driven_variant_takes_the_failures_of_its_pilot_cell_of_the_same_seed():
+    pilot = "cells/random_b0.1_s{seed}/eval/failures.parquet"
+    exp = ExperimentConfig(methods=["random", {"label": "errors", "method": "error-driven", "failures": pilot}], budgets=[0.1, 0.2], test_offsets=[0.5])
+    cfg = split_config(config_from_dict({"run_dir": "/tmp/e"}), 0.5)
+    cell = cell_config(cfg, exp, exp.methods[1], 0.2, 3)
+    assert cell.select.failures == "/tmp/e/splits/o0.5/cells/random_b0.1_s3/eval/failures.parquet"
+    assert cell_config(cfg, exp, {"label": "e", "method": "error-driven", "failures": "s3://b/f{seed}.parquet"}, 0.2, 1).select.failures == "s3://b/f1.parquet"
+    assert cell_config(cfg, exp, {"label": "e", "method": "error-driven", "failures": "/data/f.parquet"}, 0.2, 1).select.failures == "/data/f.parquet"
+
+
 def test_epochs_by_budget_gives_each_budget_its_schedule():
     cfg = config_from_dict({"run_dir": "/tmp/e", "train": {"epochs": 10}})
     exp = ExperimentConfig(methods=["random"], budgets=[0.2, 0.33], epochs_by_budget={1: 2, "0.33": 5})

@@ -8,7 +8,9 @@ Input:
 - `<run>/checkpoints/final/`: the trained adapter (LoRA `text_adapter/` or HarMA `harma.pt`, found
   by what the folder holds) and heads (`train_meta.json` gives embed_dim and the method).
 Output: `<run>/eval/metrics.json`: the metrics of the trained model, those of the untrained model
-(heads at initialisation, no adapter) when `eval.baseline`, and the settings that produced them.
+(heads at initialisation, no adapter) when `eval.baseline`, and the settings that produced them;
+with validation rows (split 'val', `data.val_fraction`), also `<run>/eval/failures.parquet`: the
+trained model's failures there, which `error-driven` selection reads (rsdist.eval.failures).
 Resources: the driver process, CPU; encoding is batched (`eval.batch_size`) under no_grad.
 """
 
@@ -26,6 +28,7 @@ import pyarrow.compute as pc
 import torch
 
 from rsdist.config import EvalConfig
+from rsdist.eval.failures import failure_table
 from rsdist.eval.metrics import class_prompts, classification_accuracy, retrieval_metrics
 from rsdist.io.rundir import RunDir
 from rsdist.models.text_cache import frozen_text_features
@@ -81,16 +84,23 @@ def image_matrix(rows: pa.Table) -> np.ndarray:
     return np.array(emb.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(emb), -1)
 
 
-def evaluate_model(encoder, rows: pa.Table, classes: list[str], cfg: EvalConfig, frozen=None) -> dict:
-    """Retrieval and zero-shot metrics of `encoder` on `rows` (sample_id, label, image_emb, captions);
-    `frozen`: see encode_texts (only for an encoder whose text tower is not tuned)."""
+def similarity(encoder, rows: pa.Table, cfg: EvalConfig, frozen=None) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """(projected images, image x caption similarity, caption -> image index) of `rows`
+    (image_emb, captions); `frozen`: see encode_texts."""
     captions = rows.column("captions").to_pylist()
     texts = [c for caps in captions for c in caps]
     text_image = np.repeat(np.arange(len(captions)), [len(c) for c in captions])
     images = encode_images(encoder, image_matrix(rows), cfg.batch_size)
     text = encode_texts(encoder, texts, cfg.batch_size, cfg.max_text_tokens, frozen)
-    metrics = retrieval_metrics((images @ text.t()).numpy(), text_image, cfg.recall_ks)
-    metrics.update(images=int(len(captions)), texts=len(texts))
+    return images, (images @ text.t()).numpy(), text_image
+
+
+def evaluate_model(encoder, rows: pa.Table, classes: list[str], cfg: EvalConfig, frozen=None) -> dict:
+    """Retrieval and zero-shot metrics of `encoder` on `rows` (sample_id, label, image_emb, captions);
+    `frozen`: see encode_texts (only for an encoder whose text tower is not tuned)."""
+    images, sim, text_image = similarity(encoder, rows, cfg, frozen)
+    metrics = retrieval_metrics(sim, text_image, cfg.recall_ks)
+    metrics.update(images=int(rows.num_rows), texts=int(len(text_image)))
 
     labels = rows.column("label").to_pylist()
     known = [i for i, label in enumerate(labels) if label in classes]
@@ -120,6 +130,20 @@ def evaluate_checkpoint(run: RunDir, cfg: EvalConfig, encoder: str, checkpoint: 
     return evaluate_model(model, held_out_rows(run), class_names(run), cfg)
 
 
+def write_validation_failures(run: RunDir, encoder, cfg: EvalConfig, frozen=None) -> dict | None:
+    """The trained model's failures on the run's validation rows (split 'val') as
+    `eval/failures.parquet` (rsdist.eval.failures), and its mR there; None without validation rows
+    or with `eval.failure_rank` 0."""
+    rows = split_rows(run, "val")
+    if cfg.failure_rank == 0 or rows.num_rows == 0:
+        return None
+    _, sim, text_image = similarity(encoder, rows, cfg, frozen)
+    table = failure_table(rows.column("sample_id").to_pylist(), sim, text_image, cfg.failure_rank)
+    run.write_table(table, STAGE, "failures.parquet")
+    log.info("eval: %d of %d validation images fail at rank %d -> %s", table.num_rows, rows.num_rows, cfg.failure_rank, run.url(STAGE, "failures.parquet"))
+    return {"images": rows.num_rows, "failures": table.num_rows, "failure_rank": cfg.failure_rank, "mR": retrieval_metrics(sim, text_image, cfg.recall_ks)["mR"]}
+
+
 def run(run: RunDir, cfg: EvalConfig, encoder: str) -> StageResult:
     """Evaluate `<run>/checkpoints/final` (and the untrained model) on the held-out rows."""
     if not run.exists(*FINAL, "train_meta.json"):
@@ -136,8 +160,11 @@ def run(run: RunDir, cfg: EvalConfig, encoder: str) -> StageResult:
     with tempfile.TemporaryDirectory() as tmp:
         model = load_trained(encoder, meta["embed_dim"], local_checkpoint(run, tmp), seed=meta.get("seed", 0))
         trained = evaluate_model(model, rows, classes, cfg, frozen if heads_only else None)
+        validation = write_validation_failures(run, model, cfg, frozen if heads_only else None)
     log.info("eval: trained mR %.2f, zero-shot %.2f%%", trained["mR"], trained.get("zero_shot_acc", float("nan")))
     report = {"trained": trained, "settings": {**dataclasses.asdict(cfg), "encoder": encoder, "embed_dim": meta["embed_dim"], "method": meta.get("method", "lora"), "checkpoint": run.url(*FINAL), "trained_epochs": meta.get("epochs"), "kept_epoch": meta.get("kept_epoch", meta.get("epochs"))}}
+    if validation is not None:
+        report["validation"] = validation
     if cfg.baseline:
         report["untrained"] = evaluate_model(load_trained(encoder, meta["embed_dim"], None, seed=meta.get("seed", 0)), rows, classes, cfg, frozen)
         log.info("eval: untrained mR %.2f, zero-shot %.2f%%", report["untrained"]["mR"], report["untrained"].get("zero_shot_acc", float("nan")))

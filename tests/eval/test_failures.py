@@ -1,0 +1,61 @@
+"""Validation failures for error-driven selection: which images fail, their weights, and the file the eval stage writes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from rsdist.config import EvalConfig
+from rsdist.eval import stage as evaluate
+from rsdist.eval.failures import SCHEMA, failure_table
+from tests.eval.test_stage import write_checkpoint
+from tests.train.runs import make_run
+
+# Three images, captions t0 t1 (image 0), t2 (image 1), t3 t4 (image 2).
+TEXT_IMAGE = np.array([0, 0, 1, 2, 2])
+SIM = np.array(
+    [
+        [0.9, 0.8, 0.1, 0.65, 0.2],  # image 0 finds its caption first; it outranks image 2 for t3
+        [0.1, 0.1, 0.3, 0.4, 0.1],  # image 1 ranks its own caption second (t3 above it)
+        [0.2, 0.1, 0.0, 0.6, 0.7],  # image 2 finds t4 first, but t3 finds image 0 first
+    ]
+)
+
+
+def test_failures_are_the_images_with_a_missed_query_weighted_by_the_share_missed():
+    table = failure_table(["a", "b", "c"], SIM, TEXT_IMAGE, rank=1)
+    assert table.schema.equals(SCHEMA)
+    rows = {r["sample_id"]: r for r in table.to_pylist()}
+    assert set(rows) == {"b", "c"}  # image 0's three queries all hit
+    assert rows["b"]["weight"] == 0.5 and rows["b"]["i2t_rank"] == 1 and rows["b"]["t2i_rank"] == 0  # 1 of 2 queries missed
+    assert abs(rows["c"]["weight"] - 1 / 3) < 1e-12 and rows["c"]["i2t_rank"] == 0 and rows["c"]["t2i_rank"] == 0  # t3 missed
+    assert failure_table(["a", "b", "c"], SIM, TEXT_IMAGE, rank=2).num_rows == 0  # every match within the first two
+
+
+def test_eval_writes_the_validation_failures_error_driven_reads(run_dir):
+    ids = make_run(run_dir, n_train=40, n_test=12, n_val=15)
+    write_checkpoint(run_dir, steps=0)
+    evaluate.run(run_dir, EvalConfig(batch_size=8, failure_rank=3), "tiny")
+    report = run_dir.read_json("eval", "metrics.json")
+    table = pq.read_table(run_dir.path("eval", "failures.parquet"))
+    # The same failures as scoring the validation rows directly with the checkpoint's model.
+    from rsdist.train.data import split_rows
+    from rsdist.train.model import load_trained
+
+    rows = split_rows(run_dir, "val")
+    _, sim, text_image = evaluate.similarity(load_trained("tiny", 16, run_dir.path("checkpoints", "final")), rows, EvalConfig(batch_size=8))
+    expected = failure_table(rows.column("sample_id").to_pylist(), sim, text_image, 3)
+    assert table.to_pylist() == expected.to_pylist() and 0 < table.num_rows <= 15
+    assert set(table.column("sample_id").to_pylist()) <= set(ids["val"])
+    assert report["validation"] == {"images": 15, "failures": table.num_rows, "failure_rank": 3, "mR": report["validation"]["mR"]}
+    assert 0.0 <= report["validation"]["mR"] <= 100.0
+
+
+def test_no_validation_rows_or_rank_zero_write_no_failures(run_dir):
+    make_run(run_dir, n_train=40, n_test=12)
+    write_checkpoint(run_dir, steps=0)
+    evaluate.run(run_dir, EvalConfig(batch_size=8), "tiny")
+    assert not run_dir.exists("eval", "failures.parquet") and "validation" not in run_dir.read_json("eval", "metrics.json")
+    make_run(run_dir, n_train=40, n_test=12, n_val=6)
+    evaluate.run(run_dir, EvalConfig(batch_size=8, failure_rank=0), "tiny")
+    assert not run_dir.exists("eval", "failures.parquet")
