@@ -46,10 +46,17 @@ RESOURCES = Resources(num_cpus=1.0)
 
 def held_out_rows(run: RunDir) -> pa.Table:
     """Held-out rows: sample_id, label, image_emb, captions."""
-    rows = split_rows(run, "test")
-    if rows.num_rows == 0:
+    return held_out_and_validation_rows(run)[0]
+
+
+def held_out_and_validation_rows(run: RunDir) -> tuple[pa.Table, pa.Table]:
+    """The held-out rows and the validation rows (split 'val', possibly none), from one read."""
+    rows = split_rows(run, ("test", "val"))
+    is_test = pc.equal(rows.column("split"), "test")
+    test, val = rows.filter(is_test), rows.filter(pc.invert(is_test))
+    if test.num_rows == 0:
         raise ValueError(f"{run.url('features')}: no rows with split == 'test' to evaluate on")
-    return rows
+    return test, val
 
 
 def class_names(run: RunDir) -> list[str]:
@@ -130,11 +137,10 @@ def evaluate_checkpoint(run: RunDir, cfg: EvalConfig, encoder: str, checkpoint: 
     return evaluate_model(model, held_out_rows(run), class_names(run), cfg)
 
 
-def write_validation_failures(run: RunDir, encoder, cfg: EvalConfig, frozen=None) -> dict | None:
-    """The trained model's failures on the run's validation rows (split 'val') as
+def write_validation_failures(run: RunDir, rows: pa.Table, encoder, cfg: EvalConfig, frozen=None) -> dict | None:
+    """The trained model's failures on the run's validation `rows` (split 'val') as
     `eval/failures.parquet` (rsdist.eval.failures), and its mR there; None without validation rows
     or with `eval.failure_rank` 0."""
-    rows = split_rows(run, "val")
     if cfg.failure_rank == 0 or rows.num_rows == 0:
         return None
     _, sim, text_image = similarity(encoder, rows, cfg, frozen)
@@ -151,7 +157,7 @@ def run(run: RunDir, cfg: EvalConfig, encoder: str) -> StageResult:
     meta = run.read_json(*FINAL, "train_meta.json")
     if meta.get("encoder", encoder) != encoder:
         raise ValueError(f"features.encoder: {encoder!r} but the checkpoint was trained with {meta['encoder']!r}")
-    rows, classes = held_out_rows(run), class_names(run)
+    (rows, val_rows), classes = held_out_and_validation_rows(run), class_names(run)
     log.info("eval: %d held-out images, %d captions, %d classes", rows.num_rows, sum(len(c) for c in rows.column("captions").to_pylist()), len(classes))
     started = time.perf_counter()
     # The text tower is untuned for 'heads' checkpoints and the untrained baseline: reuse its features.
@@ -160,7 +166,7 @@ def run(run: RunDir, cfg: EvalConfig, encoder: str) -> StageResult:
     with tempfile.TemporaryDirectory() as tmp:
         model = load_trained(encoder, meta["embed_dim"], local_checkpoint(run, tmp), seed=meta.get("seed", 0))
         trained = evaluate_model(model, rows, classes, cfg, frozen if heads_only else None)
-        validation = write_validation_failures(run, model, cfg, frozen if heads_only else None)
+        validation = write_validation_failures(run, val_rows, model, cfg, frozen if heads_only else None)
     log.info("eval: trained mR %.2f, zero-shot %.2f%%", trained["mR"], trained.get("zero_shot_acc", float("nan")))
     report = {"trained": trained, "settings": {**dataclasses.asdict(cfg), "encoder": encoder, "embed_dim": meta["embed_dim"], "method": meta.get("method", "lora"), "checkpoint": run.url(*FINAL), "trained_epochs": meta.get("epochs"), "kept_epoch": meta.get("kept_epoch", meta.get("epochs"))}}
     if validation is not None:

@@ -232,7 +232,10 @@ def choose(run: RunDir, pool: Pool, cfg: SelectConfig, budget: int) -> Selection
     method, within_clusters = ("coincide", True) if cfg.method == "coincide-within" else (cfg.method, cfg.within_clusters)
     ids = np.asarray(pool.ids.to_pylist(), dtype=object)
     needs_x = method in ("coincide", "semdedup", "error-driven", "typicality-mmd") or cfg.dedup_threshold is not None
-    x = pool_embeddings(run, pool, cfg.space) if needs_x else None
+    if method == "alignment-mmd":  # one read gives its MMD rows (and the filter's) and the alignment
+        x, alignment = embeddings_and_alignment(run, pool, cfg.space, cfg.alignment_direction)
+    else:
+        x = pool_embeddings(run, pool, cfg.space) if needs_x else None
     shift = None
     if method == "shift":
         col = read_pool_columns(run, pool, [cfg.shift_column]).column(cfg.shift_column)
@@ -245,8 +248,6 @@ def choose(run: RunDir, pool: Pool, cfg: SelectConfig, budget: int) -> Selection
         information, distinct = caption_information(pool_captions(run, pool))
     if method in ("caption-typicality", "typicality-mmd"):
         typicality = caption_typicality(pool_captions(run, pool), pool.groups, pool.k)
-    if method == "alignment-mmd":
-        x, alignment = embeddings_and_alignment(run, pool, cfg.space, cfg.alignment_direction)
     red = redundancy(x, pool.groups, cfg.dedup_keep) if (method == "semdedup" or cfg.dedup_threshold is not None) else None
 
     def strategy(rows: np.ndarray, b: int) -> Selection:

@@ -47,14 +47,17 @@ def _filtered(run: RunDir, folder: str, columns: list[str], keep) -> pa.Table:
     return pa.concat_tables(parts).combine_chunks() if parts else pa.table({c: [] for c in columns})
 
 
-def feature_rows(run: RunDir, ids: pa.Array | None = None, split: str | None = None, exclude_split: str | None = None) -> pa.Table:
-    """Features rows (sample_id, split, label, image_emb) with the given ids and/or split."""
+def feature_rows(run: RunDir, ids: pa.Array | None = None, split: str | tuple[str, ...] | None = None, exclude_split: str | None = None) -> pa.Table:
+    """Features rows (sample_id, split, label, image_emb) with the given ids and/or split (one name, or
+    a tuple of names read in one pass)."""
 
     def keep(batch: pa.RecordBatch):
         mask = pa.array(np.ones(batch.num_rows, dtype=bool))
         if ids is not None:
             mask = pc.and_(mask, pc.is_in(batch.column("sample_id"), value_set=ids))
-        if split is not None:
+        if isinstance(split, tuple):
+            mask = pc.and_(mask, pc.is_in(batch.column("split"), value_set=pa.array(split, pa.string())))
+        elif split is not None:
             mask = pc.and_(mask, pc.equal(batch.column("split"), split))
         if exclude_split is not None:
             mask = pc.and_(mask, pc.fill_null(pc.not_equal(batch.column("split"), exclude_split), True))
@@ -104,8 +107,9 @@ def training_rows(run: RunDir) -> tuple[pa.Table, int]:
     return rows, len(ids)
 
 
-def split_rows(run: RunDir, split: str) -> pa.Table:
-    """The features rows of one split (sample_id, split, label, image_emb) with their captions."""
+def split_rows(run: RunDir, split: str | tuple[str, ...]) -> pa.Table:
+    """The features rows of one split, or of a tuple of splits in one read (sample_id, split, label,
+    image_emb), with their captions."""
     return join_captions(run, feature_rows(run, split=split))
 
 

@@ -47,6 +47,8 @@ def test_eval_writes_the_validation_failures_error_driven_reads(run_dir):
     expected = failure_table(rows.column("sample_id").to_pylist(), sim, text_image, 3)
     assert table.to_pylist() == expected.to_pylist() and 0 < table.num_rows <= 15
     assert set(table.column("sample_id").to_pylist()) <= set(ids["val"])
+    test, val = evaluate.held_out_and_validation_rows(run_dir)  # the eval's one read of both splits
+    assert test.column("sample_id").to_pylist() == ids["test"] and val.column("sample_id").to_pylist() == ids["val"]
     assert report["validation"] == {"images": 15, "failures": table.num_rows, "failure_rank": 3, "mR": report["validation"]["mR"]}
     assert 0.0 <= report["validation"]["mR"] <= 100.0
 
