@@ -144,3 +144,35 @@ def test_experiment_runs_cells_on_shared_bases_of_two_splits_and_resumes(ray_ses
     other = build_base(split_config(dataclasses.replace(cfg, run_dir=str(tmp_path / "other")), 0.25), features_from=first.uri)
     assert RunDir(other).read_json("features", "_SUCCESS.json")["taken_from"] == first.url("features")
     assert RunDir(other).exists("clusters", "_SUCCESS.json")
+
+
+def test_error_driven_cell_spends_its_budget_near_the_failures_of_its_pilot_cell(ray_session, tmp_path):
+    import pyarrow.parquet as pq
+
+    settings = tiny_settings(str(tmp_path / "exp"))
+    settings["data"].update(synthetic_per_class=10, val_fraction=0.25)
+    settings["train"].update(epochs=1, num_workers=1)
+    settings["eval"] = {"baseline": False, "failure_rank": 1}
+    pilot = "cells/random_b0.5_s{seed}/eval/failures.parquet"
+    settings["experiment"] = {"methods": ["random", {"label": "errors", "method": "error-driven", "failures": pilot}], "budgets": [0.5], "seeds": [0], "include_full": False}
+    cfg, exp = load_experiment(write_yaml(tmp_path / "exp.yaml", settings))
+    report = run_experiment(cfg, exp)
+    assert [c["method"] for c in report["cells"]] == ["random", "errors"]
+    out = RunDir(cfg.run_dir)
+    failures = pq.read_table(out.path("cells", "random_b0.5_s0", "eval", "failures.parquet"))
+    assert failures.num_rows > 0  # the pilot (trained on random half, one epoch) misses some validation images at rank 1
+    manifest = out.read_table("cells", "errors_b0.5_s0", "selection", "manifest.parquet").to_pylist()
+    kept = [r for r in manifest if r["selected"]]
+    assert len(kept) == report["cells"][1]["selected"] == budget_count(0.5, len(manifest))
+    # every kept row names the pilot's failure it was retrieved for
+    named = {r["reason"].split("near ")[1].split(" (cosine")[0] for r in kept}
+    assert named <= set(failures.column("sample_id").to_pylist())
+    validation = out.read_json("cells", "random_b0.5_s0", "eval", "metrics.json")["validation"]
+    assert validation["failures"] == failures.num_rows and validation["failure_rank"] == 1
+
+
+def write_yaml(path, settings: dict) -> str:
+    import yaml
+
+    path.write_text(yaml.safe_dump(settings))
+    return str(path)

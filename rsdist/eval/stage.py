@@ -46,17 +46,21 @@ RESOURCES = Resources(num_cpus=1.0)
 
 def held_out_rows(run: RunDir) -> pa.Table:
     """Held-out rows: sample_id, label, image_emb, captions."""
-    return held_out_and_validation_rows(run)[0]
+    return require_held_out(run, split_rows(run, "test"))
 
 
 def held_out_and_validation_rows(run: RunDir) -> tuple[pa.Table, pa.Table]:
     """The held-out rows and the validation rows (split 'val', possibly none), from one read."""
     rows = split_rows(run, ("test", "val"))
     is_test = pc.equal(rows.column("split"), "test")
-    test, val = rows.filter(is_test), rows.filter(pc.invert(is_test))
+    return require_held_out(run, rows.filter(is_test)), rows.filter(pc.invert(is_test))
+
+
+def require_held_out(run: RunDir, test: pa.Table) -> pa.Table:
+    """`test`, or one clear error when the run has no held-out rows."""
     if test.num_rows == 0:
         raise ValueError(f"{run.url('features')}: no rows with split == 'test' to evaluate on")
-    return test, val
+    return test
 
 
 def class_names(run: RunDir) -> list[str]:
@@ -140,8 +144,10 @@ def evaluate_checkpoint(run: RunDir, cfg: EvalConfig, encoder: str, checkpoint: 
 def write_validation_failures(run: RunDir, rows: pa.Table, encoder, cfg: EvalConfig, frozen=None) -> dict | None:
     """The trained model's failures on the run's validation `rows` (split 'val') as
     `eval/failures.parquet` (rsdist.eval.failures), and its mR there; None without validation rows
-    or with `eval.failure_rank` 0."""
+    or with `eval.failure_rank` 0, and then a failures file of an earlier evaluation is removed, so
+    `error-driven` never reads failures of another checkpoint."""
     if cfg.failure_rank == 0 or rows.num_rows == 0:
+        run.remove(STAGE, "failures.parquet")
         return None
     _, sim, text_image = similarity(encoder, rows, cfg, frozen)
     table = failure_table(rows.column("sample_id").to_pylist(), sim, text_image, cfg.failure_rank)

@@ -53,11 +53,14 @@ def test_eval_writes_the_validation_failures_error_driven_reads(run_dir):
     assert 0.0 <= report["validation"]["mR"] <= 100.0
 
 
-def test_no_validation_rows_or_rank_zero_write_no_failures(run_dir):
+def test_no_validation_rows_or_rank_zero_write_no_failures_and_remove_earlier_ones(run_dir):
     make_run(run_dir, n_train=40, n_test=12)
     write_checkpoint(run_dir, steps=0)
     evaluate.run(run_dir, EvalConfig(batch_size=8), "tiny")
     assert not run_dir.exists("eval", "failures.parquet") and "validation" not in run_dir.read_json("eval", "metrics.json")
     make_run(run_dir, n_train=40, n_test=12, n_val=6)
+    evaluate.run(run_dir, EvalConfig(batch_size=8), "tiny")
+    assert run_dir.exists("eval", "failures.parquet")
+    # Evaluated again with no failures asked for: the earlier file goes, error-driven cannot read it.
     evaluate.run(run_dir, EvalConfig(batch_size=8, failure_rank=0), "tiny")
     assert not run_dir.exists("eval", "failures.parquet")
