@@ -113,15 +113,11 @@ def test_test_offsets_are_checked():
 
 @pytest.mark.slow
 def test_experiment_runs_cells_on_shared_bases_of_two_splits_and_resumes(ray_session, tmp_path):
-    import yaml
-
     settings = tiny_settings(str(tmp_path / "exp"))
     settings["train"].update(epochs=1, num_workers=1)  # one Ray Train worker: four cells start quicker
     settings["eval"] = {"baseline": False}
     settings["experiment"] = {"methods": ["random"], "budgets": [0.5], "seeds": [0], "test_offsets": [0.0, 0.5]}
-    path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(settings))
-    cfg, exp = load_experiment(str(path))
+    cfg, exp = load_experiment(write_yaml(tmp_path / "exp.yaml", settings))
     report = run_experiment(cfg, exp)
     assert [(c["method"], c["budget"], c["test_offset"]) for c in report["cells"]] == [("full", 1.0, 0.0), ("random", 0.5, 0.0), ("full", 1.0, 0.5), ("random", 0.5, 0.5)]
     for full, half in (report["cells"][:2], report["cells"][2:]):

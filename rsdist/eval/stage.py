@@ -144,10 +144,9 @@ def evaluate_checkpoint(run: RunDir, cfg: EvalConfig, encoder: str, checkpoint: 
 def write_validation_failures(run: RunDir, rows: pa.Table, encoder, cfg: EvalConfig, frozen=None) -> dict | None:
     """The trained model's failures on the run's validation `rows` (split 'val') as
     `eval/failures.parquet` (rsdist.eval.failures), and its mR there; None without validation rows
-    or with `eval.failure_rank` 0, and then a failures file of an earlier evaluation is removed, so
-    `error-driven` never reads failures of another checkpoint."""
+    or with `eval.failure_rank` 0 (run_stage empties eval/ before each evaluation, so no earlier
+    failures file is left for `error-driven` to read)."""
     if cfg.failure_rank == 0 or rows.num_rows == 0:
-        run.remove(STAGE, "failures.parquet")
         return None
     _, sim, text_image = similarity(encoder, rows, cfg, frozen)
     table = failure_table(rows.column("sample_id").to_pylist(), sim, text_image, cfg.failure_rank)

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 from rsdist.config import EvalConfig
 from rsdist.eval import stage as evaluate
 from rsdist.eval.failures import SCHEMA, failure_table
+from rsdist.stage import fingerprint, run_stage
 from tests.eval.test_stage import write_checkpoint
 from tests.train.runs import make_run
 
@@ -59,8 +60,13 @@ def test_no_validation_rows_or_rank_zero_write_no_failures_and_remove_earlier_on
     evaluate.run(run_dir, EvalConfig(batch_size=8), "tiny")
     assert not run_dir.exists("eval", "failures.parquet") and "validation" not in run_dir.read_json("eval", "metrics.json")
     make_run(run_dir, n_train=40, n_test=12, n_val=6)
-    evaluate.run(run_dir, EvalConfig(batch_size=8), "tiny")
+    run_eval_stage(run_dir, EvalConfig(batch_size=8))
     assert run_dir.exists("eval", "failures.parquet")
-    # Evaluated again with no failures asked for: the earlier file goes, error-driven cannot read it.
-    evaluate.run(run_dir, EvalConfig(batch_size=8, failure_rank=0), "tiny")
+    # Evaluated again (as the pipeline does, through run_stage) with no failures asked for: the
+    # earlier file goes, error-driven cannot read it.
+    run_eval_stage(run_dir, EvalConfig(batch_size=8, failure_rank=0))
     assert not run_dir.exists("eval", "failures.parquet")
+
+
+def run_eval_stage(run_dir, cfg: EvalConfig) -> dict:
+    return run_stage(run_dir, evaluate.STAGE, fingerprint(cfg), lambda: evaluate.run(run_dir, cfg, "tiny"))
