@@ -58,6 +58,7 @@ CLUSTER_BACKENDS = ("auto", "torch", "cupy", "cuml")
 CLUSTER_PRECISIONS = ("auto", "float32", "bfloat16")
 SELECT_METHODS = ("shift", "random", "cluster-random", "coincide", "coincide-within", "scalselect", "semdedup", "error-driven", "caption-diversity", "caption-typicality", "typicality-mmd", "alignment-mmd")
 ALIGNMENT_DIRECTIONS = ("image-to-text", "both")  # alignment-mmd: the picture predicts the caption, or the mean of both ways
+ALIGNMENT_SCORES = ("cosine", "contrastive")  # alignment-mmd: held-out cosine with the own caption, or its log-probability among the cluster's
 SELECT_SPACES = ("joint", "image", "text")
 DEDUP_KEEP_RULES = ("farthest", "nearest", "first")
 QUOTA_RULES = ("proportional", "equal")
@@ -219,6 +220,8 @@ class SelectConfig:
     within_clusters: bool = _help("scalselect and coincide: spend the budget over clusters by select.quota and rank inside each cluster, instead of by the method's own rule (scalselect: the global top leverage; coincide: its cluster probabilities). Keeps the pool's scene mix.", default=False)
     candidates: float = _help("typicality-mmd and alignment-mmd: each cluster's greedy MMD picks its quota among its candidates x quota images of highest caption typicality / image-text alignment (at least the quota).", default=2.0)
     alignment_direction: str = _help(f"alignment-mmd: which held-out ridge map scores a pair, one of {ALIGNMENT_DIRECTIONS}: the picture predicting the caption, or the mean of that and the caption predicting the picture.", default="image-to-text")
+    alignment_score: str = _help(f"alignment-mmd: how a pair's held-out prediction is scored, one of {ALIGNMENT_SCORES}: its cosine with the pair's own caption, or the log-probability of the own caption among the captions of its cluster (a softmax of the prediction's cosines at select.alignment_temperature; the cluster is the contrastive batch, so a caption that fits its cluster-mates' pictures as well as its own scores low).", default="cosine")
+    alignment_temperature: float = _help("alignment-mmd with alignment_score 'contrastive': the softmax temperature; 0.07 is CLIP's initial one, where the heads' learnable temperature starts.", default=0.07)
     mmd_width: float = _help("coincide, typicality-mmd and alignment-mmd: width w of the greedy MMD's kernel exp(-||x - y||^2 / (2 w^2)) on the unit rows of select.space; 1.0 is COINCIDE's (its density's) kernel, smaller widths spread the picks over more of a cluster's modes.", default=1.0)
     mmd_block_rows: int = _help("coincide, typicality-mmd and alignment-mmd: a cluster of more rows than this picks by greedy MMD in random blocks of at most this many rows (kernel memory block^2, work linear in the cluster size); 0 = whole clusters, an m x m kernel for m rows (80 GB at m = 100,000).", default=4096)
     num_tasks: int = _help("coincide: Ray tasks the clusters are spread over; 0 = twice the cluster's CPUs.", default=0)
@@ -253,6 +256,8 @@ class SelectConfig:
         if not self.candidates >= 1.0:
             raise ConfigError(f"select.candidates: {self.candidates!r} must be at least 1 (candidates per quota place)")
         _choice("select.alignment_direction", self.alignment_direction, ALIGNMENT_DIRECTIONS)
+        _choice("select.alignment_score", self.alignment_score, ALIGNMENT_SCORES)
+        _positive("select.alignment_temperature", self.alignment_temperature)
         if not isinstance(self.within_clusters, bool):
             raise ConfigError(f"select.within_clusters: {self.within_clusters!r} must be true or false")
         if self.within_clusters and self.method not in ("scalselect", "coincide", "coincide-within"):

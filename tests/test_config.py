@@ -17,6 +17,8 @@ def test_defaults_are_valid_and_round_trip():
         ({"select": {"budget": 12.5}}, "select.budget: 12.5"),
         ({"eval": {"failure_rank": -1}}, "eval.failure_rank: -1 must be >= 0"),
         ({"select": {"alignment_direction": "reverse"}}, "select.alignment_direction: 'reverse' is not one of:"),
+        ({"select": {"alignment_score": "rank"}}, "select.alignment_score: 'rank' is not one of:"),
+        ({"select": {"alignment_temperature": 0}}, "select.alignment_temperature"),
         ({"train": {"epochs": "many"}}, "train.epochs: 'many' is not a int"),
         ({"features": {"perturbations": ["zoom"]}}, "features.perturbations: 'zoom' is not one of"),
         ({"trian": {}}, "trian: unknown setting"),

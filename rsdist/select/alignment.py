@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rsdist.config import ALIGNMENT_DIRECTIONS
+from rsdist.config import ALIGNMENT_DIRECTIONS, ALIGNMENT_SCORES
 from rsdist.select.scalselect import GramAccumulator
 
 RIDGE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -67,16 +67,12 @@ def fit_ridge_map(acc: GramAccumulator, inputs: slice, outputs: slice) -> RidgeM
 def held_out_fit(inputs: np.ndarray, outputs: np.ndarray, ridge: RidgeMap) -> tuple[np.ndarray, np.ndarray]:
     """Per row and ridge strength: (squared leave-one-out error, cosine of the leave-one-out
     prediction with the centred output), each of shape (rows, strengths)."""
-    z = (np.asarray(inputs, dtype=np.float64) - ridge.input_mean) @ ridge.vectors
-    y = np.asarray(outputs, dtype=np.float64) - ridge.output_mean
+    z, y = _centred(inputs, outputs, ridge)
     errors = np.empty((len(z), len(ridge.strengths)))
     cosines = np.empty_like(errors)
     y_norm = np.linalg.norm(y, axis=1)
-    for j, strength in enumerate(ridge.strengths):
-        inverse = 1.0 / (ridge.eigenvalues + strength)
-        fitted = (z * inverse) @ ridge.projected_cross
-        leverage = (z * z * inverse).sum(axis=1) + 1.0 / ridge.n
-        residual = (y - fitted) / (1.0 - leverage)[:, None]
+    for j in range(len(ridge.strengths)):
+        residual = _held_out_residual(z, y, ridge, j)
         predicted = y - residual
         errors[:, j] = (residual**2).sum(axis=1)
         denom = np.linalg.norm(predicted, axis=1) * y_norm
@@ -84,13 +80,68 @@ def held_out_fit(inputs: np.ndarray, outputs: np.ndarray, ridge: RidgeMap) -> tu
     return errors, cosines
 
 
-def pair_alignment(image: np.ndarray, text: np.ndarray, chunk_rows: int = 4096, direction: str = "image-to-text") -> tuple[np.ndarray, tuple[float, ...]]:
+def _centred(inputs: np.ndarray, outputs: np.ndarray, ridge: RidgeMap) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs centred and in the input Gram's eigenbasis, outputs centred (float64)."""
+    z = (np.asarray(inputs, dtype=np.float64) - ridge.input_mean) @ ridge.vectors
+    return z, np.asarray(outputs, dtype=np.float64) - ridge.output_mean
+
+
+def _held_out_residual(z: np.ndarray, y: np.ndarray, ridge: RidgeMap, j: int) -> np.ndarray:
+    """Each row's leave-one-out residual at strength j: e / (1 - h) (the prediction is y minus it)."""
+    inverse = 1.0 / (ridge.eigenvalues + ridge.strengths[j])
+    fitted = (z * inverse) @ ridge.projected_cross
+    leverage = (z * z * inverse).sum(axis=1) + 1.0 / ridge.n
+    return (y - fitted) / (1.0 - leverage)[:, None]
+
+
+def _unit_rows(m: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length; a zero row stays zero (its cosines are 0)."""
+    norms = np.linalg.norm(m, axis=1, keepdims=True)
+    return m / np.where(norms > 0, norms, 1.0)
+
+
+def contrastive_scores(predicted: np.ndarray, outputs: np.ndarray, groups: np.ndarray, temperature: float, block_rows: int = 0, seed: int = 0) -> np.ndarray:
+    """Per row, the log-probability of its own output among its cluster's outputs under a softmax
+    of the cosines with its prediction at `temperature` (InfoNCE with the cluster as the batch).
+    `predicted`, `outputs`: unit rows. A cluster of more than `block_rows` rows (0: no limit) is
+    dealt at random (with the seed) into equal blocks that play the cluster's part, so memory is
+    block_rows^2 and the work linear in the pool at any cluster size."""
+    scores = np.zeros(len(predicted))
+    rng = np.random.default_rng(seed)
+    for g in np.unique(groups):
+        members = np.flatnonzero(groups == g)
+        parts = 1 if block_rows <= 0 else int(np.ceil(len(members) / block_rows))
+        blocks = [members] if parts == 1 else np.array_split(rng.permutation(members), parts)
+        for b in blocks:
+            logits = predicted[b] @ outputs[b].T / temperature
+            logits -= logits.max(axis=1, keepdims=True)
+            scores[b] = np.diag(logits) - np.log(np.exp(logits).sum(axis=1))
+    return scores
+
+
+def pair_alignment(
+    image: np.ndarray,
+    text: np.ndarray,
+    chunk_rows: int = 4096,
+    direction: str = "image-to-text",
+    score: str = "cosine",
+    groups: np.ndarray | None = None,
+    temperature: float = 0.07,
+    block_rows: int = 0,
+    seed: int = 0,
+) -> tuple[np.ndarray, tuple[float, ...]]:
     """(alignment per row, ridge strength kept per direction in units of the mean eigenvalue) of
     the unit image and text rows of a pool; see the module docstring. `direction` is one of
-    ALIGNMENT_DIRECTIONS; with "both" the alignment is the mean of the two directions' cosines.
-    Rows are taken `chunk_rows` at a time, so no float64 copy of the whole pool is made."""
+    ALIGNMENT_DIRECTIONS; with "both" the alignment is the mean of the two directions' scores.
+    `score` is one of ALIGNMENT_SCORES: the held-out cosine, or (with the rows' cluster `groups`)
+    contrastive_scores of the held-out predictions. Rows are taken `chunk_rows` at a time, so no
+    float64 copy of the whole pool is made."""
     if direction not in ALIGNMENT_DIRECTIONS:
         raise ValueError(f"alignment: direction {direction!r} is not one of {ALIGNMENT_DIRECTIONS}")
+    if score not in ALIGNMENT_SCORES:
+        raise ValueError(f"alignment: score {score!r} is not one of {ALIGNMENT_SCORES}")
+    if score == "contrastive" and (groups is None or len(groups) != len(image)):
+        raise ValueError("alignment: the contrastive score needs one cluster per row (groups)")
     chunks = [slice(s, s + chunk_rows) for s in range(0, len(image), chunk_rows)]
     acc = GramAccumulator(image.shape[1] + text.shape[1])
     for c in chunks:
@@ -101,18 +152,31 @@ def pair_alignment(image: np.ndarray, text: np.ndarray, chunk_rows: int = 4096, 
         maps.append((text, image, fit_ridge_map(acc, text_cols, image_cols)))
     alignment, strengths = np.zeros(len(image)), []
     for inputs, outputs, ridge in maps:
-        cosines, strength = held_out_cosines(inputs, outputs, ridge, chunks)
+        cosines, j = held_out_cosines(inputs, outputs, ridge, chunks)
+        if score == "contrastive":
+            predicted, centred = held_out_unit_predictions(inputs, outputs, ridge, j, chunks)
+            cosines = contrastive_scores(predicted, centred, groups, temperature, block_rows, seed)
         alignment += cosines / len(maps)
-        strengths.append(strength)
+        strengths.append(float(RIDGE_GRID[j]))
     return alignment, tuple(strengths)
 
 
-def held_out_cosines(inputs: np.ndarray, outputs: np.ndarray, ridge: RidgeMap, chunks: list[slice]) -> tuple[np.ndarray, float]:
+def held_out_cosines(inputs: np.ndarray, outputs: np.ndarray, ridge: RidgeMap, chunks: list[slice]) -> tuple[np.ndarray, int]:
     """Each row's held-out cosine at the ridge strength of least mean held-out error, and that
-    strength in units of the mean eigenvalue."""
+    strength's index in RIDGE_GRID."""
     errors = np.empty((len(inputs), len(RIDGE_GRID)))
     cosines = np.empty_like(errors)
     for c in chunks:
         errors[c], cosines[c] = held_out_fit(inputs[c], outputs[c], ridge)
     best = int(np.argmin(errors.mean(axis=0)))
-    return cosines[:, best], float(RIDGE_GRID[best])
+    return cosines[:, best], best
+
+
+def held_out_unit_predictions(inputs: np.ndarray, outputs: np.ndarray, ridge: RidgeMap, j: int, chunks: list[slice]) -> tuple[np.ndarray, np.ndarray]:
+    """(unit leave-one-out predictions at strength j, unit centred outputs), float32."""
+    predicted = np.empty((len(inputs), outputs.shape[1]), dtype=np.float32)
+    centred = np.empty_like(predicted)
+    for c in chunks:
+        z, y = _centred(inputs[c], outputs[c], ridge)
+        predicted[c], centred[c] = _unit_rows(y - _held_out_residual(z, y, ridge, j)), _unit_rows(y)
+    return predicted, centred

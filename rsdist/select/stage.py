@@ -181,14 +181,23 @@ def streamed_leverage(run: RunDir, pool: Pool, space: str, energy: float, batch_
     return scores, sub
 
 
-def embeddings_and_alignment(run: RunDir, pool: Pool, space: str, direction: str = "image-to-text") -> tuple[np.ndarray, np.ndarray]:
-    """alignment-mmd's one read of features/: the unit rows of `space` (for its greedy MMD) and
+def embeddings_and_alignment(run: RunDir, pool: Pool, cfg: SelectConfig) -> tuple[np.ndarray, np.ndarray]:
+    """alignment-mmd's one read of features/: the unit rows of `cfg.space` (for its greedy MMD) and
     each pool row's image-text alignment (rsdist.select.alignment)."""
     where = run.url("features")
-    table = read_pool_columns(run, pool, list(dict.fromkeys([*embedding_columns(space), "image_emb", "text_emb"])))
-    alignment, strengths = pair_alignment(embedding_of(table, "image", where), embedding_of(table, "text", where), direction=direction)
-    log.info("alignment-mmd (%s): ridge strength %s x the mean eigenvalue (least held-out error of %s)", direction, " / ".join(f"{s:g}" for s in strengths), RIDGE_GRID)
-    return embedding_of(table, space, where), alignment
+    table = read_pool_columns(run, pool, list(dict.fromkeys([*embedding_columns(cfg.space), "image_emb", "text_emb"])))
+    alignment, strengths = pair_alignment(
+        embedding_of(table, "image", where),
+        embedding_of(table, "text", where),
+        direction=cfg.alignment_direction,
+        score=cfg.alignment_score,
+        groups=pool.groups,
+        temperature=cfg.alignment_temperature,
+        block_rows=cfg.mmd_block_rows,
+        seed=cfg.seed,
+    )
+    log.info("alignment-mmd (%s, %s): ridge strength %s x the mean eigenvalue (least held-out error of %s)", cfg.alignment_direction, cfg.alignment_score, " / ".join(f"{s:g}" for s in strengths), RIDGE_GRID)
+    return embedding_of(table, cfg.space, where), alignment
 
 
 def pool_captions(run: RunDir, pool: Pool) -> list[list[str]]:
@@ -233,7 +242,7 @@ def choose(run: RunDir, pool: Pool, cfg: SelectConfig, budget: int) -> Selection
     ids = np.asarray(pool.ids.to_pylist(), dtype=object)
     needs_x = method in ("coincide", "semdedup", "error-driven", "typicality-mmd") or cfg.dedup_threshold is not None
     if method == "alignment-mmd":  # one read gives its MMD rows (and the filter's) and the alignment
-        x, alignment = embeddings_and_alignment(run, pool, cfg.space, cfg.alignment_direction)
+        x, alignment = embeddings_and_alignment(run, pool, cfg)
     else:
         x = pool_embeddings(run, pool, cfg.space) if needs_x else None
     shift = None

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from rsdist.select.alignment import RIDGE_GRID, fit_ridge_map, held_out_fit, pair_alignment
+from rsdist.select.alignment import RIDGE_GRID, contrastive_scores, fit_ridge_map, held_out_fit, pair_alignment
 from rsdist.select.scalselect import GramAccumulator
 
 
@@ -91,3 +91,55 @@ def test_fit_needs_two_rows():
     acc.add(np.ones((1, 3)))
     with pytest.raises(ValueError, match="at least 2"):
         fit_ridge_map(acc, slice(0, 2), slice(2, 3))
+
+
+def unit(m):
+    return m / np.linalg.norm(m, axis=1, keepdims=True)
+
+
+def test_contrastive_score_is_the_log_probability_of_the_own_caption_in_its_cluster():
+    rng = np.random.default_rng(5)
+    predicted, captions = unit(rng.normal(size=(12, 4))), unit(rng.normal(size=(12, 4)))
+    groups = np.array([0, 1, 0, 2, 1, 0, 0, 1, 2, 2, 0, 1])
+    scores = contrastive_scores(predicted, captions, groups, temperature=0.2)
+    for i in range(12):
+        mates = np.flatnonzero(groups == groups[i])
+        logits = predicted[i] @ captions[mates].T / 0.2
+        own = logits[list(mates).index(i)]
+        assert scores[i] == pytest.approx(own - np.log(np.exp(logits).sum()), rel=1e-6)
+
+
+def test_contrastive_blocks_of_a_large_cluster_hold_fewer_rivals():
+    """A cluster above block_rows is dealt into blocks; each row competes with its block only, so
+    its log-probability can only rise, and a block as large as the cluster changes nothing."""
+    rng = np.random.default_rng(6)
+    predicted, captions = unit(rng.normal(size=(40, 5))), unit(rng.normal(size=(40, 5)))
+    groups = np.repeat([0, 1], 20)
+    whole = contrastive_scores(predicted, captions, groups, 0.1)
+    np.testing.assert_array_equal(contrastive_scores(predicted, captions, groups, 0.1, block_rows=20), whole)
+    blocked = contrastive_scores(predicted, captions, groups, 0.1, block_rows=7, seed=3)
+    assert np.all(blocked >= whole - 1e-12) and np.any(blocked > whole + 1e-6)
+    np.testing.assert_array_equal(contrastive_scores(predicted, captions, groups, 0.1, block_rows=7, seed=3), blocked)
+
+
+def test_contrastive_alignment_caps_a_caption_shared_in_its_cluster():
+    """Eight pictures of one cluster share one sentence (a canonical caption): among the cluster's
+    captions it is no likelier than 1 in 8 for any of them, whatever the held-out cosine says."""
+    rng = np.random.default_rng(7)
+    groups = np.repeat(np.arange(4), 50)
+    image = rng.normal(size=(4, 10))[groups] + 0.5 * rng.normal(size=(200, 10))
+    text = image @ rng.normal(size=(10, 8)) + 0.2 * rng.normal(size=(200, 8))
+    shared = np.arange(60, 68)  # cluster 1
+    text[shared] = text[shared].mean(axis=0)
+    contrastive, _ = pair_alignment(image, text, score="contrastive", groups=groups, temperature=0.07)
+    cosine, _ = pair_alignment(image, text)
+    assert np.all(contrastive[shared] <= -np.log(8) + 1e-9)
+    assert np.median(contrastive[np.setdiff1d(np.arange(200), shared)]) > -np.log(8)
+    assert np.all(cosine[shared] > 0.5)  # the picture does predict the sentence
+
+
+def test_contrastive_alignment_needs_the_clusters():
+    with pytest.raises(ValueError, match="needs one cluster per row"):
+        pair_alignment(np.eye(3), np.eye(3), score="contrastive")
+    with pytest.raises(ValueError, match="score 'rank' is not one of"):
+        pair_alignment(np.eye(3), np.eye(3), score="rank")

@@ -87,16 +87,22 @@ def test_every_method_writes_an_exact_manifest(run_dir, ray_session, method):
 
 
 @pytest.mark.parametrize("direction", ["image-to-text", "both"])
-def test_alignment_mmd_reads_its_space_and_the_alignment_of_the_pool(run_dir, direction):
+@pytest.mark.parametrize("score", ["cosine", "contrastive"])
+def test_alignment_mmd_reads_its_space_and_the_alignment_of_the_pool(run_dir, direction, score):
     from rsdist.select.alignment import pair_alignment
 
     write_inputs(run_dir)
     pool = select.read_pool(run_dir)
-    x, alignment = select.embeddings_and_alignment(run_dir, pool, "joint", direction)
+    cfg = SelectConfig(space="joint", alignment_direction=direction, alignment_score=score, alignment_temperature=0.1)
+    x, alignment = select.embeddings_and_alignment(run_dir, pool, cfg)
     np.testing.assert_allclose(x, select.pool_embeddings(run_dir, pool, "joint"))
-    expected, _ = pair_alignment(select.pool_embeddings(run_dir, pool, "image"), select.pool_embeddings(run_dir, pool, "text"), direction=direction)
+    image, text = select.pool_embeddings(run_dir, pool, "image"), select.pool_embeddings(run_dir, pool, "text")
+    expected, _ = pair_alignment(image, text, direction=direction, score=score, groups=pool.groups, temperature=0.1, block_rows=cfg.mmd_block_rows)
     np.testing.assert_allclose(alignment, expected)
-    assert alignment.shape == (60,) and np.all(np.abs(alignment) <= 1.0 + 1e-9)
+    if score == "cosine":
+        assert alignment.shape == (60,) and np.all(np.abs(alignment) <= 1.0 + 1e-9)
+    else:  # log-probabilities of the own caption among the cluster's
+        assert alignment.shape == (60,) and np.all(alignment <= 1e-12)
 
 
 def test_same_inputs_give_the_same_manifest(tmp_path):
@@ -148,7 +154,7 @@ def test_dedup_filter_composes_with_alignment_mmd_in_the_image_space(run_dir):
     dropped = {r["sample_id"] for r in manifest if "near-duplicate" in r["reason"]}
     assert len(dropped) == 5 and sum(r["selected"] for r in manifest) == 30
     pool = select.read_pool(run_dir)
-    _, alignment = select.embeddings_and_alignment(run_dir, pool, "image", "both")
+    _, alignment = select.embeddings_and_alignment(run_dir, pool, cfg)
     expected = dict(zip(pool.ids.to_pylist(), alignment))
     survivors = [r for r in manifest if r["sample_id"] not in dropped]
     assert all(r["score"] == pytest.approx(expected[r["sample_id"]], abs=1e-6) for r in survivors)
