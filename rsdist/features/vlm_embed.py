@@ -18,15 +18,15 @@ every real non-image token counts as a user token (logged once per actor).
 
 Models (`features.vlm`): `qwen2-vl-tiny` (random weights and a small trained tokenizer, for tests:
 the one of rsdist/train/vlm_models.py) or `hf:<folder>`, a local checkpoint that
-`AutoModelForImageTextToText` and `AutoProcessor` load, of the families in `SUPPORTED`.
-On CUDA the model runs in bf16.
+`AutoModelForImageTextToText` and `AutoProcessor` load, of the families training supports
+(rsdist.train.vlm_models.FAMILIES, whose chat template renders the chat). On CUDA the model runs in
+bf16.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -36,8 +36,6 @@ import torch
 from rsdist.features.vlm import image_token_id, language_layers, vlm_features
 
 log = logging.getLogger("rsdist")
-
-SUPPORTED = ("qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "idefics3", "smolvlm")
 
 
 @dataclass(frozen=True)
@@ -56,26 +54,13 @@ class VlmSpec:
 
 
 def load_feature_vlm(name: str, device: str = "cpu", seed: int = 0):
-    """(model, processor) for `features.vlm` in eval mode on `device` (bf16 on CUDA)."""
-    if name == "qwen2-vl-tiny":
-        from rsdist.train.vlm_models import tiny_qwen2_vl
+    """(model, processor) for `features.vlm` in eval mode on `device` (bf16 on CUDA), loaded as
+    training loads it (rsdist.train.vlm_models.load_vlm: same families, same chat template)."""
+    from rsdist.train.vlm_models import load_vlm
 
-        model, processor = tiny_qwen2_vl(seed)
-    elif name.startswith("hf:"):
-        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
-
-        path = name[3:]
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"features.vlm: {name} is not a local checkpoint folder")
-        family = AutoConfig.from_pretrained(path).model_type
-        if family not in SUPPORTED:
-            raise ValueError(f"features.vlm: {path} is a {family!r} model; supported: {', '.join(SUPPORTED)}")
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
-        processor = AutoProcessor.from_pretrained(path)
-    else:
-        raise ValueError(f"features.vlm: {name!r} is not one of: none, qwen2-vl-tiny, hf:<folder>")
-    return model.to(device).eval(), processor
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model, processor = load_vlm(name, seed, dtype=dtype, field="features.vlm")
+    return model.to(device=device, dtype=dtype).eval(), processor
 
 
 def find_subsequence(ids: Sequence[int], pattern: Sequence[int], start: int = 0) -> int:

@@ -243,20 +243,25 @@ def tiny_idefics3(seed: int = 0):
     return model, processor
 
 
-def load_vlm(name: str, seed: int = 0):
-    """(model, processor) by name: one of TINY or `hf:<folder>` (a local checkpoint)."""
+def load_vlm(name: str, seed: int = 0, dtype=None, field: str = "train.vlm.model"):
+    """(model, processor) by name: one of TINY or `hf:<folder>` (a local checkpoint of a family in
+    FAMILIES, loaded in `dtype`, default the checkpoint's, with the family's chat template). `field`
+    is the setting errors name (the features pass loads its model here too)."""
     builders = {"qwen2-vl-tiny": tiny_qwen2_vl, "llava-tiny": tiny_llava, "llava-next-tiny": lambda seed: tiny_llava(seed, next_version=True),
                 "idefics3-tiny": tiny_idefics3}
     if name in builders:
         return builders[name](seed)
     if name.startswith("hf:"):
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
         path = name[3:]
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"train.vlm.model: {name} is not a local checkpoint folder")
-        model = AutoModelForImageTextToText.from_pretrained(path)
+            raise FileNotFoundError(f"{field}: {name} is not a local checkpoint folder")
+        family = AutoConfig.from_pretrained(path).model_type
+        if family not in FAMILIES:
+            raise ValueError(f"{field}: {path} is a {family!r} model; supported: {', '.join(sorted(FAMILIES))}")
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
         processor = AutoProcessor.from_pretrained(path)
-        processor.chat_template = family_of(model).template
+        processor.chat_template = FAMILIES[family].template
         return model, processor
-    raise ValueError(f"train.vlm.model: {name!r} is not one of: {', '.join(TINY)}, hf:<folder>")
+    raise ValueError(f"{field}: {name!r} is not one of: {', '.join(TINY)}, hf:<folder>")

@@ -77,3 +77,29 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch(name):
         loss.backward()
         opt.step()
     assert losses[1] < losses[0]
+
+
+def test_a_local_checkpoint_loads_with_its_family_template_for_training_and_features(tmp_path):
+    """`hf:<folder>`: the checkpoint's own weights, the family's chat template, and for the features
+    pass the same model in eval mode; a folder of an unsupported family is a one-line error naming
+    the setting it came from."""
+    from transformers import LlamaConfig
+
+    from rsdist.features.vlm_embed import load_feature_vlm
+    from rsdist.train.vlm_models import FAMILIES
+
+    model, processor = load_vlm("llava-tiny", seed=4)
+    processor.chat_template = "{{ messages }}"  # the checkpoint's own template, which loading replaces
+    model.save_pretrained(tmp_path / "llava")
+    processor.save_pretrained(tmp_path / "llava")
+    folder = f"hf:{tmp_path / 'llava'}"
+    for loaded, loaded_processor in (load_vlm(folder), load_feature_vlm(folder)):
+        assert loaded_processor.chat_template == FAMILIES["llava"].template
+        for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+            assert torch.equal(a, b), name
+    assert not load_feature_vlm(folder)[0].training
+    LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path / "llama")
+    with pytest.raises(ValueError, match=r"features.vlm: .*llama is a 'llama' model; supported: idefics3, llava"):
+        load_feature_vlm(f"hf:{tmp_path / 'llama'}")
+    with pytest.raises(FileNotFoundError, match="train.vlm.model: hf:/nowhere is not a local checkpoint folder"):
+        load_vlm("hf:/nowhere")
