@@ -8,7 +8,7 @@ import torch
 
 from rsdist.train.vlm import VlmTrainConfig, apply_lora, encode_batch
 from rsdist.train.vlm_models import end_token_id, family_of, load_vlm
-from tests.train.test_vlm import ROWS
+from tests.train.test_vlm import ROWS, two_step_losses
 
 FAMILY_MODELS = ["llava-tiny", "llava-next-tiny", "idefics3-tiny"]
 ANSWERS = [["an airport", "yes"], ["3"]]
@@ -67,15 +67,7 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch(name):
     parts = family_of(model)
     assert any(n.startswith("base_model.model." + parts.vision) and "lora_" in n for n in trainable)
     assert any(parts.projector.rsplit(".", 1)[-1] in n and "modules_to_save" in n for n in trainable)
-    batch = encode_batch(processor, ROWS, max_pixels=56 * 56)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(2):
-        loss = model(**batch).loss
-        losses.append(float(loss.detach()))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    losses = two_step_losses(model, encode_batch(processor, ROWS, max_pixels=56 * 56))
     assert losses[1] < losses[0]
 
 
