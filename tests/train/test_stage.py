@@ -149,6 +149,24 @@ def test_best_val_keeps_the_epoch_with_the_best_validation_mR(ray_session, run_d
     assert again["mR"] == pytest.approx(max(scores), abs=1e-6)
 
 
+def test_resumed_best_val_run_still_weighs_the_epochs_before_the_resume(ray_session, run_dir):
+    """Two epochs, then the same run asked for four: it resumes after epoch 2, and the kept epoch is
+    the best of all four validation scores, here one measured before the resume (Ray's checkpoint
+    manager must remember the scores of the checkpoints it kept before)."""
+    make_run(run_dir, n_train=40, n_test=8, select=32, n_val=12)
+    cfg = dict(method="heads", lr=0.3, keep_epoch="best-val", checkpoints_to_keep=1)
+    train.run(run_dir, small_config(epochs=2, **cfg), "tiny")
+    before = [h["val_mR"] for h in run_dir.read_json("checkpoints", "final", "train_meta.json")["history"]]
+    result = train.run(run_dir, small_config(epochs=4, **cfg), "tiny")
+    meta = run_dir.read_json("checkpoints", "final", "train_meta.json")
+    scores = [h["val_mR"] for h in meta["history"]]
+    assert scores[:2] == before and len(scores) == 4
+    assert max(before) > max(scores[2:])  # at this learning rate the best epoch is one before the resume
+    assert meta["kept_epoch"] <= 2 and scores[meta["kept_epoch"] - 1] == max(scores)
+    assert result.extra["kept_epoch"] == meta["kept_epoch"]
+    assert torch.load(run_dir.path("checkpoints", "final", "heads.pt"), weights_only=False)["epoch"] == meta["kept_epoch"]
+
+
 def test_best_val_without_validation_rows_names_the_setting(ray_session, run_dir):
     make_run(run_dir, n_train=16, n_test=4, select=8)
     with pytest.raises(ValueError, match="data.val_fraction") as e:
