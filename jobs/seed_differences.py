@@ -8,9 +8,10 @@ Reads experiments' results.json (their `cells`), pairs every method's cell with 
 the same seed, budget and development split (the first file that has a cell wins, so overlapping
 runs may be passed together; with several splits, random's sd is pooled within splits), prints one line per method (mean difference, random's sd over the same seeds, seeds
 above) and, with --out, plots the per-seed differences. The figures as one JSON object on the last
-line. With --pools every file is its own set of held-out splits (other data, or other splits
-that reuse test_offset values): file i's split o is keyed 10 i + o, so nothing is paired or pooled
-across files.
+line. With --pools every argument is its own set of held-out splits (other data, or other splits
+that reuse test_offset values): argument i's split o is keyed 10 i + o, so nothing is paired or
+pooled across arguments; one argument may join several files of the same pool with commas (a
+method's new cells and the random cells they pair with: new.json,old.json).
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ from rsdist.experiment import cell_split, paired_against_random
 
 
 def read_cells(paths: list[str], budget: float, seeds: range | None = None, pools: bool = False) -> list[dict]:
-    """The cells of `budget` (and `seeds`) in the files; the first file wins on a repeated
-    (method, split, seed). With `pools`, file i's splits are renamed 10 i + test_offset."""
+    """The cells of `budget` (and `seeds`) in the files (an entry may join files with commas); the
+    first file wins on a repeated (method, split, seed). With `pools`, entry i's splits are renamed
+    10 i + test_offset."""
     out: dict[tuple[str, float, int], dict] = {}
-    for i, path in enumerate(paths):
-        with open(path) as f:
-            cells = json.load(f)["cells"]
+    for i, entry in enumerate(paths):
+        cells = []
+        for path in entry.split(","):
+            with open(path) as f:
+                cells += json.load(f)["cells"]
         for cell in cells:
             if abs(float(cell["budget"]) - budget) < 1e-9 and (seeds is None or int(cell["seed"]) in seeds):
                 if pools:
@@ -88,12 +92,12 @@ def plot(result: dict[str, dict], metric: str, budget: float, path: str) -> None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", nargs="+", help="experiments' results.json files")
+    parser.add_argument("results", nargs="+", help="experiments' results.json files (with --pools, files of one pool joined by commas)")
     parser.add_argument("--budget", type=float, required=True)
     parser.add_argument("--metric", default="mR")
     parser.add_argument("--seeds", default=None, help="only these seeds, FIRST-LAST (e.g. 5-19: the seeds no setting was chosen on)")
     parser.add_argument("--out", default=None, help="PNG of the per-seed differences")
-    parser.add_argument("--pools", action="store_true", help="each file is its own set of splits (split o of file i becomes 10 i + o)")
+    parser.add_argument("--pools", action="store_true", help="each argument is its own set of splits (split o of argument i becomes 10 i + o)")
     args = parser.parse_args()
     seeds = None
     if args.seeds:

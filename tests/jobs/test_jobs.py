@@ -167,6 +167,11 @@ def test_seed_differences_pairs_methods_with_random_by_seed(tmp_path):
     mmd = json.loads(pooled.stdout.strip().splitlines()[-1])["mmd"]
     assert mmd["test_offsets"] == [0.0, 0.0, 0.5, 0.5, 10.0, 10.0] and mmd["differences"] == [1.0, 1.0, 2.0, -1.0, 3.0, 0.0]
     assert abs(mmd["random_sd"] - ((2 + 8 + 0.5) / 3) ** 0.5) < 1e-9  # pooled within the three held-out sets
+    # one pool's cells in two files (a method's new cells, and the random cells they pair with): joined by a comma
+    (tmp_path / "e.json").write_text(json.dumps({"cells": [{"method": "mmd", "budget": 0.2, "seed": s, "test_offset": 0.0, "metrics": {"mR": v}} for s, v in [(0, 33.0), (1, 31.0)]]}))
+    (tmp_path / "f.json").write_text(json.dumps({"cells": [{"method": "random", "budget": 0.2, "seed": s, "test_offset": 0.0, "metrics": {"mR": v}} for s, v in [(0, 30.0), (1, 31.0)]]}))
+    joined = subprocess.run([sys.executable, script, split, f"{tmp_path / 'e.json'},{tmp_path / 'f.json'}", "--budget", "0.2", "--pools"], capture_output=True, text=True)
+    assert json.loads(joined.stdout.strip().splitlines()[-1])["mmd"] == mmd
 
 
 def test_alignment_probes_compares_each_probe_with_the_default(run_dir):
