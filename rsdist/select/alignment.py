@@ -20,6 +20,15 @@ the reverse map from the same Gram (its text block) and averages the two held-ou
 whose picture the caption does not predict (a specific sentence on an ambiguous picture) scores
 low too.
 
+`score: contrastive` asks instead how much likelier the pair's own caption is than its cluster's
+other captions under its held-out prediction: the log-probability of the own caption in a softmax
+of the prediction's cosines with every caption of the cluster (InfoNCE, with the cluster as the
+batch and the heads' starting temperature). A caption that its cluster-mates' pictures predict as
+well as its own (a scene's stock sentence) is no evidence for this picture and scores low, however
+well the picture predicts it; the contrastive heads learn only from what tells a pair from the
+pairs around it. A cluster above `block_rows` rows is scored in random blocks of at most that many
+rows, so the work stays linear in the pool.
+
 Each cluster then keeps its quota by greedy MMD among its `candidates` x quota best-aligned rows
 (`coincide.mmd_among_top`), as `typicality-mmd` does with caption typicality.
 """
