@@ -143,12 +143,13 @@ def test_dedup_filter_composes_with_typicality_mmd_in_the_image_space(run_dir):
     assert info["info"]["mmd_width"] == 0.5 and info["settings"]["space"] == "image"
 
 
-def test_dedup_filter_composes_with_alignment_mmd_in_the_image_space(run_dir):
+@pytest.mark.parametrize("score", ["cosine", "contrastive"])
+def test_dedup_filter_composes_with_alignment_mmd_in_the_image_space(run_dir, score):
     """alignment-mmd behind the filter, both directions, MMD in the image space, candidates 1 (each
     cluster keeps exactly its best-aligned survivors): the survivors' scores are their own pool
     rows' alignment, and no survivor left out of a cluster is better aligned than one kept."""
     ids = write_inputs(run_dir)
-    cfg = SelectConfig(method="alignment-mmd", budget=30, dedup_threshold=0.99, dedup_keep="first", space="image", candidates=1.0, alignment_direction="both")
+    cfg = SelectConfig(method="alignment-mmd", budget=30, dedup_threshold=0.99, dedup_keep="first", space="image", candidates=1.0, alignment_direction="both", alignment_score=score)
     select.run(run_dir, cfg)
     manifest = run_dir.read_table("selection", "manifest.parquet").to_pylist()
     dropped = {r["sample_id"] for r in manifest if "near-duplicate" in r["reason"]}
