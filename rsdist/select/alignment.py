@@ -117,8 +117,10 @@ def contrastive_scores(predicted: np.ndarray, outputs: np.ndarray, groups: np.nd
     block_rows^2 and the work linear in the pool at any cluster size."""
     scores = np.zeros(len(predicted))
     rng = np.random.default_rng(seed)
-    for g in np.unique(groups):
-        members = np.flatnonzero(groups == g)
+    order = np.argsort(groups, kind="stable")  # one sort: each cluster's rows, in pool order
+    for members in np.split(order, np.flatnonzero(np.diff(groups[order])) + 1):
+        if len(members) == 0:
+            continue
         parts = 1 if block_rows <= 0 else int(np.ceil(len(members) / block_rows))
         blocks = [members] if parts == 1 else np.array_split(rng.permutation(members), parts)
         for b in blocks:
@@ -161,11 +163,11 @@ def pair_alignment(
         maps.append((text, image, fit_ridge_map(acc, text_cols, image_cols)))
     alignment, strengths = np.zeros(len(image)), []
     for inputs, outputs, ridge in maps:
-        cosines, j = held_out_cosines(inputs, outputs, ridge, chunks)
+        scores, j = held_out_cosines(inputs, outputs, ridge, chunks)
         if score == "contrastive":
             predicted, centred = held_out_unit_predictions(inputs, outputs, ridge, j, chunks)
-            cosines = contrastive_scores(predicted, centred, groups, temperature, block_rows, seed)
-        alignment += cosines / len(maps)
+            scores = contrastive_scores(predicted, centred, groups, temperature, block_rows, seed)
+        alignment += scores / len(maps)
         strengths.append(float(RIDGE_GRID[j]))
     return alignment, tuple(strengths)
 
