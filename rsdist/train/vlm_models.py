@@ -260,7 +260,7 @@ def load_vlm(name: str, seed: int = 0, dtype=None, field: str = "train.vlm.model
         family = AutoConfig.from_pretrained(path).model_type
         if family not in FAMILIES:
             raise ValueError(f"{field}: {path} is a {family!r} model; supported: {', '.join(sorted(FAMILIES))}")
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+        model = AutoModelForImageTextToText.from_pretrained(path, **({} if dtype is None else {"dtype": dtype}))
         processor = AutoProcessor.from_pretrained(path)
         processor.chat_template = FAMILIES[family].template
         return model, processor
