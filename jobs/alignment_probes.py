@@ -5,7 +5,9 @@
 Scores the pool of a run (its features/ and clusters/) with four held-out ridge probes: image ->
 text (the default), text -> image, both (their mean; `select.alignment_direction: both`) and a
 kernel probe (image -> text on the image embedding plus 2,048 random Fourier features of it,
-width = the median distance between 1,000 pool images), next to the default with 5% of its sd
+width = the median distance between 1,000 pool images); the default probe's contrastive score
+(`select.alignment_score: contrastive`, temperature 0.07, the clusters of the run; a random subset
+shares the budget's fraction of a selection by chance); and the default with 5% of its sd
 of Gaussian noise added (`jitter`: how much a selection moves on scores that barely differ; the
 greedy MMD among the candidates amplifies small changes of the candidate set). Prints each probe's Spearman
 correlation with the default and, per budget, the share of the default's alignment-mmd selection
@@ -51,6 +53,7 @@ def main() -> None:
         "text-to-image": pair_alignment(text, image)[0],
         "both": pair_alignment(image, text, direction="both")[0],
         "kernel": pair_alignment(np.hstack([image, random_fourier_features(image)]), text)[0],
+        "contrastive": pair_alignment(image, text, score="contrastive", groups=pool.groups, temperature=0.07, block_rows=4096)[0],
     }
     default = probes["image-to-text"]
     probes["jitter"] = default + 0.05 * default.std() * np.random.default_rng(0).normal(size=len(default))

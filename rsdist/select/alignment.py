@@ -103,7 +103,7 @@ def _held_out_residual(z: np.ndarray, y: np.ndarray, ridge: RidgeMap, j: int) ->
     return (y - fitted) / (1.0 - leverage)[:, None]
 
 
-def _unit_rows(m: np.ndarray) -> np.ndarray:
+def unit_rows(m: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length; a zero row stays zero (its cosines are 0)."""
     norms = np.linalg.norm(m, axis=1, keepdims=True)
     return m / np.where(norms > 0, norms, 1.0)
@@ -189,5 +189,5 @@ def held_out_unit_predictions(inputs: np.ndarray, outputs: np.ndarray, ridge: Ri
     centred = np.empty_like(predicted)
     for c in chunks:
         z, y = _centred(inputs[c], outputs[c], ridge)
-        predicted[c], centred[c] = _unit_rows(y - _held_out_residual(z, y, ridge, j)), _unit_rows(y)
+        predicted[c], centred[c] = unit_rows(y - _held_out_residual(z, y, ridge, j)), unit_rows(y)
     return predicted, centred

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from rsdist.config import SelectConfig
 from rsdist.io.rundir import RunDir
 from rsdist.select.budget import budget_count
-from rsdist.select.alignment import RIDGE_GRID, pair_alignment
+from rsdist.select.alignment import RIDGE_GRID, pair_alignment, unit_rows
 from rsdist.select.captions import caption_information, caption_select, caption_typicality
 from rsdist.select.coincide import coincide_select, mmd_among_top
 from rsdist.select.error_driven import error_driven_select, load_teacher
@@ -94,11 +94,6 @@ def embedding_columns(space: str) -> list[str]:
     return {"joint": ["image_emb", "text_emb"], "image": ["image_emb"], "text": ["text_emb"]}.get(space, [space])
 
 
-def _unit(m: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(m, axis=1, keepdims=True)
-    return m / np.where(norms > 0, norms, 1.0)
-
-
 def _matrix(col: pa.ChunkedArray | pa.Array, name: str, where: str) -> np.ndarray:
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     if arr.null_count:
@@ -121,11 +116,11 @@ def embedding_of(table: pa.Table, space: str, where: str) -> np.ndarray:
         if name not in table.column_names:
             raise ValueError(f"{where}: no column {name!r} (needed by select.space={space!r})")
     if space == "joint":
-        img = _unit(_matrix(table.column("image_emb"), "image_emb", where))
-        txt = _unit(_matrix(table.column("text_emb"), "text_emb", where))
+        img = unit_rows(_matrix(table.column("image_emb"), "image_emb", where))
+        txt = unit_rows(_matrix(table.column("text_emb"), "text_emb", where))
         return np.concatenate([img, txt], axis=1) / np.sqrt(2.0)
     name = embedding_columns(space)[0]
-    return _unit(_matrix(table.column(name), name, where))
+    return unit_rows(_matrix(table.column(name), name, where))
 
 
 def _positions(pool: Pool, ids: pa.Array, where: str) -> tuple[np.ndarray, np.ndarray]:

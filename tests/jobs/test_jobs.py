@@ -187,5 +187,5 @@ def test_alignment_probes_compares_each_probe_with_the_default(run_dir):
     assert out.returncode == 0, out.stderr
     fig = json.loads(out.stdout.strip().splitlines()[-1])
     assert fig["pool"] == 60 and fig["image-to-text"] == {"spearman": 1.0, "overlap_0.25": 1.0}
-    for name in ("text-to-image", "both", "kernel", "jitter"):
+    for name in ("text-to-image", "both", "kernel", "contrastive", "jitter"):
         assert -1.0 <= fig[name]["spearman"] <= 1.0 and 0.0 <= fig[name]["overlap_0.25"] <= 1.0
