@@ -1,11 +1,11 @@
 """The `rsdist` command line.
 
-    rsdist demo [--data URI] [--budget F] [--method M] [--out DIR]
+    rsdist demo [--vlm] [--data URI] [--budget F] [--method M] [--out DIR]
     rsdist run CONFIG.yaml [--out DIR] [--set section.field=value ...]
     rsdist ingest|features|cluster|select|train|eval [CONFIG.yaml] --out DIR [stage flags]
     rsdist experiment CONFIG.yaml [--out DIR]
     rsdist report --out DIR
-    rsdist vlm train|eval [CONFIG.yaml] --out DIR [--task scene|vqa] [--set train.vlm.FIELD=VALUE ...]
+    rsdist vlm train|eval [CONFIG.yaml] --out DIR [--set section.field=value ...]   (train.model=vlm)
     rsdist bench ingest|features|kmeans|select|train|vlm-train [flags]
 
 Every stage reads and writes the run directory given by --out (any fsspec URI). A bad setting
@@ -30,6 +30,9 @@ BENCHES = {"ingest": "rsdist.io.bench", "features": "rsdist.features.bench", "km
            "vlm-train": "rsdist.train.vlm_bench"}
 
 
+DEMO_OUT = "runs/demo"
+
+
 def build_config(path: str | None, overrides: dict[str, object], sets: list[str]) -> RunConfig:
     """Config file (or defaults) + CLI flags + --set overrides, validated once at the end."""
     values = config_to_dict(load_config(path)) if path else {}
@@ -38,10 +41,23 @@ def build_config(path: str | None, overrides: dict[str, object], sets: list[str]
     return config_from_dict(values)
 
 
+VLM_DEMO = {
+    "data.source": "synthetic-vlm", "data.synthetic_per_class": 12, "features.image_size": 64, "train.model": "vlm",
+    "train.vlm.model": "qwen2-vl-tiny", "train.vlm.epochs": 3, "train.vlm.batch_size": 4, "train.vlm.lr": 2e-3, "train.vlm.lora_dropout": 0.0,
+    "train.vlm.max_pixels": 56 * 56, "train.vlm.checkpoint_every": 1000, "train.vlm.cpus_per_worker": 0.5,
+    "eval.vlm.num_actors": 0, "eval.vlm.max_pixels": 56 * 56, "eval.vlm.max_new_tokens": 6, "eval.vlm.caption_new_tokens": 16, "eval.vlm.batch_size": 16,
+}
+
+
 def demo_config(args) -> RunConfig:
-    """The embedded default: synthetic data and small images, or the user's data with --data."""
+    """The embedded default: synthetic data and small images, or the user's data with --data;
+    with --vlm, a tiny VLM tuned on a synthetic instruction set (or on --data)."""
     overrides = {"run_dir": args.out, "select.budget": args.budget, "select.method": args.method}
-    if args.data:
+    if args.vlm:
+        overrides = {**VLM_DEMO, **({"data.source": args.data, "data.format": args.format} if args.data else {}), **overrides}
+        if args.out == DEMO_OUT:
+            overrides["run_dir"] = DEMO_OUT + "-vlm"
+    elif args.data:
         overrides.update({"data.source": args.data, "data.format": args.format})
     else:
         overrides.update({"features.image_size": 128, "train.epochs": 8})
@@ -66,7 +82,8 @@ def make_parser() -> argparse.ArgumentParser:
     demo.add_argument("--format", default=None, help="layout of --data (default: detect)")
     demo.add_argument("--budget", type=float, default=None, help="fraction (0, 1] or count of training samples to keep (default 1/3)")
     demo.add_argument("--method", default=None, help="selection strategy (default alignment-mmd)")
-    demo.add_argument("--out", default="runs/demo", help="run directory")
+    demo.add_argument("--vlm", action="store_true", help="tune a tiny VLM (instruction LoRA, evaluation by generation) on a SYNTHETIC instruction set; run directory runs/demo-vlm")
+    demo.add_argument("--out", default=DEMO_OUT, help="run directory")
     demo.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     demo.add_argument("--force", action="store_true")
 

@@ -49,6 +49,12 @@ ENCODERS = ("composite", "tiny", "clip-tiny", "siglip-tiny", "hf:<folder>")
 PERTURBATIONS = ("noise", "rotate", "crop", "flip", "blur", "jpeg", "token_dropout", "word_shuffle")
 FEATURE_DTYPES = ("float32", "float16")
 VLM_MODELS = ("none", "qwen2-vl-tiny", "hf:<folder>")
+TINY_VLMS = ("qwen2-vl-tiny", "llava-tiny", "llava-next-tiny", "idefics3-tiny")  # random image-text-to-text models for tests
+TUNED_MODELS = ("dual", "vlm")  # train.model: what the job tunes
+VLM_VISION = ("frozen", "lora")
+VLM_PROJECTOR = ("trainable", "frozen")
+VLM_STRATEGIES = ("ddp", "fsdp")
+VLM_EVAL_TASKS = ("scene", "vqa", "caption")
 VLM_FEATURES = ("coincide", "scalselect")
 CLUSTER_SPACES = ("joint", "image", "text")
 CLUSTER_MODES = ("minibatch", "lloyd")
@@ -81,6 +87,7 @@ class DataConfig:
     engine: str = _help(f"How ingest reads images, one of {INGEST_ENGINES}: 'ray' = one Ray Data task per shard reads, decodes and writes it, 'local' = this process, 'auto' = Ray when it is up and the source has at least `parallel_min_records` records.", default="auto")
     parallel_min_records: int = _help("With engine 'auto', the fewest records worth a Ray Data pass.", default=2000)
     columns: dict = _help(f"parquet format: source column per role ({', '.join(PARQUET_ROLES)}); a role left out uses the column of its own name.", default_factory=dict)
+    sources: list = _help("More sources ingested into the same pool after `source`, each a mapping {source, format (default auto), images (optional)}: e.g. GeoChat/LLaVA instruction JSON, RSVQA and scene folders in one instruction pool. Their rows keep their own source name and sample ids.", default_factory=list)
 
     def __post_init__(self) -> None:
         _choice("data.format", self.format, INGEST_FORMATS)
@@ -100,6 +107,17 @@ class DataConfig:
             _choice("data.columns", role, PARQUET_ROLES)
             if not isinstance(column, str) or not column:
                 raise ConfigError(f"data.columns.{role}: {column!r} must be a column name")
+        if not isinstance(self.sources, list):
+            raise ConfigError(f"data.sources: expected a list of {{source, format, images}} mappings, got {type(self.sources).__name__}")
+        for i, extra in enumerate(self.sources):
+            if not isinstance(extra, dict) or not isinstance(extra.get("source"), str) or not extra["source"]:
+                raise ConfigError(f"data.sources[{i}]: {extra!r} must be a mapping with a `source` path or URI")
+            unknown = sorted(set(extra) - {"source", "format", "images"})
+            if unknown:
+                raise ConfigError(f"data.sources[{i}].{unknown[0]}: unknown setting; known: source, format, images")
+            _choice(f"data.sources[{i}].format", extra.get("format", "auto"), INGEST_FORMATS)
+            if extra.get("images") is not None and not isinstance(extra["images"], str):
+                raise ConfigError(f"data.sources[{i}].images: {extra['images']!r} must be a path or URI")
 
 
 @dataclass
@@ -265,7 +283,88 @@ class SelectConfig:
 
 
 @dataclass
+class VlmTrainConfig:
+    model: str = _help(f"Image-text-to-text model: one of {TINY_VLMS} (random, for tests) or 'hf:<folder>' (a local Qwen2-VL / Qwen2.5-VL, LLaVA-1.5 / LLaVA-NeXT, Idefics3 / SmolVLM checkpoint in safetensors).", default="qwen2-vl-tiny")
+    vision: str = _help(f"Vision tower, one of {VLM_VISION}: frozen, or LoRA on its blocks' linears.", default="frozen")
+    projector: str = _help(f"Vision-language projector, one of {VLM_PROJECTOR}: trained fully (saved with the adapter) or frozen.", default="trainable")
+    lora_r: int = _help("LoRA rank.", default=8)
+    lora_alpha: int = _help("LoRA alpha.", default=16)
+    lora_dropout: float = _help("LoRA dropout.", default=0.05)
+    lm_targets: list[str] = _help("Language-model Linear names that get LoRA (attention + MLP projections).",
+                                  default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    max_pixels: int = _help("Images larger than this many pixels are downscaled to fit (aspect kept).", default=448 * 448)
+    min_pixels: int = _help("Images smaller than this many pixels are upscaled to reach it.", default=28 * 28)
+    max_tokens: int = _help("Sequences are truncated to this many tokens.", default=2048)
+    batch_size: int = _help("Conversations per micro-batch per worker.", default=4)
+    grad_accum: int = _help("Micro-batches accumulated per optimizer step.", default=1)
+    epochs: int = _help("Passes over the selected rows.", default=1)
+    lr: float = _help("AdamW learning rate.", default=2e-4)
+    weight_decay: float = _help("AdamW weight decay.", default=0.0)
+    warmup_fraction: float = _help("Share of optimizer steps with linear warm-up; then linear decay to 0.", default=0.03)
+    checkpoint_every: int = _help("Optimizer steps between checkpoints (and one at the end).", default=50)
+    checkpoints_to_keep: int = _help("Step checkpoints kept (oldest removed).", default=2)
+    num_workers: int = _help("Ray Train workers (data parallel, see strategy).", default=1)
+    cpus_per_worker: float = _help("CPUs each worker asks Ray for.", default=1.0)
+    bf16: bool = _help("bf16 autocast of the forward pass on GPU (ignored on CPU).", default=True)
+    gradient_checkpointing: bool = _help("Recompute each layer's activations in the backward pass (saves memory, same loss).", default=False)
+    strategy: str = _help(f"Data parallelism, one of {VLM_STRATEGIES}: 'ddp' (every worker holds the whole model) or 'fsdp' (torch FSDP2: parameters, "
+                          "gradients and optimizer state sharded per layer over the workers, for models that do not fit one GPU).", default="ddp")
+    max_failures: int = _help("Worker failures Ray Train recovers from (restarting at the last checkpoint).", default=0)
+    seed: int = _help("Seed of initialisation and shuffling.", default=0)
+    max_steps: int = _help("Stop after this many optimizer steps in all (0 = run every epoch); a later run resumes.", default=0)
+
+    def __post_init__(self) -> None:
+        _choice("train.vlm.vision", self.vision, VLM_VISION)
+        _choice("train.vlm.projector", self.projector, VLM_PROJECTOR)
+        _choice("train.vlm.strategy", self.strategy, VLM_STRATEGIES)
+        if not (self.model in TINY_VLMS or (self.model.startswith("hf:") and len(self.model) > 3)):
+            raise ConfigError(f"train.vlm.model: {self.model!r} is not one of: {', '.join(TINY_VLMS)}, hf:<folder>")
+        for name in ("lora_r", "lora_alpha", "max_pixels", "min_pixels", "max_tokens", "batch_size", "grad_accum", "epochs", "checkpoint_every", "checkpoints_to_keep", "num_workers", "cpus_per_worker", "lr"):
+            _positive(f"train.vlm.{name}", getattr(self, name))
+        _positive("train.vlm.weight_decay", self.weight_decay, allow_zero=True)
+        _positive("train.vlm.max_failures", self.max_failures, allow_zero=True)
+        _positive("train.vlm.max_steps", self.max_steps, allow_zero=True)
+        _fraction("train.vlm.lora_dropout", self.lora_dropout, lo_open=False)
+        _fraction("train.vlm.warmup_fraction", self.warmup_fraction, lo_open=False)
+        if self.min_pixels > self.max_pixels:
+            raise ConfigError(f"train.vlm.min_pixels: {self.min_pixels} must be <= train.vlm.max_pixels={self.max_pixels}")
+        if not self.lm_targets:
+            raise ConfigError("train.vlm.lm_targets: must name at least one module (e.g. q_proj, v_proj)")
+
+
+@dataclass
+class VlmEvalConfig:
+    tasks: list[str] = _help(f"What to evaluate by generation, any of {VLM_EVAL_TASKS}: scene classification (rows with a label, GeoChat's prompt with the class list), VQA (task 'vqa' rows, accuracy per question type), captioning (caption rows: BLEU-4 and ROUGE-L against all references). A task without rows in the split is left out.", default_factory=lambda: list(VLM_EVAL_TASKS))
+    baseline: bool = _help("Also evaluate the untuned base model, reported next to the tuned one.", default=True)
+    split: str = _help("Rows of this split are evaluated.", default="test")
+    classes: list[str] = _help("scene: the class list in the prompt (empty = the distinct labels of the pool, in words: the list training used).", default_factory=list)
+    max_rows: int = _help("Evaluate at most this many rows per task (the first by sample_id; 0 = all).", default=0)
+    batch_size: int = _help("Rows per generation batch.", default=8)
+    max_new_tokens: int = _help("Most tokens generated per answer (captions need more than answers: see caption_new_tokens).", default=16)
+    caption_new_tokens: int = _help("Most tokens generated per caption.", default=48)
+    max_pixels: int = _help("Images larger than this many pixels are downscaled to fit (aspect kept); match training.", default=448 * 448)
+    min_pixels: int = _help("Images smaller than this many pixels are upscaled to reach it.", default=28 * 28)
+    num_actors: int = _help("Ray Data actor pool size of generators (0 = generate in this process, no Ray).", default=1)
+    cpus_per_actor: float = _help("CPUs each generator actor asks Ray for.", default=1.0)
+    bf16: bool = _help("bf16 weights on GPU (ignored on CPU).", default=True)
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ConfigError("eval.vlm.tasks: must name at least one of: " + ", ".join(VLM_EVAL_TASKS))
+        for task in self.tasks:
+            _choice("eval.vlm.tasks", task, VLM_EVAL_TASKS)
+        for name in ("batch_size", "max_new_tokens", "caption_new_tokens", "max_pixels", "min_pixels", "cpus_per_actor"):
+            _positive(f"eval.vlm.{name}", getattr(self, name))
+        _positive("eval.vlm.max_rows", self.max_rows, allow_zero=True)
+        _positive("eval.vlm.num_actors", self.num_actors, allow_zero=True)
+        if self.min_pixels > self.max_pixels:
+            raise ConfigError(f"eval.vlm.min_pixels: {self.min_pixels} must be <= eval.vlm.max_pixels={self.max_pixels}")
+
+
+@dataclass
 class TrainConfig:
+    model: str = _help(f"What the job tunes, one of {TUNED_MODELS}: 'dual' = the CLIP-style dual encoder of features.encoder (settings below), 'vlm' = an image-text-to-text model with instruction LoRA (train.vlm; evaluated by generation, eval.vlm).", default="dual")
+    vlm: VlmTrainConfig = _help("VLM instruction LoRA, when train.model is 'vlm'.", default_factory=VlmTrainConfig)
     method: str = _help("Tuning method of the dual encoder: 'lora' (LoRA on the text tower + heads), 'harma' (HarMA gated adapters + heads, HarMA loss) or 'heads' (both towers frozen, only the projection heads learn: a linear probe whose text features are computed once before training).", default="lora")
     num_workers: int = _help("Ray Train workers (data-parallel).", default=2)
     epochs: int = _help("Passes over the selected subset.", default=5)
@@ -304,6 +403,7 @@ class TrainConfig:
         _positive("train.max_failures", self.max_failures, allow_zero=True)
         if not self.lora_targets:
             raise ConfigError("train.lora_targets: must name at least one module (e.g. query, key, value)")
+        _choice("train.model", self.model, TUNED_MODELS)
         _choice("train.method", self.method, TRAIN_METHODS)
         _choice("train.keep_epoch", self.keep_epoch, KEEP_EPOCH_RULES)
         _positive("train.harma_hidden", self.harma_hidden)
@@ -322,6 +422,7 @@ class EvalConfig:
     prompt: str = _help("Zero-shot class prompt; '{label}' is replaced by the class name in words.", default="an aerial photograph of {label}")
     max_text_tokens: int = _help("Captions and prompts are truncated to this many tokens (match train.max_text_tokens).", default=48)
     baseline: bool = _help("Also evaluate the untrained model (heads at initialisation, no adapter) for comparison.", default=True)
+    vlm: VlmEvalConfig = _help("Evaluation by generation, when train.model is 'vlm'.", default_factory=VlmEvalConfig)
     failure_rank: int = _help("With validation rows (split 'val', data.val_fraction): a validation image fails when its own caption is not among the first failure_rank captions retrieved for it, or one of its captions does not retrieve it among the first failure_rank images; the failures (weight = share of its queries missed) go to <run>/eval/failures.parquet for error-driven selection. 0 = write none.", default=5)
 
     def __post_init__(self) -> None:

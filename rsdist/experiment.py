@@ -42,7 +42,7 @@ from rsdist.io.rundir import RunDir
 
 log = logging.getLogger("rsdist")
 
-INHERITED = ("synthetic_source", "shards", "features", "clusters")
+INHERITED = ("synthetic_source", "synthetic_vlm_source", "shards", "features", "clusters")
 PROTOCOLS = ("epochs", "steps")
 
 

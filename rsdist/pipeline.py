@@ -1,5 +1,9 @@
 """Wires the stages from a config: ingest -> features -> cluster -> select -> train -> eval -> report.
 
+`train.model` decides what train and eval are: the dual encoder's (`checkpoints/`, `eval/`) or,
+with 'vlm', instruction LoRA of an image-text-to-text model and evaluation by generation
+(`vlm_checkpoints/`, `vlm_eval/`); each stage owns its folder, so one never clears the other's.
+
 Each stage reads the previous stage's output from the run directory and writes its own folder.
 A stage's fingerprint hashes its own settings and the fingerprint of the stage before it, so
 changing a setting re-runs that stage and everything after it, and nothing before it. A killed
@@ -22,6 +26,8 @@ from rsdist.stage import StageResult, completed, fingerprint, run_stage
 log = logging.getLogger("rsdist")
 
 SYNTHETIC_FOLDER = "synthetic_source"
+SYNTHETIC_VLM_FOLDER = "synthetic_vlm_source"
+SYNTHETIC_SOURCES = ("synthetic", "synthetic-vlm")  # data.source values that generate the demo sets
 
 
 @dataclass(frozen=True)
@@ -36,7 +42,11 @@ class StageSpec:
 
 
 def resolve_data(run: RunDir, data: DataConfig) -> DataConfig:
-    """Point 'synthetic' at a generated copy of the demo set inside the run directory."""
+    """Point 'synthetic' at a generated copy of the demo set inside the run directory, and
+    'synthetic-vlm' at a generated instruction set (scene folders, RSVQA-style questions and
+    captions: three sources of one pool)."""
+    if data.source == "synthetic-vlm":
+        return resolve_instruction_data(run, data)
     if data.source != "synthetic":
         return data
     from rsdist import synthetic
@@ -50,6 +60,19 @@ def resolve_data(run: RunDir, data: DataConfig) -> DataConfig:
     return dataclasses.replace(data, source=run.url(SYNTHETIC_FOLDER), format="captions-txt")
 
 
+def resolve_instruction_data(run: RunDir, data: DataConfig) -> DataConfig:
+    from rsdist import synthetic
+
+    if not run.exists(SYNTHETIC_VLM_FOLDER, "README.txt"):
+        log.info("generating the SYNTHETIC instruction set (%d scenes per class and part)", data.synthetic_per_class)
+        run.remove(SYNTHETIC_VLM_FOLDER + ".partial")
+        synthetic.generate_instructions(run.url(SYNTHETIC_VLM_FOLDER + ".partial"), per_class=data.synthetic_per_class)
+        run.fs.mv(run.path(SYNTHETIC_VLM_FOLDER + ".partial"), run.path(SYNTHETIC_VLM_FOLDER), recursive=True)
+    parts = [(run.url(SYNTHETIC_VLM_FOLDER, name), fmt) for name, fmt in synthetic.INSTRUCTION_PARTS.items()]
+    (first, fmt), *rest = parts
+    return dataclasses.replace(data, source=first, format=fmt, sources=[{"source": s, "format": f} for s, f in rest])
+
+
 def stage_specs(cfg: RunConfig, data: DataConfig) -> list[StageSpec]:
     """The pipeline's stages in order, with the settings each one's output depends on."""
     from rsdist.cluster import stage as cluster
@@ -60,11 +83,21 @@ def stage_specs(cfg: RunConfig, data: DataConfig) -> list[StageSpec]:
     from rsdist.train import stage as train
 
     encoder = cfg.features.encoder
-    return [
+    specs = [
         StageSpec("ingest", "shards", data, lambda run: ingest.run(run, data), resumable=True),
         StageSpec("features", "features", cfg.features, lambda run: features.run(run, cfg.features), resumable=True),
         StageSpec("cluster", "clusters", cfg.cluster, lambda run: cluster.run(run, cfg.cluster), resumable=True),
         StageSpec("select", "selection", cfg.select, lambda run: select.run(run, cfg.select)),
+    ]
+    if cfg.train.model == "vlm":
+        from rsdist.eval import vlm_stage as vlm_evaluate
+        from rsdist.train import vlm_stage as vlm_train
+
+        return specs + [
+            StageSpec("train", vlm_train.FOLDER, ("vlm", cfg.train.vlm), lambda run: vlm_train.run(run, cfg.train), resumable=True),
+            StageSpec("eval", vlm_evaluate.FOLDER, ("vlm", cfg.eval.vlm), lambda run: vlm_evaluate.run(run, cfg.eval)),
+        ]
+    return specs + [
         StageSpec("train", "checkpoints", cfg.train, lambda run: train.run(run, cfg.train, encoder), resumable=True),
         StageSpec("eval", "eval", cfg.eval, lambda run: evaluate.run(run, cfg.eval, encoder)),
     ]

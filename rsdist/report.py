@@ -26,6 +26,7 @@ def build_summary(run: RunDir, cfg: RunConfig, records: dict[str, dict], wall_se
         "run_dir": run.uri,
         "data": {"source": cfg.data.source, "format": cfg.data.format},
         "encoder": cfg.features.encoder,
+        "tuned_model": "dual encoder" if cfg.train.model == "dual" else cfg.train.vlm.model,
         "stages": stages,
         "wall_seconds": round(wall_seconds, 2),
     }
@@ -88,6 +89,28 @@ def plot_selection(run: RunDir) -> list[str]:
     return [path]
 
 
+def plot_vlm_training(run: RunDir) -> list[str]:
+    """The VLM's loss at every optimizer step (vlm_checkpoints/final/train_meta.json)."""
+    if not run.exists("vlm_checkpoints", "final", "train_meta.json"):
+        return []
+    history = run.read_json("vlm_checkpoints", "final", "train_meta.json").get("history") or []
+    if not history:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], color="#2f6db3")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (assistant tokens)")
+    ax.set_title("VLM instruction LoRA on the selected subset")
+    path = _save_png(run, fig, "vlm_training.png")
+    plt.close(fig)
+    return [path]
+
+
 def plot_training(run: RunDir) -> list[str]:
     if not run.exists("checkpoints", "final", "train_meta.json"):
         return []
@@ -115,7 +138,8 @@ def write_report(run: RunDir, summary: dict) -> str:
     lines = [f"# rsdist run: {summary['run_dir']}", ""]
     data = summary["data"]
     synthetic = "synthetic" in str(data.get("source"))
-    lines += [f"Data: `{data['source']}`" + (" (SYNTHETIC demo data, generated)" if synthetic else ""), f"Encoder: `{summary['encoder']}`", ""]
+    lines += [f"Data: `{data['source']}`" + (" (SYNTHETIC demo data, generated)" if synthetic else ""), f"Encoder: `{summary['encoder']}`"]
+    lines += [f"Tuned model: `{summary.get('tuned_model', 'dual encoder')}`", ""]
     lines += ["## Stages", "", "| stage | rows in | rows out | seconds | |", "|---|---:|---:|---:|---|"]
     for name, st in summary["stages"].items():
         lines.append(f"| {name} | {st.get('rows_in')} | {st.get('rows_out')} | {_fmt(st.get('seconds'))} | {'skipped (complete)' if st.get('skipped') else ''} |")
@@ -125,11 +149,13 @@ def write_report(run: RunDir, summary: dict) -> str:
     if "selection" in summary:
         s = summary["selection"]
         lines += ["", "## Selection", "", f"Method `{s['method']}`, budget {_fmt(s['budget'])}: {s['selected']} of {s['pool']} training samples selected."]
-    if summary.get("metrics"):
+    if summary.get("metrics") and summary.get("tuned_model", "dual encoder") != "dual encoder":
+        lines += ["", "## Evaluation by generation (held-out split)", ""] + vlm_metrics_table(summary["metrics"], summary["stages"].get("eval", {}))
+    elif summary.get("metrics"):
         lines += ["", "## Evaluation (held-out split)", ""] + metrics_table(summary["metrics"])
     plots = []
     try:
-        plots = plot_selection(run) + plot_training(run)
+        plots = plot_selection(run) + plot_training(run) + plot_vlm_training(run)
     except Exception as e:  # a plot must never fail the run
         log.warning("report: plots skipped: %s", e)
     if plots:
@@ -143,6 +169,28 @@ _METRIC_NAMES = {
     "t2i_r1": "text->image R@1", "t2i_r5": "text->image R@5", "t2i_r10": "text->image R@10",
     "mR": "mR (mean of the six)", "zero_shot_acc": "zero-shot scene accuracy (%)",
 }
+
+
+_VLM_METRIC_NAMES = {
+    "scene_accuracy": "scene classification accuracy", "scene_mean_class_accuracy": "scene mean class accuracy",
+    "vqa_accuracy": "VQA accuracy", "vqa_average_over_types": "VQA accuracy, average over question types",
+    "caption_bleu4": "caption BLEU-4", "caption_rouge_l": "caption ROUGE-L",
+}
+
+
+def vlm_metrics_table(metrics: dict, stage: dict) -> list[str]:
+    """The tuned VLM's scores beside the untuned base model's, per task (VQA per question type)."""
+    names = dict(_VLM_METRIC_NAMES)
+    for key in sorted(metrics):
+        if key.startswith("vqa_") and key.endswith("_accuracy") and key not in names:
+            names[key] = f"VQA accuracy, {key[4:-9].replace('_', ' ')} questions"
+    lines = [f"Tasks: {', '.join(stage.get('tasks') or [])}; {stage.get('rows_out', '?')} held-out rows in all.", "",
+             "| metric | tuned on the subset | untuned |", "|---|---:|---:|"]
+    for key, name in names.items():
+        if key in metrics:
+            base = metrics.get(f"untuned_{key}")
+            lines.append(f"| {name} | {_fmt(metrics[key])} | {'' if base is None else _fmt(base)} |")
+    return lines
 
 
 def metrics_table(metrics: dict) -> list[str]:

@@ -1,13 +1,15 @@
 """Pure metric functions of VLM evaluation by generation: answer normalisation, matching a free
 answer to a class list, scene-classification accuracy (overall and per class) and VQA accuracy
-(normalised exact match, per question type and the average over types)."""
+(normalised exact match, per question type and the average over types) and captioning (corpus
+BLEU-4 with the brevity penalty, mean ROUGE-L F, against all references of each image)."""
 
 from __future__ import annotations
 
+import math
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 
-TASKS = ("scene", "vqa")  # what VLM evaluation by generation scores
+from rsdist.config import VLM_EVAL_TASKS as TASKS  # what VLM evaluation by generation scores
 ARTICLES = {"a", "an", "the"}
 NUMBER_WORDS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 UNMATCHED = None
@@ -81,3 +83,64 @@ def vqa_metrics(matches: list[bool], types: list[str | None]) -> dict:
     return {"accuracy": sum(correct.values()) / total if total else 0.0, "correct": sum(correct.values()), "count": total,
             "average_over_types": sum(v["accuracy"] for v in per_type.values()) / len(per_type) if per_type else 0.0,
             "per_type": per_type}
+
+
+def _ngrams(words: list[str], n: int) -> Counter:
+    return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+
+
+def corpus_bleu(candidates: list[str], references: list[list[str]], max_n: int = 4) -> float:
+    """Corpus BLEU (Papineni et al. 2002) in [0, 1] on normalised words: clipped n-gram precisions
+    for n = 1..max_n pooled over the corpus, their geometric mean, times the brevity penalty (the
+    reference length closest to each candidate's). 0 when some order has no match."""
+    matched, total = [0] * max_n, [0] * max_n
+    length, ref_length = 0, 0
+    for candidate, refs in zip(candidates, references):
+        words = normalize_answer(candidate).split()
+        ref_words = [normalize_answer(r).split() for r in refs]
+        length += len(words)
+        ref_length += min((abs(len(r) - len(words)), len(r)) for r in ref_words)[1] if ref_words else 0
+        for n in range(1, max_n + 1):
+            counts = _ngrams(words, n)
+            best: Counter = Counter()
+            for r in ref_words:
+                best |= _ngrams(r, n)
+            matched[n - 1] += sum(min(c, best[g]) for g, c in counts.items())
+            total[n - 1] += max(len(words) - n + 1, 0)
+    if min(matched) == 0:
+        return 0.0
+    log_precision = sum(math.log(m / t) for m, t in zip(matched, total)) / max_n
+    brevity = 1.0 if length > ref_length else math.exp(1 - ref_length / max(length, 1))
+    return brevity * math.exp(log_precision)
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    row = [0] * (len(b) + 1)
+    for x in a:
+        previous = 0
+        for j, y in enumerate(b, 1):
+            previous, row[j] = row[j], previous + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
+def rouge_l(candidate: str, references: list[str], beta: float = 1.2) -> float:
+    """ROUGE-L F (Lin 2004, beta 1.2 as in the COCO caption toolkit) of one candidate: the longest
+    common subsequence's precision and recall with each reference, the best reference's F."""
+    words = normalize_answer(candidate).split()
+    best = 0.0
+    for ref in references:
+        ref_words = normalize_answer(ref).split()
+        common = _lcs(words, ref_words)
+        if common == 0:
+            continue
+        precision, recall = common / len(words), common / len(ref_words)
+        best = max(best, (1 + beta ** 2) * precision * recall / (recall + beta ** 2 * precision))
+    return best
+
+
+def caption_metrics(candidates: list[str], references: list[list[str]]) -> dict:
+    """Captioning: corpus BLEU-4 and mean ROUGE-L F against each image's references (both in [0, 1])."""
+    if len(candidates) != len(references):
+        raise ValueError(f"caption_metrics: {len(candidates)} captions for {len(references)} reference lists")
+    return {"bleu4": corpus_bleu(candidates, references), "rouge_l": sum(rouge_l(c, r) for c, r in zip(candidates, references)) / max(len(candidates), 1),
+            "count": len(candidates)}

@@ -2,7 +2,10 @@
 
 Input:  `data.source` (fsspec URI or path, file or folder), `data.format` ('auto' detects),
         `data.images` (images root; default `<source>/images`, or the source itself for
-        scene-folders without an `images/` folder).
+        scene-folders without an `images/` folder); then each of `data.sources` ({source,
+        format, images}) into the same pool, in order: e.g. GeoChat instruction JSON, RSVQA and
+        scene folders as one instruction pool. Rows of a later source carry its name (`source`
+        column, and in their sample ids), and its quarantined records name it before the file.
 Output: `<run>/shards/part-NNNNN.parquet`   CANONICAL_SCHEMA, in source order. Shard NNNNN holds
                                             the written rows of source records
                                             [NNNNN * shard_rows, (NNNNN + 1) * shard_rows): at
@@ -31,6 +34,7 @@ the chunks without a marker, so no row is written twice and the totals equal an 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import posixpath
@@ -112,13 +116,34 @@ class _MissingRoot(ImageIndex):
         raise IngestError(f"data.images: a record names image {name!r} but the images root {self.fs.unstrip_protocol(self.root)} does not exist")
 
 
-def iter_items(src: Source) -> Iterator[Item]:
-    """The source's records in a fixed order, with repeated keys turned into `duplicate-key`."""
+def iter_items(src: Source, own_name: bool = False) -> Iterator[Item]:
+    """The source's records in a fixed order, with repeated keys turned into `duplicate-key`;
+    `own_name`: a later source of data.sources, whose records carry its name."""
     seen = KeySet()
     for item in READERS[src.format](src):
         if isinstance(item, Record) and not seen.add(item.key):
             item = Bad(item.key, item.file, item.line, "duplicate-key", "key already seen earlier in the source")
+        if own_name and isinstance(item, Record):
+            item.source = src.name
+        elif own_name:
+            item.file = f"{src.name}/{item.file}"
         yield item
+
+
+def open_sources(data: DataConfig) -> list[Source]:
+    """`data.source` and then every entry of `data.sources`, each opened as its own source."""
+    extra = [dataclasses.replace(data, source=e["source"], format=e.get("format", "auto"), images=e.get("images"), sources=[]) for e in data.sources]
+    sources = [open_source(d) for d in [data, *extra]]
+    names = [s.name for s in sources]
+    if len(set(names)) < len(names):
+        raise IngestError(f"data.sources: two sources have the same name ({', '.join(names)}); sample ids would collide")
+    return sources
+
+
+def iter_pool(sources: list[Source]) -> Iterator[Item]:
+    """The records of every source, one source after the other."""
+    for i, src in enumerate(sources):
+        yield from iter_items(src, own_name=i > 0)
 
 
 def iter_chunks(items: Iterable[Item], size: int) -> Iterator[tuple[int, list[Item]]]:
@@ -134,10 +159,12 @@ def iter_chunks(items: Iterable[Item], size: int) -> Iterator[tuple[int, list[It
         yield number, chunk
 
 
-def chunk_settings(src: Source, data: DataConfig) -> dict:
+def chunk_settings(src: Source, data: DataConfig, extra: list[Source] = ()) -> dict:
     """Everything that decides a chunk's output; markers written under other settings are void."""
     settings = {"source_name": src.name, "format": src.format, "shard_rows": data.shard_rows,
                 "test_fraction": data.test_fraction, "max_image_bytes": data.max_image_bytes}
+    if extra:
+        settings["sources"] = [[s.name, s.format, s.url(s.path)] for s in extra]
     # Only when set, so chunks written before these settings existed stay valid.
     if data.test_offset:
         settings["test_offset"] = data.test_offset
@@ -311,14 +338,14 @@ def _flag_exact_duplicates(run: RunDir, content: ContentIndex) -> int:
 
 def run(run: RunDir, data: DataConfig) -> StageResult:
     """Ingest `data.source` into `<run>/shards` (see the module docstring for the contract)."""
-    src = open_source(data)
-    settings = chunk_settings(src, data)
+    src, *extra = sources = open_sources(data)
+    settings = chunk_settings(src, data, extra)
     done = _done_chunks(run, settings)
     totals = _Totals()
     for number in sorted(done):
         totals.add(done[number], quiet=True)
-    chunks = iter_chunks(iter_items(src), data.shard_rows)
-    use_ray = _ray_allowed(data, src)
+    chunks = iter_chunks(iter_pool(sources), data.shard_rows)
+    use_ray = all([_ray_allowed(data, s) for s in sources])
     if use_ray and data.engine == "auto":
         head, use_ray = _head(chunks, data.parallel_min_records)
         chunks = _chain(head, chunks)
@@ -330,7 +357,8 @@ def run(run: RunDir, data: DataConfig) -> StageResult:
     state = totals.state
     quarantined = state["read"] - state["written"]
     report = {
-        "source": data.source, "source_name": src.name, "format": src.format, "read": state["read"],
+        "source": data.source, "source_name": src.name, "format": src.format,
+        **({"sources": [{"source": s.url(s.path), "source_name": s.name, "format": s.format} for s in extra]} if extra else {}), "read": state["read"],
         "written": state["written"], "quarantined": quarantined,
         "quarantined_by_reason": dict(sorted(state["quarantined_by_reason"].items())),
         "duplicates": duplicates, "splits": dict(sorted(state["splits"].items())),

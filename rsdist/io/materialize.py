@@ -108,6 +108,7 @@ def materialize(item: Item, source_name: str, test_fraction: float, max_image_by
         data = info.data
         row.update(image=info.data, image_format=info.format, width=info.width, height=info.height)
         meta.update(info.meta)
+    source_name = rec.source or source_name
     sid = make_sample_id(source_name, rec.key)
     split = rec.split or hash_split(sid, test_fraction, test_offset, val_fraction)
     content = _content_hash(data, rec)

@@ -56,6 +56,7 @@ class Record:
     label: Optional[str] = None
     split: Optional[str] = None
     meta: dict = field(default_factory=dict)
+    source: Optional[str] = None  # the source's name when it is not the first of data.sources (sample ids and the source column)
 
     def to_json(self) -> str:
         return json.dumps({"kind": "record", **asdict(self)})

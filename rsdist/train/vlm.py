@@ -3,8 +3,9 @@ labels -> peft LoRA on the chosen parts of an image-text-to-text model.
 
 Input rows (canonical schema): `conversations` (list of {from, value}; roles "human"/"gpt", an
 `<image>` placeholder where the image goes), `image` (encoded bytes, may be empty: text-only row);
-rows without conversations become one turn from `text` (question or "Describe the image.") and
-`answer` (or the first caption).
+rows without conversations become instruction turns (rsdist/models/instructions.py: a VQA row its
+question with the short-answer prompt, a labelled row GeoChat's classification prompt with the
+pool's classes, a caption row "Describe the image." with its first caption).
 Batches: `encode_batch` applies the model family's training chat template through the processor
 (`return_assistant_tokens_mask`), so labels are the token ids of the assistant turns (their
 content and end-of-turn token) and -100 everywhere else: system and user turns, image tokens,
@@ -20,69 +21,15 @@ import contextlib
 import io
 import math
 import re
-from dataclasses import dataclass
 
 import torch
 
-from rsdist.config import ConfigError, _choice, _fraction, _help, _positive
+from rsdist.config import VlmTrainConfig
+from rsdist.models.instructions import IMAGE, row_turns
+
+__all__ = ["VlmTrainConfig", "to_messages", "encode_batch", "apply_lora", "accumulate_gradients"]
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-IMAGE = "<image>"
-VISION_CHOICES = ("frozen", "lora")
-PROJECTOR_CHOICES = ("trainable", "frozen")
-STRATEGY_CHOICES = ("ddp", "fsdp")
-
-
-@dataclass
-class VlmTrainConfig:
-    model: str = _help("Image-text-to-text model: 'qwen2-vl-tiny', 'llava-tiny', 'llava-next-tiny', 'idefics3-tiny' (random, for tests) or 'hf:<folder>' (local checkpoint).", default="qwen2-vl-tiny")
-    vision: str = _help("Vision tower: 'frozen' or 'lora' (LoRA on its blocks' linears).", default="frozen")
-    projector: str = _help("Vision-language projector: 'trainable' (fully) or 'frozen'.", default="trainable")
-    lora_r: int = _help("LoRA rank.", default=8)
-    lora_alpha: int = _help("LoRA alpha.", default=16)
-    lora_dropout: float = _help("LoRA dropout.", default=0.05)
-    lm_targets: list[str] = _help("Language-model Linear names that get LoRA (attention + MLP projections).",
-                                  default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    max_pixels: int = _help("Images larger than this many pixels are downscaled to fit (aspect kept).", default=448 * 448)
-    min_pixels: int = _help("Images smaller than this many pixels are upscaled to reach it.", default=28 * 28)
-    max_tokens: int = _help("Sequences are truncated to this many tokens.", default=2048)
-    batch_size: int = _help("Conversations per micro-batch per worker.", default=4)
-    grad_accum: int = _help("Micro-batches accumulated per optimizer step.", default=1)
-    epochs: int = _help("Passes over the selected rows.", default=1)
-    lr: float = _help("AdamW learning rate.", default=2e-4)
-    weight_decay: float = _help("AdamW weight decay.", default=0.0)
-    warmup_fraction: float = _help("Share of optimizer steps with linear warm-up; then linear decay to 0.", default=0.03)
-    checkpoint_every: int = _help("Optimizer steps between checkpoints (and one at the end).", default=50)
-    checkpoints_to_keep: int = _help("Step checkpoints kept (oldest removed).", default=2)
-    num_workers: int = _help("Ray Train workers (data parallel, see strategy).", default=1)
-    cpus_per_worker: float = _help("CPUs each worker asks Ray for.", default=1.0)
-    bf16: bool = _help("bf16 autocast of the forward pass on GPU (ignored on CPU).", default=True)
-    gradient_checkpointing: bool = _help("Recompute each layer's activations in the backward pass (saves memory, same loss).", default=False)
-    strategy: str = _help("Data parallelism: 'ddp' (every worker holds the whole model) or 'fsdp' (torch FSDP2: parameters, "
-                          "gradients and optimizer state sharded per layer over the workers, for models that do not fit one GPU).", default="ddp")
-    max_failures: int = _help("Worker failures Ray Train recovers from (restarting at the last checkpoint).", default=0)
-    seed: int = _help("Seed of initialisation and shuffling.", default=0)
-    max_steps: int = _help("Stop after this many optimizer steps in all (0 = run every epoch); a later run resumes.", default=0)
-
-    def __post_init__(self) -> None:
-        _choice("train.vlm.vision", self.vision, VISION_CHOICES)
-        _choice("train.vlm.projector", self.projector, PROJECTOR_CHOICES)
-        _choice("train.vlm.strategy", self.strategy, STRATEGY_CHOICES)
-        from rsdist.train.vlm_models import TINY
-
-        if not (self.model in TINY or self.model.startswith("hf:")):
-            raise ConfigError(f"train.vlm.model: {self.model!r} is not one of: {', '.join(TINY)}, hf:<folder>")
-        for name in ("lora_r", "lora_alpha", "max_pixels", "min_pixels", "max_tokens", "batch_size", "grad_accum", "epochs", "checkpoint_every", "checkpoints_to_keep", "num_workers", "cpus_per_worker", "lr"):
-            _positive(f"train.vlm.{name}", getattr(self, name))
-        _positive("train.vlm.weight_decay", self.weight_decay, allow_zero=True)
-        _positive("train.vlm.max_failures", self.max_failures, allow_zero=True)
-        _positive("train.vlm.max_steps", self.max_steps, allow_zero=True)
-        _fraction("train.vlm.lora_dropout", self.lora_dropout, lo_open=False)
-        _fraction("train.vlm.warmup_fraction", self.warmup_fraction, lo_open=False)
-        if self.min_pixels > self.max_pixels:
-            raise ConfigError(f"train.vlm.min_pixels: {self.min_pixels} must be <= train.vlm.max_pixels={self.max_pixels}")
-        if not self.lm_targets:
-            raise ConfigError("train.vlm.lm_targets: must name at least one module (e.g. q_proj, v_proj)")
 
 
 # -- rows -> chat messages ------------------------------------------------------------------------
@@ -100,23 +47,12 @@ def fit_pixel_budget(image, max_pixels: int, min_pixels: int = 0):
     return image.resize(size)
 
 
-def row_turns(row: dict) -> list[dict]:
-    """The row's conversation as [{from, value}]: `conversations`, else one turn from text/answer."""
-    turns = row.get("conversations") or []
-    if turns:
-        return turns
-    question = row.get("text") or "Describe the image."
-    answer = row.get("answer") or next(iter(row.get("captions") or []), None)
-    if not answer:
-        raise ValueError(f"sample {row.get('sample_id')}: no conversations and no answer or caption to train on")
-    return [{"from": "human", "value": f"{IMAGE}\n{question}"}, {"from": "gpt", "value": answer}]
-
-
-def to_messages(row: dict, image=None) -> list[dict]:
-    """Canonical turns -> chat messages with typed content; `image` (PIL or None) goes where the
-    `<image>` placeholder is, or before the first user text when there is none."""
+def to_messages(row: dict, image=None, classes: list[str] | None = None) -> list[dict]:
+    """Canonical turns (`row_turns`: the row as an instruction) -> chat messages with typed content;
+    `image` (PIL or None) goes where the `<image>` placeholder is, or before the first user text
+    when there is none."""
     messages, placed = [], False
-    for i, turn in enumerate(row_turns(row)):
+    for i, turn in enumerate(row_turns(row, classes)):
         role = ROLES.get(turn.get("from"))
         if role is None:
             raise ValueError(f"sample {row.get('sample_id')}: turn {i} has role {turn.get('from')!r}; allowed: {', '.join(ROLES)}")
@@ -156,9 +92,10 @@ def decode_image(row: dict, max_pixels: int, min_pixels: int):
     return fit_pixel_budget(image, max_pixels, min_pixels)
 
 
-def encode_batch(processor, rows: list[dict], max_pixels: int, min_pixels: int = 0, max_tokens: int | None = None) -> dict:
-    """Tokenised, padded batch with `labels`: assistant tokens keep their ids, the rest is -100."""
-    conversations = [to_messages(row, decode_image(row, max_pixels, min_pixels)) for row in rows]
+def encode_batch(processor, rows: list[dict], max_pixels: int, min_pixels: int = 0, max_tokens: int | None = None, classes: list[str] | None = None) -> dict:
+    """Tokenised, padded batch with `labels`: assistant tokens keep their ids, the rest is -100.
+    `classes`: the pool's scene classes, listed in the prompt of a labelled row's classification turn."""
+    conversations = [to_messages(row, decode_image(row, max_pixels, min_pixels), classes) for row in rows]
     kwargs = {"padding": True}
     if max_tokens:
         kwargs.update(truncation=True, max_length=max_tokens)

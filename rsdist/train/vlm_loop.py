@@ -16,11 +16,14 @@ optimizer state are gathered in full (a collective, needed under FSDP) and rank 
 checkpoint: `adapter/` (peft, with the projector when trainable), `trainer.pt` (optimizer keyed
 by parameter name, schedule, epoch, step, micro-batches done in the epoch) and `state.json` (step
 history with the sample ids each step trained on). A run with the same storage path and name
-(`<run>/checkpoints/vlm/ray`, `train`) resumes at the saved step and skips the micro-batches of the
+(`<run>/vlm_checkpoints/ray`, `train`) resumes at the saved step and skips the micro-batches of the
 epoch already trained on: exactly the same rows with one worker, where the order is fixed; with
 several, Ray's split decides which rows each worker gets. Worker failures restart from the last
 checkpoint up to `max_failures` times (`FailureConfig`).
-Output: `<run>/checkpoints/vlm/final/adapter/` + `train_meta.json` (parameter counts, history).
+Output: `<run>/vlm_checkpoints/final/adapter/` + `train_meta.json` (parameter counts, history:
+the loss of every optimizer step, the training loss curve of the report).
+Rows become conversations by `rsdist.models.instructions.row_turns`, with the pool's scene classes
+(`pool_classes`, read once by the driver from the shards' label column) in the classification prompt.
 Resources: `num_workers` workers of `cpus_per_worker` CPUs, one GPU each when the cluster has GPUs.
 """
 
@@ -49,8 +52,8 @@ from rsdist.train.vlm import VlmTrainConfig, accumulate_gradients, apply_lora, e
 STATE_FILE = "state.json"
 TRAINER_FILE = "trainer.pt"
 ADAPTER = "adapter"
-STAGE = ("checkpoints", "vlm")
-ROW_COLUMNS = ["sample_id", "image", "conversations", "text", "answer", "captions"]
+STAGE = ("vlm_checkpoints",)
+ROW_COLUMNS = ["sample_id", "image", "task", "conversations", "text", "answer", "captions", "label"]
 
 
 # -- rows: manifest x shards, streamed --------------------------------------------------------------
@@ -211,6 +214,7 @@ def vlm_train_loop(config: dict) -> None:
     from rsdist.train.vlm_models import load_vlm
 
     cfg = VlmTrainConfig(**{k: config[k] for k in (f.name for f in dataclasses.fields(VlmTrainConfig))})
+    classes = config.get("classes") or None
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
     use_gpu = device.type == "cuda"
@@ -257,7 +261,7 @@ def vlm_train_loop(config: dict) -> None:
             pending.append(rows)
             if len(pending) < cfg.grad_accum:
                 continue
-            batches = [{k: v.to(device) for k, v in encode_batch(processor, r, cfg.max_pixels, cfg.min_pixels, cfg.max_tokens).items()} for r in pending]
+            batches = [{k: v.to(device) for k, v in encode_batch(processor, r, cfg.max_pixels, cfg.min_pixels, cfg.max_tokens, classes).items()} for r in pending]
             loss = accumulate_gradients(wrapped, batches, sync=sync, autocast=autocast)
             if cfg.strategy == "fsdp":
                 sync_replicated_grads(model.replicated_params)
@@ -286,8 +290,10 @@ def optimizer_steps_per_epoch(rows_per_worker: int, batch_size: int, grad_accum:
 
 
 def run_vlm(run: RunDir, cfg: VlmTrainConfig) -> StageResult:
-    """Instruction-tune `cfg.model` with LoRA on the selected rows; resume from `<run>/checkpoints/vlm/ray`."""
+    """Instruction-tune `cfg.model` with LoRA on the selected rows; resume from `<run>/vlm_checkpoints/ray`."""
     import ray.data
+
+    from rsdist.models.instructions import pool_classes
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -301,7 +307,7 @@ def run_vlm(run: RunDir, cfg: VlmTrainConfig) -> StageResult:
     ctx.execution_options.preserve_order = True  # a fixed row order makes "skip the micro-batches done" exact
     trainer = TorchTrainer(
         vlm_train_loop,
-        train_loop_config={**dataclasses.asdict(cfg), "steps_per_epoch": steps_per_epoch},
+        train_loop_config={**dataclasses.asdict(cfg), "steps_per_epoch": steps_per_epoch, "classes": pool_classes(run)},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cluster_gpus() > 0, resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(storage_path=storage, name="train", failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep)),
@@ -320,4 +326,7 @@ def run_vlm(run: RunDir, cfg: VlmTrainConfig) -> StageResult:
     meta = {**{k: result.metrics[k] for k in ("trainable_params", "total_params", "trainable_percent")}, "steps": state["step"], "epochs_done": state["epoch"],
             "history": state["history"], "train_rows": len(ids), "seconds": round(time.perf_counter() - started, 3), "settings": dataclasses.asdict(cfg)}
     run.write_json(meta, *STAGE, "final", "train_meta.json")
-    return StageResult(rows_in=len(ids), rows_out=len(ids), extra={"steps": state["step"], "trainable_params": meta["trainable_params"], "total_params": meta["total_params"]})
+    losses = [h["loss"] for h in state["history"]]
+    extra = {"model": cfg.model, "steps": state["step"], "trainable_params": meta["trainable_params"], "total_params": meta["total_params"],
+             "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None}
+    return StageResult(rows_in=len(ids), rows_out=len(ids), extra=extra)

@@ -106,7 +106,7 @@ FAMILIES = {
     "idefics3": Family(IDEFICS3_TEMPLATE, " ", "<end_of_utterance>", "model.vision_model.encoder.layers", "model.connector", "model.text_model", _CLIP_LINEARS),
     "smolvlm": Family(IDEFICS3_TEMPLATE, " ", "<end_of_utterance>", "model.vision_model.encoder.layers", "model.connector", "model.text_model", _CLIP_LINEARS),
 }
-TINY = ("qwen2-vl-tiny", "llava-tiny", "llava-next-tiny", "idefics3-tiny")
+from rsdist.config import TINY_VLMS as TINY  # noqa: E402
 
 
 def family_of(model) -> Family:

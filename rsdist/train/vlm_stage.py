@@ -1,0 +1,27 @@
+"""Train stage when `train.model` is 'vlm': instruction LoRA of an image-text-to-text model on the
+selected rows with Ray Train (rsdist/train/vlm_loop.py).
+
+Input: `<run>/selection/manifest.parquet` (selected, non-test rows) and `<run>/shards/` (each row
+as an instruction: rsdist/models/instructions.py).
+Output, `<run>/vlm_checkpoints/` (this stage's own folder; the dual encoder's train stage writes
+`checkpoints/`): `ray/train/` (step checkpoints; a re-run with the same settings resumes at the
+last one) and `final/` (`adapter/`, peft LoRA with the projector when trainable; `train_meta.json`:
+parameter counts, the loss of every step, rows, seconds, settings).
+Resources: `train.vlm.num_workers` Ray Train workers of `cpus_per_worker` CPUs, one GPU each when
+the cluster has GPUs.
+"""
+
+from __future__ import annotations
+
+from rsdist.config import TrainConfig
+from rsdist.io.rundir import RunDir
+from rsdist.stage import StageResult
+from rsdist.train.vlm_loop import STAGE
+
+FOLDER = STAGE[0]
+
+
+def run(run: RunDir, cfg: TrainConfig) -> StageResult:
+    from rsdist.train.vlm_loop import run_vlm
+
+    return run_vlm(run, cfg.vlm)
