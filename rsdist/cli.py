@@ -43,7 +43,7 @@ def build_config(path: str | None, overrides: dict[str, object], sets: list[str]
 
 VLM_DEMO = {
     "data.source": "synthetic-vlm", "data.synthetic_per_class": 12, "features.image_size": 64, "train.model": "vlm",
-    "train.vlm.model": "qwen2-vl-tiny", "train.vlm.epochs": 3, "train.vlm.batch_size": 4, "train.vlm.lr": 2e-3, "train.vlm.lora_dropout": 0.0,
+    "train.vlm.model": "qwen2-vl-tiny", "train.vlm.epochs": 3, "train.vlm.batch_size": 4, "train.vlm.lr": 1e-2, "train.vlm.lora_dropout": 0.0,
     "train.vlm.max_pixels": 56 * 56, "train.vlm.checkpoint_every": 1000, "train.vlm.cpus_per_worker": 0.5,
     "eval.vlm.num_actors": 0, "eval.vlm.max_pixels": 56 * 56, "eval.vlm.max_new_tokens": 6, "eval.vlm.caption_new_tokens": 16, "eval.vlm.batch_size": 16,
 }

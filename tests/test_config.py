@@ -70,10 +70,20 @@ def test_set_overrides_parse_yaml_values_and_name_bad_items():
         apply_sets(values, ["train.epochs.x=1"])
 
 
-def test_vlm_job_overrides_share_the_set_syntax():
-    from rsdist.train.vlm_job import load_job
+def test_the_vlm_settings_are_sections_of_the_one_config():
+    cfg = config_from_dict({"train": {"model": "vlm", "vlm": {"model": "llava-tiny", "lr": 0.001}}, "eval": {"vlm": {"tasks": ["vqa"]}}})
+    assert cfg.train.model == "vlm" and cfg.train.vlm.model == "llava-tiny" and cfg.train.vlm.lr == 0.001 and cfg.eval.vlm.tasks == ["vqa"]
+    assert config_from_dict({}).train.model == "dual"
+    with pytest.raises(ConfigError, match=r"train.model: 'clip' is not one of: dual, vlm"):
+        config_from_dict({"train": {"model": "clip"}})
+    with pytest.raises(ConfigError, match=r"train.vlm.model: 'gpt' is not one of: qwen2-vl-tiny, llava-tiny, llava-next-tiny, idefics3-tiny, hf:<folder>"):
+        config_from_dict({"train": {"vlm": {"model": "gpt"}}})
+    with pytest.raises(ConfigError, match=r"eval.vlm.tasks: 'ocr' is not one of: scene, vqa, caption"):
+        config_from_dict({"eval": {"vlm": {"tasks": ["ocr"]}}})
+    with pytest.raises(ConfigError, match=r"train.vlm.epochs: 0 must be > 0"):
+        config_from_dict({"train": {"vlm": {"epochs": 0}}})
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].format: 'tsv' is not one of"):
+        config_from_dict({"data": {"sources": [{"source": "x", "format": "tsv"}]}})
+    with pytest.raises(ConfigError, match=r"data.sources\[1\]: 'y' must be a mapping with a `source`"):
+        config_from_dict({"data": {"sources": [{"source": "x"}, "y"]}})
 
-    job = load_job(None, ["train.vlm.lr=0.001", "train.vlm.epochs=2"], "vqa")
-    assert job.train.vlm.lr == 0.001 and job.train.vlm.epochs == 2 and job.eval.vlm.task == "vqa"
-    with pytest.raises(ConfigError, match=r"expected section.vlm.field=value"):
-        load_job(None, ["train.vlm.lr"], None)

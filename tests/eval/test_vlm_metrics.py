@@ -58,3 +58,21 @@ def test_vqa_metrics_by_hand():
         vqa_matches(["a"], ["a", "b"])
     with pytest.raises(ValueError, match="must be as many"):
         vqa_metrics([True], [None, None])
+
+
+def test_caption_metrics_bleu4_and_rouge_l_by_hand():
+    from rsdist.eval.vlm_metrics import caption_metrics, corpus_bleu, rouge_l
+
+    refs = [["a dense forest with many green trees", "many trees in a forest"]]
+    assert corpus_bleu(["A dense forest with many green trees."], refs) == pytest.approx(1.0)
+    assert corpus_bleu(["forest"], refs) == 0.0  # no 4-gram in a one-word caption
+    # articles dropped: 'many trees in forest of green' (6 words), the 6-word reference is the closest
+    # length (no brevity penalty); clipped precisions 5/6, 3/5, 2/4, 1/3 ('many trees in forest')
+    candidate = "many trees in a forest of green"
+    expected = (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25
+    assert corpus_bleu([candidate], refs) == pytest.approx(expected)
+    # LCS with the second reference: 'many trees in forest', 4 of the candidate's 6 words and all 4 of the reference's
+    p, r = 4 / 6, 4 / 4
+    assert rouge_l(candidate, refs[0]) == pytest.approx((1 + 1.2 ** 2) * p * r / (r + 1.2 ** 2 * p))
+    m = caption_metrics([candidate, ""], refs + [["a lake"]])
+    assert m["count"] == 2 and m["rouge_l"] == pytest.approx(rouge_l(candidate, refs[0]) / 2)

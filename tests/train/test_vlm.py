@@ -110,3 +110,21 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch(tiny):
     model = apply_lora(base, VlmTrainConfig(lora_r=8, lora_alpha=16, lora_dropout=0.0))
     losses = two_step_losses(model, encode_batch(processor, ROWS, max_pixels=56 * 56))
     assert losses[1] < losses[0]
+
+
+def test_every_kind_of_row_is_an_instruction_with_the_evaluation_prompts():
+    """One pool: instruction JSON verbatim, RSVQA with the short-answer prompt, scene folders with
+    GeoChat's classification prompt and the pool's classes, captions as "describe the image"."""
+    from rsdist.models.instructions import CAPTION_PROMPT, SCENE_PROMPT, VQA_PROMPT, row_turns
+
+    convo = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a port"}]
+    assert row_turns({"conversations": convo, "task": "instruction"}) == convo
+    assert row_turns({"task": "vqa", "text": "Is there water?", "answer": "yes"}) == [
+        {"from": "human", "value": f"<image>\nIs there water?\n{VQA_PROMPT}"}, {"from": "gpt", "value": "yes"}]
+    scene = row_turns({"task": "classification", "label": "DenseResidential", "text": "dense residential"}, classes=["dense residential", "forest"])
+    assert scene == [{"from": "human", "value": f"<image>\n{SCENE_PROMPT}\nClasses: dense residential, forest."}, {"from": "gpt", "value": "dense residential"}]
+    both = row_turns({"task": "caption", "label": "Forest", "captions": ["many trees", "a forest"]}, classes=["forest", "lake"])
+    assert [t["value"] for t in both[1:]] == ["forest", CAPTION_PROMPT, "many trees"] and both[0]["value"].startswith("<image>\n" + SCENE_PROMPT)
+    assert row_turns({"task": "caption", "captions": ["", "a lake"]}) == [{"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"}, {"from": "gpt", "value": "a lake"}]
+    with pytest.raises(ValueError, match="sample s: no conversations, answer, label or caption to train on"):
+        row_turns({"sample_id": "s", "task": "caption", "captions": []})

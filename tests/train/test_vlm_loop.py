@@ -41,6 +41,14 @@ def make_instruction_run(run, n: int = 8, selected=None, splits=None) -> list[st
     return ids
 
 
+def mark_upstream_complete(run) -> None:
+    """Markers of the stages before train, so `rsdist vlm train` (the job's train stage alone) runs."""
+    from rsdist.stage import MARKER
+
+    for folder in ("shards", "features", "clusters", "selection"):
+        run.write_json({"stage": folder, "fingerprint": "constructed", "rows_in": 0, "rows_out": 0, "seconds": 0.0}, folder, MARKER)
+
+
 def session_processes(sid: int) -> list[int]:
     """Pids of the live (or not yet reaped) processes of session `sid`."""
     pids = []
@@ -69,6 +77,7 @@ def latest_registered_step(snapshot) -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; a killed driver takes its local Ray down with it on Linux")
 def test_a_killed_vlm_run_resumes_from_its_last_checkpoint_at_the_same_step_and_rows(ray_session, run_dir, tmp_path):
     ids = make_instruction_run(run_dir, n=10)
+    mark_upstream_complete(run_dir)
     settings = dict(model="qwen2-vl-tiny", num_workers=1, cpus_per_worker=0.5, batch_size=2, grad_accum=1, epochs=1, lr=5e-3, lora_dropout=0.0,
                     checkpoint_every=1, max_pixels=56 * 56, min_pixels=28 * 28, warmup_fraction=0.0)  # 5 steps of 2 rows
     config = tmp_path / "vlm.yaml"
@@ -77,7 +86,7 @@ def test_a_killed_vlm_run_resumes_from_its_last_checkpoint_at_the_same_step_and_
     with open(tmp_path / "killed.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "rsdist.cli", "-q", "vlm", "train", str(config), "--out", str(tmp_path / "run")],
                                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    snapshot = tmp_path / "run" / "checkpoints" / "vlm" / "ray" / "train" / "checkpoint_manager_snapshot.json"
+    snapshot = tmp_path / "run" / "vlm_checkpoints" / "ray" / "train" / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 240
     while latest_registered_step(snapshot) == 0 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
@@ -98,14 +107,14 @@ def test_a_killed_vlm_run_resumes_from_its_last_checkpoint_at_the_same_step_and_
     assert [h["step"] for h in killed_history] == list(range(1, saved + 1))
 
     result = run_vlm(run_dir, VlmTrainConfig(**settings))  # same storage path and name, the test session's Ray
-    meta = run_dir.read_json("checkpoints", "vlm", "final", "train_meta.json")
+    meta = run_dir.read_json("vlm_checkpoints", "final", "train_meta.json")
     assert result.extra["steps"] == 5 and meta["steps"] == 5 and meta["epochs_done"] == 1
     assert [h["step"] for h in meta["history"]] == [1, 2, 3, 4, 5]
     assert meta["history"][:saved] == killed_history  # the killed run's own records, timings included: those steps were not trained again
     assert [h["sample_ids"] for h in meta["history"]] == [ids[i:i + 2] for i in range(0, 10, 2)]  # the data position: the rows that come next
     assert all(0 < h["loss"] < float("inf") for h in meta["history"][saved:])
     assert 0 < meta["trainable_params"] < meta["total_params"]
-    assert run_dir.exists("checkpoints", "vlm", "final", "adapter", "adapter_config.json")
+    assert run_dir.exists("vlm_checkpoints", "final", "adapter", "adapter_config.json")
 
 
 SELECTED = [True, False, True, True, False, True, True, True, False, True]
@@ -138,12 +147,12 @@ def test_idefics3_trains_through_ray_train_with_accumulation_and_checkpointing(r
     cfg = VlmTrainConfig(model="idefics3-tiny", num_workers=1, cpus_per_worker=0.5, batch_size=1, grad_accum=3, epochs=1, lr=5e-3, lora_dropout=0.0,
                          checkpoint_every=1, gradient_checkpointing=True, max_failures=1, max_pixels=56 * 56, min_pixels=28 * 28, warmup_fraction=0.0)
     result = run_vlm(run_dir, cfg)
-    meta = run_dir.read_json("checkpoints", "vlm", "final", "train_meta.json")
+    meta = run_dir.read_json("vlm_checkpoints", "final", "train_meta.json")
     assert result.rows_in == 6 and result.extra["steps"] == 2 and meta["epochs_done"] == 1
     assert [h["sample_ids"] for h in meta["history"]] == [expected[:3], expected[3:]]  # 3 micro-batches of 1 row per step
     assert all(h["loss"] > 0 for h in meta["history"])
     assert meta["settings"]["gradient_checkpointing"] and meta["settings"]["model"] == "idefics3-tiny"
-    assert run_dir.exists("checkpoints", "vlm", "final", "adapter", "adapter_model.safetensors")
+    assert run_dir.exists("vlm_checkpoints", "final", "adapter", "adapter_model.safetensors")
 
 
 def test_steps_per_epoch_count_a_partial_last_micro_batch():
