@@ -283,12 +283,24 @@ class SelectConfig:
 
 
 @dataclass
-class VlmTrainConfig:
+class LoraFields:
+    """The LoRA settings every tuned model shares (dual encoder: train.*, VLM: train.vlm.*)."""
+
+    lora_r: int = _help("LoRA rank.", default=8)
+    lora_alpha: int = _help("LoRA alpha.", default=16)
+    lora_dropout: float = _help("LoRA dropout.", default=0.0)
+
+    def check_lora(self, section: str) -> None:
+        _positive(f"{section}.lora_r", self.lora_r)
+        _positive(f"{section}.lora_alpha", self.lora_alpha)
+        _fraction(f"{section}.lora_dropout", self.lora_dropout, lo_open=False)
+
+
+@dataclass
+class VlmTrainConfig(LoraFields):
     model: str = _help(f"Image-text-to-text model: one of {TINY_VLMS} (random, for tests) or 'hf:<folder>' (a local Qwen2-VL / Qwen2.5-VL, LLaVA-1.5 / LLaVA-NeXT, Idefics3 / SmolVLM checkpoint in safetensors).", default="qwen2-vl-tiny")
     vision: str = _help(f"Vision tower, one of {VLM_VISION}: frozen, or LoRA on its blocks' linears.", default="frozen")
     projector: str = _help(f"Vision-language projector, one of {VLM_PROJECTOR}: trained fully (saved with the adapter) or frozen.", default="trainable")
-    lora_r: int = _help("LoRA rank.", default=8)
-    lora_alpha: int = _help("LoRA alpha.", default=16)
     lora_dropout: float = _help("LoRA dropout.", default=0.05)
     lm_targets: list[str] = _help("Language-model Linear names that get LoRA (attention + MLP projections).",
                                   default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
@@ -319,12 +331,12 @@ class VlmTrainConfig:
         _choice("train.vlm.strategy", self.strategy, VLM_STRATEGIES)
         if not (self.model in TINY_VLMS or (self.model.startswith("hf:") and len(self.model) > 3)):
             raise ConfigError(f"train.vlm.model: {self.model!r} is not one of: {', '.join(TINY_VLMS)}, hf:<folder>")
-        for name in ("lora_r", "lora_alpha", "max_pixels", "min_pixels", "max_tokens", "batch_size", "grad_accum", "epochs", "checkpoint_every", "checkpoints_to_keep", "num_workers", "cpus_per_worker", "lr"):
+        self.check_lora("train.vlm")
+        for name in ("max_pixels", "min_pixels", "max_tokens", "batch_size", "grad_accum", "epochs", "checkpoint_every", "checkpoints_to_keep", "num_workers", "cpus_per_worker", "lr"):
             _positive(f"train.vlm.{name}", getattr(self, name))
         _positive("train.vlm.weight_decay", self.weight_decay, allow_zero=True)
         _positive("train.vlm.max_failures", self.max_failures, allow_zero=True)
         _positive("train.vlm.max_steps", self.max_steps, allow_zero=True)
-        _fraction("train.vlm.lora_dropout", self.lora_dropout, lo_open=False)
         _fraction("train.vlm.warmup_fraction", self.warmup_fraction, lo_open=False)
         if self.min_pixels > self.max_pixels:
             raise ConfigError(f"train.vlm.min_pixels: {self.min_pixels} must be <= train.vlm.max_pixels={self.max_pixels}")
@@ -362,7 +374,7 @@ class VlmEvalConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(LoraFields):
     model: str = _help(f"What the job tunes, one of {TUNED_MODELS}: 'dual' = the CLIP-style dual encoder of features.encoder (settings below), 'vlm' = an image-text-to-text model with instruction LoRA (train.vlm; evaluated by generation, eval.vlm).", default="dual")
     vlm: VlmTrainConfig = _help("VLM instruction LoRA, when train.model is 'vlm'.", default_factory=VlmTrainConfig)
     method: str = _help("Tuning method of the dual encoder: 'lora' (LoRA on the text tower + heads), 'harma' (HarMA gated adapters + heads, HarMA loss) or 'heads' (both towers frozen, only the projection heads learn: a linear probe whose text features are computed once before training).", default="lora")
@@ -372,9 +384,6 @@ class TrainConfig:
     lr: float = _help("AdamW learning rate.", default=2e-3)
     weight_decay: float = _help("AdamW weight decay.", default=0.01)
     embed_dim: int = _help("Output size of the projection heads.", default=256)
-    lora_r: int = _help("LoRA rank.", default=8)
-    lora_alpha: int = _help("LoRA alpha.", default=16)
-    lora_dropout: float = _help("LoRA dropout.", default=0.0)
     lora_targets: list[str] = _help("Text-tower modules that get LoRA adapters.", default_factory=lambda: ["query", "key", "value"])
     max_text_tokens: int = _help("Captions are truncated to this many tokens.", default=48)
     cpus_per_worker: float = _help("CPUs each worker asks Ray for (fractional keeps small hosts moving).", default=0.5)
@@ -392,11 +401,11 @@ class TrainConfig:
     harma_margin: float = _help("HarMA: margin of the weighted triplet loss.", default=0.2)
 
     def __post_init__(self) -> None:
-        for name in ("num_workers", "epochs", "batch_size", "embed_dim", "lora_r", "lora_alpha", "max_text_tokens", "max_logit_scale", "checkpoints_to_keep"):
+        self.check_lora("train")
+        for name in ("num_workers", "epochs", "batch_size", "embed_dim", "max_text_tokens", "max_logit_scale", "checkpoints_to_keep"):
             _positive(f"train.{name}", getattr(self, name))
         _positive("train.lr", self.lr)
         _positive("train.weight_decay", self.weight_decay, allow_zero=True)
-        _fraction("train.lora_dropout", self.lora_dropout, lo_open=False)
         _fraction("train.warmup_fraction", self.warmup_fraction, lo_open=False)
         _positive("train.cpus_per_worker", self.cpus_per_worker)
         _positive("train.shuffle_buffer", self.shuffle_buffer, allow_zero=True)
@@ -504,8 +513,8 @@ def config_from_dict(values: dict) -> RunConfig:
     return _build(RunConfig, values, "")
 
 
-def load_config(path: str) -> RunConfig:
-    """Read a YAML config file into a RunConfig."""
+def load_yaml(path: str) -> dict:
+    """A YAML settings file (any fsspec URI) as a dict; malformed YAML is a ConfigError naming the file."""
     import fsspec
 
     with fsspec.open(path, "r") as f:
@@ -513,7 +522,14 @@ def load_config(path: str) -> RunConfig:
             values = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}".splitlines()[0]) from None
-    return config_from_dict(values)
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings sections, found {type(values).__name__}")
+    return values
+
+
+def load_config(path: str) -> RunConfig:
+    """Read a YAML config file into a RunConfig."""
+    return config_from_dict(load_yaml(path))
 
 
 def apply_sets(values: dict, items: list[str], form: str = "section.field=value") -> None:

@@ -34,11 +34,8 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
-import yaml
-
-from rsdist.config import SELECT_METHODS, ConfigError, RunConfig, SelectConfig, _choice, _help, config_from_dict
-from rsdist.io.rundir import RunDir
+from rsdist.config import SELECT_METHODS, ConfigError, RunConfig, SelectConfig, _choice, _help, config_from_dict, load_yaml
+from rsdist.core.rundir import RunDir
 
 log = logging.getLogger("rsdist")
 
@@ -124,11 +121,7 @@ class ExperimentConfig:
 
 
 def load_experiment(path: str, out: str | None = None) -> tuple[RunConfig, ExperimentConfig]:
-    with fsspec.open(path, "r") as f:
-        try:
-            values = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}".splitlines()[0]) from None
+    values = load_yaml(path)
     exp_values = values.pop("experiment", {}) or {}
     if out:
         values["run_dir"] = out
@@ -155,15 +148,26 @@ def cell_config(cfg: RunConfig, exp: ExperimentConfig, variant: dict, budget: fl
     settings = {k: v for k, v in variant.items() if k != "label"}
     if isinstance(settings.get("failures"), str):
         settings["failures"] = cell_failures(cfg.run_dir, settings["failures"], seed)
-    epochs = exp.epochs_by_budget.get(float(budget), cfg.train.epochs)
+    vlm = cfg.train.model == "vlm"  # the VLM's own seed and epochs (train.vlm)
+    base_epochs = cfg.train.vlm.epochs if vlm else cfg.train.epochs
+    epochs = exp.epochs_by_budget.get(float(budget), base_epochs)
     if exp.protocol == "steps":
-        epochs = max(1, math.ceil(cfg.train.epochs / budget))
+        epochs = max(1, math.ceil(base_epochs / budget))
+    if vlm:
+        train = dataclasses.replace(cfg.train, vlm=dataclasses.replace(cfg.train.vlm, seed=seed, epochs=epochs))
+    else:
+        train = dataclasses.replace(cfg.train, seed=seed, epochs=epochs)
     return dataclasses.replace(
         cfg,
         run_dir=f"{cfg.run_dir}/cells/{cell_name(variant['label'], budget, seed)}",
         select=dataclasses.replace(cfg.select, **settings, budget=budget, seed=seed),
-        train=dataclasses.replace(cfg.train, seed=seed, epochs=epochs),
+        train=train,
     )
+
+
+def cell_epochs(cfg: RunConfig) -> int:
+    """The epochs a cell trains: train.epochs, or train.vlm.epochs when the job tunes a VLM."""
+    return cfg.train.vlm.epochs if cfg.train.model == "vlm" else cfg.train.epochs
 
 
 def split_config(cfg: RunConfig, offset: float | None) -> RunConfig:
@@ -210,8 +214,8 @@ def run_experiment(cfg: RunConfig, exp: ExperimentConfig) -> dict:
         run = RunDir(ccfg.run_dir, base=base_dir, inherited=INHERITED)
         summary = run_pipeline(ccfg, only=["select", "train", "eval"], run=run)
         results.append({
-            "method": method, "budget": budget, "seed": seed, "test_offset": scfg.data.test_offset, "epochs": ccfg.train.epochs,
-            "kept_epoch": summary["stages"]["train"].get("kept_epoch", ccfg.train.epochs),
+            "method": method, "budget": budget, "seed": seed, "test_offset": scfg.data.test_offset, "epochs": cell_epochs(ccfg),
+            "kept_epoch": summary["stages"]["train"].get("kept_epoch", cell_epochs(ccfg)),
             "selected": summary["selection"]["selected"], "pool": summary["selection"]["pool"],
             "select_seconds": summary["stages"]["select"]["seconds"],
             "train_seconds": summary["stages"]["train"]["seconds"],

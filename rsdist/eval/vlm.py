@@ -14,7 +14,7 @@ The prompts are the instruction pool's (rsdist/models/instructions.py). A task w
 split is left out.
 Model: a name ('qwen2-vl-tiny', ..., 'hf:<folder>') with optional LoRA adapter files, merged
 before generation. Generation: batched, greedy, left-padded, the family's training template with
-its generation prompt (`rsdist.train.vlm_models`). Large sets run on Ray: a Ray Data
+its generation prompt (`rsdist.models.vlm`). Large sets run on Ray: a Ray Data
 `map_batches` over the rows with an actor pool of `num_actors` generators (one GPU each when the
 cluster has GPUs, bf16 there); `num_actors: 0` runs in-process.
 """
@@ -31,7 +31,7 @@ import torch
 
 from rsdist.config import VlmEvalConfig
 from rsdist.eval.vlm_metrics import caption_metrics, classification_metrics, match_class, vqa_matches, vqa_metrics
-from rsdist.io.rundir import RunDir
+from rsdist.core.rundir import RunDir
 from rsdist.models.instructions import CAPTION_PROMPT, SCENE_PROMPT, VQA_PROMPT, question_type, readable_label, scene_prompt, vqa_prompt
 
 __all__ = ["VlmEvalConfig", "SCENE_PROMPT", "VQA_PROMPT", "CAPTION_PROMPT", "eval_rows", "task_inputs", "generate_answers", "evaluate_model"]
@@ -52,7 +52,7 @@ def _scorable(batch: pa.RecordBatch, task: str):
 
 def eval_rows(run: RunDir, task: str, cfg: VlmEvalConfig) -> pa.Table:
     """Shard rows of `cfg.split` the task can score, sorted by sample_id, at most `max_rows` (may be empty)."""
-    from rsdist.train.data import _filtered
+    from rsdist.core.rows import _filtered
 
     def keep(batch: pa.RecordBatch):
         return pc.and_(pc.fill_null(pc.equal(batch.column("split"), cfg.split), False), _scorable(batch, task))
@@ -89,7 +89,7 @@ def generation_messages(prompt: str, image) -> list[dict]:
 @torch.no_grad()
 def generate_answers(model, processor, images: list, prompts: list[str], max_new_tokens: int) -> list[str]:
     """Greedy answers of one left-padded batch, decoded without special tokens and stripped."""
-    from rsdist.train.vlm_models import end_token_id, family_of
+    from rsdist.models.vlm import end_token_id, family_of
 
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
@@ -107,7 +107,7 @@ def generate_answers(model, processor, images: list, prompts: list[str], max_new
 
 def load_for_eval(model_name: str, seed: int, adapter_files: dict[str, bytes] | None, use_gpu: bool, bf16: bool):
     """(model, processor) ready to generate: the base model, the adapter merged in when given."""
-    from rsdist.train.vlm_models import load_vlm
+    from rsdist.models.vlm import load_vlm
 
     model, processor = load_vlm(model_name, seed=seed)
     if adapter_files:
@@ -132,7 +132,7 @@ class VlmGenerator:
         self.max_pixels, self.min_pixels, self.max_new_tokens = max_pixels, min_pixels, max_new_tokens
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from rsdist.train.vlm import decode_image
+        from rsdist.models.vlm import decode_image
 
         rows = batch.select(["sample_id", "image"]).to_pylist()
         images = [decode_image(r, self.max_pixels, self.min_pixels) for r in rows]
@@ -151,7 +151,7 @@ def generate_all(inputs: pa.Table, cfg: VlmEvalConfig, model: str, seed: int, ad
     else:
         import ray
 
-        from rsdist.raycluster import cluster_gpus
+        from rsdist.core.raycluster import cluster_gpus
 
         gpus = cluster_gpus() > 0
         ds = ray.data.from_arrow(inputs).map_batches(VlmGenerator, batch_size=cfg.batch_size, batch_format="pyarrow",

@@ -16,9 +16,10 @@ import os
 
 from rsdist.config import EvalConfig
 from rsdist.eval.vlm import evaluate_model
-from rsdist.io.rundir import RunDir
+from rsdist.core.raycluster import cluster_gpus
+from rsdist.core.rundir import RunDir
 from rsdist.models.instructions import pool_classes
-from rsdist.stage import StageResult
+from rsdist.stage import Resources, Stage, StageResult
 
 FOLDER = "vlm_eval"
 TRAINED = ("vlm_checkpoints", "final")
@@ -65,3 +66,11 @@ def run(run: RunDir, cfg: EvalConfig) -> StageResult:
     run.write_json({"model": model, "seed": seed, "adapter": run.url(*TRAINED, "adapter"), "tuned": tuned, "untuned": untuned, "flat": flat,
                     "settings": dataclasses.asdict(cfg.vlm)}, FOLDER, "metrics.json")
     return StageResult(rows_in=rows, rows_out=rows, extra={"metrics": flat, "tasks": sorted(tuned)})
+
+
+def resources(cfg: EvalConfig) -> Resources:
+    """What each generator actor asks for (the driver alone with eval.vlm.num_actors 0)."""
+    return Resources(num_cpus=cfg.vlm.cpus_per_actor if cfg.vlm.num_actors else 1.0, num_gpus=1.0 if cfg.vlm.num_actors and cluster_gpus() > 0 else 0.0)
+
+
+STAGE = Stage(name="eval", folder=FOLDER, reads=("vlm_checkpoints", "shards"), section="eval", resources=resources, run=run)

@@ -12,18 +12,12 @@ from __future__ import annotations
 
 import json
 
+from rsdist.core.schema import readable_label
+
 IMAGE = "<image>"
 SCENE_PROMPT = "Classify the image from the following classes. Answer in one word or a short phrase."
 VQA_PROMPT = "Answer the question using a single word or phrase."
 CAPTION_PROMPT = "Describe the image."
-
-
-def readable_label(label: str) -> str:
-    """'DenseResidential' / 'dense_residential' -> 'dense residential' (class names in words)."""
-    import re
-
-    text = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", str(label))
-    return re.sub(r"[_\-]+", " ", text).strip().lower()
 
 
 def scene_prompt(classes: list[str]) -> str:

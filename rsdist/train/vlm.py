@@ -18,14 +18,14 @@ frozen or LoRA (`vision`), projector trainable (saved with the adapter through p
 from __future__ import annotations
 
 import contextlib
-import io
-import math
 import re
 
 import torch
 
 from rsdist.config import VlmTrainConfig
 from rsdist.models.instructions import IMAGE, row_turns
+from rsdist.models.tuned import lora_config
+from rsdist.models.vlm import decode_image
 
 __all__ = ["VlmTrainConfig", "to_messages", "encode_batch", "apply_lora", "accumulate_gradients"]
 
@@ -33,18 +33,6 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 
 
 # -- rows -> chat messages ------------------------------------------------------------------------
-def fit_pixel_budget(image, max_pixels: int, min_pixels: int = 0):
-    """`image` (PIL) resized, aspect kept, so that min_pixels <= width * height <= max_pixels."""
-    w, h = image.size
-    area = w * h
-    if min_pixels <= area <= max_pixels:
-        return image
-    scale = math.sqrt((max_pixels if area > max_pixels else min_pixels) / area)
-    size = (max(1, int(w * scale)), max(1, int(h * scale)))
-    if area > max_pixels:  # rounding must not push the area back over the budget
-        while size[0] * size[1] > max_pixels:
-            size = (max(1, size[0] - 1), size[1]) if size[0] >= size[1] else (size[0], max(1, size[1] - 1))
-    return image.resize(size)
 
 
 def to_messages(row: dict, image=None, classes: list[str] | None = None) -> list[dict]:
@@ -76,20 +64,6 @@ def to_messages(row: dict, image=None, classes: list[str] | None = None) -> list
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError(f"sample {row.get('sample_id')}: conversation has no assistant ('gpt') turn")
     return messages
-
-
-def decode_image(row: dict, max_pixels: int, min_pixels: int):
-    """The row's image as RGB PIL within the pixel budget, or None for a text-only row."""
-    data = row.get("image")
-    if not data:
-        return None
-    from PIL import Image
-
-    try:
-        image = Image.open(io.BytesIO(data)).convert("RGB")
-    except Exception as e:
-        raise ValueError(f"sample {row.get('sample_id')}: image cannot be decoded ({e})") from e
-    return fit_pixel_budget(image, max_pixels, min_pixels)
 
 
 def encode_batch(processor, rows: list[dict], max_pixels: int, min_pixels: int = 0, max_tokens: int | None = None, classes: list[str] | None = None) -> dict:
@@ -154,9 +128,9 @@ def lora_target_regex(family, cfg: VlmTrainConfig) -> str:
 
 def apply_lora(model, cfg: VlmTrainConfig):
     """Freeze the model, add LoRA to the chosen parts, make the projector trainable when asked."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    from rsdist.train.vlm_models import family_of
+    from rsdist.models.vlm import family_of
 
     family = family_of(model)  # a one-line error for an unsupported family
     pattern = lora_target_regex(family, cfg)
@@ -164,7 +138,7 @@ def apply_lora(model, cfg: VlmTrainConfig):
     if not any(n.startswith(family.lm + ".") for n in names):
         raise ValueError(f"train.vlm.lm_targets: {', '.join(cfg.lm_targets)} match no module of the language model ({family.lm})")
     modules_to_save = [family.projector.rsplit(".", 1)[-1]] if cfg.projector == "trainable" else None
-    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=pattern, modules_to_save=modules_to_save, bias="none")
+    config = lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, pattern, modules_to_save)
     for p in model.parameters():
         p.requires_grad_(False)
     return get_peft_model(model, config)
@@ -172,7 +146,7 @@ def apply_lora(model, cfg: VlmTrainConfig):
 
 def parameter_counts(model) -> dict:
     """Trainable and total parameters, and the trainable share in percent."""
-    from rsdist.train.model import count_parameters
+    from rsdist.models.tuned import count_parameters
 
     trainable, total = count_parameters(model)
     return {"trainable_params": trainable, "total_params": total, "trainable_percent": round(100.0 * trainable / max(total, 1), 4)}

@@ -14,14 +14,23 @@ the cluster has GPUs.
 from __future__ import annotations
 
 from rsdist.config import TrainConfig
-from rsdist.io.rundir import RunDir
-from rsdist.stage import StageResult
-from rsdist.train.vlm_loop import STAGE
+from rsdist.core.raycluster import cluster_gpus
+from rsdist.core.rundir import RunDir
+from rsdist.stage import Resources, Stage, StageResult
+from rsdist.train.vlm_loop import FOLDER as _FOLDER
 
-FOLDER = STAGE[0]
+FOLDER = _FOLDER[0]
+
+
+def resources(cfg: TrainConfig) -> Resources:
+    """What each training worker asks for."""
+    return Resources(num_cpus=cfg.vlm.cpus_per_worker, num_gpus=1.0 if cluster_gpus() > 0 else 0.0)
 
 
 def run(run: RunDir, cfg: TrainConfig) -> StageResult:
     from rsdist.train.vlm_loop import run_vlm
 
     return run_vlm(run, cfg.vlm)
+
+
+STAGE = Stage(name="train", folder=FOLDER, reads=("selection", "shards"), section="train", resources=resources, run=run, resumable=True)

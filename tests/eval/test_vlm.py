@@ -12,9 +12,9 @@ import pytest
 from rsdist.config import ConfigError, EvalConfig
 from rsdist.eval import vlm_stage
 from rsdist.eval.vlm import CAPTION_PROMPT, SCENE_PROMPT, VQA_PROMPT, VlmEvalConfig, eval_rows, evaluate_model, generate_answers, task_inputs
-from rsdist.io.schema import CANONICAL_SCHEMA, empty_row, make_sample_id
+from rsdist.core.schema import CANONICAL_SCHEMA, empty_row, make_sample_id
 from rsdist.train.vlm import VlmTrainConfig, apply_lora
-from rsdist.train.vlm_models import load_vlm
+from rsdist.models.vlm import load_vlm
 from tests.train.test_vlm import png
 
 LABELS = ["Airport", "DenseResidential", "Forest", "Airport", "Forest"]
