@@ -109,9 +109,9 @@ def make_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="rewrite report.md from a run's summary.json")
     rep.add_argument("--out", required=True, help="run directory")
 
-    from rsdist.vlm_cli import add_parser as add_vlm_parser
-
-    add_vlm_parser(sub)
+    vlm = sub.add_parser("vlm", help="alias: the job's train or eval stage with train.model=vlm (instruction LoRA, evaluation by generation)")
+    vlm.add_argument("action", choices=["train", "eval"])
+    _add_common(vlm)
 
     bench = sub.add_parser("bench", help="benchmarks; figures as one JSON object on the last line")
     bench.add_argument("name", choices=sorted(BENCHES))
@@ -127,6 +127,21 @@ def _stage_overrides(args) -> dict:
     return out
 
 
+def vlm_alias(args) -> int:
+    """`rsdist vlm train|eval`: the job's train or eval stage alone, with train.model=vlm; prints the
+    stage's record (with the metrics for eval) as JSON."""
+    from rsdist.pipeline import run_pipeline
+
+    cfg = build_config(args.config, {"run_dir": args.out, "train.model": "vlm"}, args.set)
+    summary = run_pipeline(cfg, only=[args.action], force=args.force)
+    record = {k: v for k, v in summary["stages"][args.action].items() if k != "metrics"}
+    if args.action == "eval":
+        record["metrics"] = summary.get("metrics", {})
+    print(json.dumps(record, default=float))
+    print(f"run directory: {cfg.run_dir} ({'vlm_checkpoints/final/adapter' if args.action == 'train' else 'vlm_eval/metrics.json'})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -140,9 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(figures, sort_keys=True, default=float))
             return 0
         if args.command == "vlm":
-            from rsdist.vlm_cli import main as vlm_main
-
-            return vlm_main(args)
+            return vlm_alias(args)
         if args.command == "experiment":
             from rsdist.experiment import load_experiment, run_experiment
 
