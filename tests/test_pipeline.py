@@ -100,3 +100,45 @@ def test_changed_selection_setting_reruns_from_select_only(ray_session, tmp_path
     st = summary["stages"]
     assert st["ingest"]["skipped"] and st["features"]["skipped"] and st["cluster"]["skipped"]
     assert not st["select"]["skipped"] and summary["selection"]["method"] == "random"
+
+
+def test_vlm_demo_runs_the_whole_job_and_a_second_run_skips_every_stage(ray_session, tmp_path, capsys):
+    """`rsdist demo --vlm` (a smaller synthetic instruction set): scene folders, RSVQA-style
+    questions and captions ingested as one pool -> features -> clusters -> selection -> instruction
+    LoRA of a tiny Qwen2-VL on Ray Train -> evaluation by generation of the tuned and the untuned
+    model -> summary and report; the same command again skips every stage."""
+    import json
+
+    from rsdist.cli import main
+
+    out = tmp_path / "demo-vlm"
+    argv = ["-q", "demo", "--vlm", "--out", str(out), "--set", "data.synthetic_per_class=2", "--set", "data.test_fraction=0.25",
+            "--set", "features.encoder=tiny", "--set", "features.image_size=32", "--set", "features.perturbations=[noise]",
+            "--set", "cluster.k=3", "--set", "train.vlm.epochs=1", "--set", "eval.vlm.max_rows=3"]
+    assert main(argv) == 0
+    run = RunDir(str(out))
+    first = run.read_json("summary.json")
+    assert list(first["stages"]) == ["ingest", "features", "cluster", "select", "train", "eval"]
+    assert not any(s["skipped"] for s in first["stages"].values())
+    ingest = run.read_json("shards", "ingest_report.json")
+    assert ingest["format"] == "scene-folders" and [s["format"] for s in ingest["sources"]] == ["rsvqa", "captions-txt"]
+    tasks = set(run.read_table("shards", "part-00000.parquet", columns=["task"]).column("task").to_pylist())
+    assert {"classification", "vqa", "caption"} <= tasks
+    assert first["tuned_model"] == "qwen2-vl-tiny" and first["stages"]["train"]["rows_in"] <= first["selection"]["selected"]
+    assert run.exists("vlm_checkpoints", "final", "adapter", "adapter_model.safetensors")
+    assert not run.exists("checkpoints") and not run.exists("eval")  # the dual encoder's folders are not the VLM's
+    evaluated = run.read_json("vlm_eval", "metrics.json")
+    assert sorted(evaluated["tuned"]) == sorted(evaluated["untuned"]) == ["caption", "scene", "vqa"]
+    metrics = first["metrics"]
+    for key in ("scene_accuracy", "vqa_accuracy", "caption_bleu4"):
+        assert 0 <= metrics[key] <= 1 and 0 <= metrics["untuned_" + key] <= 1
+    report = (out / "report.md").read_text()
+    assert "SYNTHETIC" in report and "Evaluation by generation" in report and "| VQA accuracy |" in report and "report/vlm_training.png" in report
+    assert run.exists("report", "vlm_training.png")
+    capsys.readouterr()
+
+    assert main(argv) == 0
+    second = run.read_json("summary.json")
+    assert all(s["skipped"] for s in second["stages"].values())
+    assert second["metrics"] == metrics
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["metrics"] == metrics

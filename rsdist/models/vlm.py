@@ -168,18 +168,20 @@ def _tiny_llama(tokenizer) -> dict:
 _TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
 
 
-def _image_only_processor_class():
-    """Qwen2VLProcessor that accepts no video processor (its video processor needs torchvision,
-    which an image-only CPU install lacks); images and text behave exactly as in the parent."""
-    from transformers import Qwen2VLProcessor
+def _image_only_processor_class(base=None):
+    """`base` (default Qwen2VLProcessor) accepting no video processor (video processors need
+    torchvision, which an image-only CPU install lacks); images and text behave as in the parent."""
+    if base is None:
+        from transformers import Qwen2VLProcessor as base
 
-    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    class ImageOnlyProcessor(base):
         def check_argument_for_proper_class(self, argument_name, argument):
             if argument is None and argument_name == "video_processor":
                 return None
             return super().check_argument_for_proper_class(argument_name, argument)
 
-    return ImageOnlyQwen2VLProcessor
+    ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = f"ImageOnly{base.__name__}"
+    return ImageOnlyProcessor
 
 
 def tiny_qwen2_vl(seed: int = 0):
@@ -245,10 +247,41 @@ def tiny_idefics3(seed: int = 0):
     return model, processor
 
 
+def image_only_qwen_processor(path: str):
+    """A Qwen2-VL / Qwen2.5-VL folder's tokenizer and image processor as an image-only processor."""
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return _image_only_processor_class()(image_processor=Qwen2VLImageProcessorPil.from_pretrained(path), tokenizer=AutoTokenizer.from_pretrained(path),
+                                         video_processor=None, chat_template=QWEN2_VL_TEMPLATE)
+
+
+def image_only_smolvlm_processor(path: str):
+    """A SmolVLM folder's tokenizer and image processor settings in an Idefics3 processor: SmolVLM
+    lays images out as Idefics3 does (the same image tokens and splitting), and its own processor
+    needs a video processor, which needs torchvision."""
+    import json
+
+    from transformers import AutoTokenizer, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    settings = {}
+    if os.path.exists(os.path.join(path, "processor_config.json")):
+        with open(os.path.join(path, "processor_config.json")) as f:
+            settings = {k: v for k, v in json.load(f).items() if k == "image_seq_len"}
+    return Idefics3Processor(image_processor=Idefics3ImageProcessorPil.from_pretrained(path), tokenizer=AutoTokenizer.from_pretrained(path),
+                             chat_template=IDEFICS3_TEMPLATE, **settings)
+
+
 def load_vlm(name: str, seed: int = 0, dtype=None, field: str = "train.vlm.model"):
     """(model, processor) by name: one of TINY or `hf:<folder>` (a local checkpoint of a family in
     FAMILIES, loaded in `dtype`, default the checkpoint's, with the family's chat template). `field`
-    is the setting errors name (the features pass loads its model here too)."""
+    is the setting errors name (the features pass loads its model here too).
+
+    A checkpoint folder loads offline and without code: safetensors weights only (a folder with
+    pickled `.bin` weights alone is an error), no remote code. Qwen2-VL / Qwen2.5-VL and SmolVLM
+    folders get an image-only processor (their tokenizer and image processor), so no video
+    processor, which needs torchvision, is built."""
     builders = {"qwen2-vl-tiny": tiny_qwen2_vl, "llava-tiny": tiny_llava, "llava-next-tiny": lambda seed: tiny_llava(seed, next_version=True),
                 "idefics3-tiny": tiny_idefics3}
     if name in builders:
@@ -262,8 +295,15 @@ def load_vlm(name: str, seed: int = 0, dtype=None, field: str = "train.vlm.model
         family = AutoConfig.from_pretrained(path).model_type
         if family not in FAMILIES:
             raise ValueError(f"{field}: {path} is a {family!r} model; supported: {', '.join(sorted(FAMILIES))}")
-        model = AutoModelForImageTextToText.from_pretrained(path, **({} if dtype is None else {"dtype": dtype}))
-        processor = AutoProcessor.from_pretrained(path)
+        if not any(f.endswith(".safetensors") for f in os.listdir(path)):
+            raise FileNotFoundError(f"{field}: {path} holds no .safetensors weights (pickled weights are not loaded)")
+        model = AutoModelForImageTextToText.from_pretrained(path, use_safetensors=True, trust_remote_code=False, **({} if dtype is None else {"dtype": dtype}))
+        if family in ("qwen2_vl", "qwen2_5_vl"):
+            processor = image_only_qwen_processor(path)
+        elif family == "smolvlm":
+            processor = image_only_smolvlm_processor(path)
+        else:
+            processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
         processor.chat_template = FAMILIES[family].template
         return model, processor
     raise ValueError(f"{field}: {name!r} is not one of: {', '.join(TINY)}, hf:<folder>")
