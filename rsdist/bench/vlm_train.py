@@ -40,6 +40,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--no-bf16", action="store_true", help="fp32 weights on CUDA too")
+    p.add_argument("--features-pass", action="store_true", help="also time the selection features pass on the same batch and model: the early-stopped "
+                   "forward of rsdist.features.vlm (COINCIDE at its layers scaled to the depth, 3/28 ... 19/28, and ScalSelect), no gradients; "
+                   "reports its seconds per row against the training step's (the cost model of docs/vlm.md)")
     return p.parse_args(argv)
 
 
@@ -80,6 +83,36 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1024**3
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB -> GiB
+
+
+def coincide_layers_for(depth: int) -> list[int]:
+    """COINCIDE's layers of a 28-layer model (3, 7, 11, 15, 19) scaled to `depth` layers."""
+    from rsdist.features.vlm import COINCIDE_LAYERS
+
+    return sorted({min(depth - 1, round(layer * depth / 28)) for layer in COINCIDE_LAYERS})
+
+
+@torch.no_grad()
+def time_features_pass(model, batch: dict, depth: int, steps: int, device: torch.device) -> dict:
+    """Seconds of the selection features pass (one early-stopped forward for COINCIDE and ScalSelect)
+    on the training batch, averaged over `steps` passes after a warm-up one."""
+    from rsdist.features.vlm import vlm_features
+
+    base = model.get_base_model().eval()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    layers = coincide_layers_for(depth)
+    times = []
+    for i in range(steps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        vlm_features(base, inputs, coincide_layers=layers, scalselect=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - start)
+    model.train()
+    return {"features_s": round(sum(times) / len(times), 4), "features_coincide_layers": layers}
 
 
 def bench(argv: list[str]) -> dict:
@@ -123,6 +156,7 @@ def bench(argv: list[str]) -> dict:
             times.append(time.perf_counter() - start)
         print(f"bench vlm-train: step {i}/{args.steps} loss {float(loss.detach()):.4f} {time.perf_counter() - start:.3f}s", file=sys.stderr)
     step_s = sum(times) / len(times)
+    features = time_features_pass(model, batch, shape["layers"], args.steps, device) if args.features_pass else {}
     tokens = int(batch["attention_mask"].sum())
     supervised = int((batch["labels"] != -100).sum())
     return {
@@ -144,6 +178,8 @@ def bench(argv: list[str]) -> dict:
         "supervised_tokens_per_s": round(supervised / step_s, 1),
         "peak_memory_gb": round(peak_memory_gb(device), 3),
         "torch_threads": torch.get_num_threads(),
+        **features,
+        **({"features_over_train_per_row": round(features["features_s"] / step_s, 4)} if features else {}),
     }
 
 
