@@ -123,10 +123,10 @@ def iter_items(src: Source, own_name: bool = False) -> Iterator[Item]:
     for item in READERS[src.format](src):
         if isinstance(item, Record) and not seen.add(item.key):
             item = Bad(item.key, item.file, item.line, "duplicate-key", "key already seen earlier in the source")
-        if own_name and isinstance(item, Record):
-            item.source = src.name
-        elif own_name:
-            item.file = f"{src.name}/{item.file}"
+        if own_name:
+            item.file = f"{src.name}/{item.file}"  # quarantined records name their source
+            if isinstance(item, Record):
+                item.source = src.name
         yield item
 
 

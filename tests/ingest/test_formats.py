@@ -169,3 +169,24 @@ def test_malformed_json_names_file_and_line(tmp_path):
     put(f"{root}/dataset.json", '{"images": [\n {"filename": "a.png",\n oops}\n]}')
     with pytest.raises(IngestError, match=r"dataset.json:3: malformed JSON"):
         ingest.run(RunDir(str(tmp_path / "run")), DataConfig(source=str(root), format="karpathy-json"))
+
+
+def test_several_sources_make_one_instruction_pool(tmp_path):
+    """data.sources: GeoChat-style instruction JSON, then scene folders, in one pool; a later
+    source's rows carry its name (and ids of their own), its quarantined records name it."""
+    geochat, ucm = tmp_path / "geochat", tmp_path / "ucm"
+    _images(geochat, ["P0001.png"])
+    convo = [{"from": "human", "value": "<image>\nWhat is in the image?"}, {"from": "gpt", "value": "a harbour"}]
+    write_json(f"{geochat}/instruct.json", [{"id": "P0001", "image": "P0001.png", "conversations": convo}])
+    put(f"{ucm}/images/River/P0001.png", image_bytes("PNG"))
+    put(f"{ucm}/images/River/bad.jpg", b"")
+    result, rows, reasons = _run(tmp_path, str(geochat), sources=[{"source": str(ucm), "format": "scene-folders"}])
+    assert [(r["task"], r["source"]) for r in rows] == [("instruction", "geochat:llava-json"), ("classification", "ucm:scene-folders")]
+    assert len({r["sample_id"] for r in rows}) == 2 and reasons == {"unreadable-image"}
+    report = RunDir(str(tmp_path / "run")).read_json("shards", "ingest_report.json")
+    assert report["sources"] == [{"source": f"file://{ucm}", "source_name": "ucm:scene-folders", "format": "scene-folders"}]
+    assert report["read"] == 3 and report["written"] == 2
+    quarantine = RunDir(str(tmp_path / "run")).read_table("shards", "quarantine").to_pylist()
+    assert quarantine[0]["source"].startswith("ucm:scene-folders/")
+    with pytest.raises(IngestError, match="data.source: .*nowhere does not exist"):
+        ingest.run(RunDir(str(tmp_path / "run2")), DataConfig(source=str(geochat), engine="local", sources=[{"source": str(tmp_path / "nowhere")}]))
