@@ -1,6 +1,6 @@
 """How much the choice of alignment probe changes alignment-mmd's ranking and selection on a pool.
 
-    python jobs/alignment_probes.py runs/exp-align-both/splits/o0/base [--budgets 0.2,0.33]
+    python research/scripts/alignment_probes.py runs/exp-align-both/splits/o0/base [--budgets 0.2,0.33]
 
 Scores the pool of a run (its features/ and clusters/) with four held-out ridge probes: image ->
 text (the default), text -> image, both (their mean; `select.alignment_direction: both`) and a

@@ -1,7 +1,7 @@
 """How the training schedule moves the experiment: mR and zero-shot accuracy against epochs.
 
-    python jobs/schedule_curve.py runs/exp-3ep runs/exp-short runs/exp-grid runs/exp-long \
-        [--methods full,random,caption-both] [--budgets 1,0.2,0.33] [--out docs/results_schedule.png]
+    python research/scripts/schedule_curve.py runs/exp-3ep runs/exp-short runs/exp-grid runs/exp-long \
+        [--methods full,random,caption-both] [--budgets 1,0.2,0.33] [--out research/results/results_schedule.png]
 
 Reads every cell of the given experiment folders (`<out>/cells/<method>_b<budget>_s<seed>/
 summary.json`), groups the cells by method, budget and the epochs they trained for (the train

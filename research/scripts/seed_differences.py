@@ -1,8 +1,8 @@
 """Each method against random, seed by seed: the per-seed mR difference of one budget, with the
 2-random-sd line the selection target asks for.
 
-    python jobs/seed_differences.py runs/exp-20s20/results.json runs/exp-20img/results.json \
-        --budget 0.2 [--metric mR] [--seeds 5-19] [--out docs/results_20_seeds.png] [--pools]
+    python research/scripts/seed_differences.py runs/exp-20s20/results.json runs/exp-20img/results.json \
+        --budget 0.2 [--metric mR] [--seeds 5-19] [--out research/results/results_20_seeds.png] [--pools]
 
 Reads experiments' results.json (their `cells`), pairs every method's cell with random's cell of
 the same seed, budget and development split (the first file that has a cell wins, so overlapping

@@ -1,6 +1,6 @@
 """What each selection of an experiment looks like: class mix against the pool, caption redundancy.
 
-    python jobs/selection_mix.py runs/exp-grid [--budget 0.33]
+    python research/scripts/selection_mix.py runs/exp-grid [--budget 0.33]
 
 For every cell of `<out>/cells/*` with a manifest, averaged over seeds per method and budget:
 min class share (smallest ratio of a class's share of the selection to its share of the pool),

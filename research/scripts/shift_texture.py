@@ -1,6 +1,6 @@
 """How far the perturbation shift of the pool follows image texture: Spearman rank correlations.
 
-    python jobs/shift_texture.py runs/exp-grid/base [--limit N] [--side 224]
+    python research/scripts/shift_texture.py runs/exp-grid/base [--limit N] [--side 224]
 
 The pool is the rows of `<run>/features` with split == "train". For each pool image, texture is the
 mean gradient magnitude of its grey image: decode `image` from `<run>/shards`, convert to grey
