@@ -34,13 +34,22 @@ def test_index_names_every_config_result_and_plot():
         assert name.removeprefix("results_") in named or name in named, f"research/README.md does not list {name}"
 
 
+def _anchors(page: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"```.*?```", "", _read(page), flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+
+
 def test_relative_links_of_the_research_and_product_docs_resolve():
     pages = ["README.md", "research/README.md", "research/results.md"] + [os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md"))]
     broken = []
     for page in pages:
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", _read(page)):
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", _read(page)):
             if "://" in target:
                 continue
-            if not os.path.exists(os.path.join(ROOT, os.path.dirname(page), target)):
+            path = os.path.normpath(os.path.join(os.path.dirname(page), target)) if target else page
+            if not os.path.exists(os.path.join(ROOT, path)):
                 broken.append(f"{page}: {target}")
+            elif anchor and path.endswith(".md") and anchor not in _anchors(path):
+                broken.append(f"{page}: {target}#{anchor}")
     assert broken == []
