@@ -25,15 +25,20 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from rsdist.core.images import to_rgb
 from rsdist.features.perturb import IMAGE_PERTURBATIONS, perturb_batch, perturb_texts
 
 
 def decode_resized(data: bytes, size: int) -> np.ndarray:
-    """Encoded image bytes -> RGB uint8 [size, size, 3] (bilinear; JPEG decoded at reduced scale when much larger)."""
+    """Encoded image bytes -> RGB uint8 [size, size, 3] (bilinear; JPEG decoded at reduced scale when much larger).
+
+    16-bit and float images (shards written before ingest converted them) go through the same
+    conversion ingest applies (`rsdist.core.images.to_rgb`), not Pillow's clipping `convert("RGB")`.
+    """
     img = Image.open(io.BytesIO(data))
     if img.format == "JPEG":
         img.draft("RGB", (size, size))  # decode at >= size, cheaper for big JPEGs
-    img = img.convert("RGB")
+    img = to_rgb(img)
     if img.size != (size, size):
         img = img.resize((size, size), Image.BILINEAR)
     return np.asarray(img, dtype=np.uint8)

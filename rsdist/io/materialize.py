@@ -95,14 +95,16 @@ def materialize(item: Item, source_name: str, test_fraction: float, max_image_by
                 data = _read_blob(rec.blob)
         except FileNotFoundError as e:
             return _quarantine_row(rec.file, rec.key, rec.line, "missing-image", str(e))
-        except OSError as e:
-            return _quarantine_row(rec.file, rec.key, rec.line, "unreadable-image", f"{type(e).__name__}: {e}")
+        except Exception as e:  # OSError, or a damaged shard (pyarrow, tar) under the record
+            return _quarantine_row(rec.file, rec.key, rec.line, "unreadable-image", f"{type(e).__name__}: {e}"[:300])
+        if not isinstance(data, (bytes, bytearray)):
+            return _quarantine_row(rec.file, rec.key, rec.line, "unreadable-image", f"image value is {type(data).__name__}, not bytes")
         if len(data) > max_image_bytes:
             return _quarantine_row(rec.file, rec.key, rec.line, "too-large", f"image over data.max_image_bytes={max_image_bytes}")
         try:
             info = inspect_image(data)
         except ImageTooLarge as e:
-            return _quarantine_row(rec.file, rec.key, rec.line, "too-large", str(e))
+            return _quarantine_row(rec.file, rec.key, rec.line, "too-many-pixels", str(e))
         except UnreadableImage as e:
             return _quarantine_row(rec.file, rec.key, rec.line, "unreadable-image", str(e))
         data = info.data

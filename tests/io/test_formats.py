@@ -86,7 +86,7 @@ def test_coco_captions(tmp_path):
                                          "annotations": [{"image_id": 1, "caption": "c1"}, {"image_id": 1, "caption": "c2"}, {"image_id": 9, "caption": "orphan"}, {"image_id": 3, "caption": "c3"}]})
     result, rows, reasons = _run(tmp_path, str(root))
     assert result.extra["format"] == "coco-captions" and [r["captions"] for r in rows] == [["c1", "c2"]]
-    assert result.extra["quarantined_by_reason"] == {"bad-record": 1, "empty-text": 1, "missing-image": 1}
+    assert result.extra["quarantined_by_reason"] == {"dangling-ref": 1, "empty-text": 1, "missing-image": 1}
 
 
 def test_llava_json_keeps_turns_tags_and_text_only_rows(tmp_path):
