@@ -142,10 +142,10 @@ def _printable(text: str) -> str:
 
 def _unencodable_field(rec: Record) -> Optional[str]:
     """The name of the first text field of `rec` that is not valid UTF-8, or None."""
-    fields = [(name, getattr(rec, name)) for name in ("key", "file", "text", "answer", "label", "split", "image")]
-    fields += [(f"captions[{k}]", c) for k, c in enumerate(rec.captions or [])]
+    fields = [("key", rec.key), ("file", rec.file)] + [(f"captions[{k}]", c) for k, c in enumerate(rec.captions or [])]
     for k, turn in enumerate(rec.conversations or []):
         fields += [(f"conversations[{k}].from", turn["from"]), (f"conversations[{k}].value", turn["value"])]
+    fields += [(name, getattr(rec, name)) for name in ("text", "answer", "label", "split", "image")]
     for name, value in fields:
         if isinstance(value, str) and not _encodable(value):
             return name
