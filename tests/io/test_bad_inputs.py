@@ -320,6 +320,8 @@ CASES = [
     Case("llava-lone-surrogate", "llava-json", lambda r: _llava(r, [], raw=b'[%s, {"id": "s", "image": "good.png", "conversations": [{"from": "human", "value": "\\ud83d"}]}]' % json.dumps(GOOD_LLAVA).encode()),
          error="is a lone surrogate", names="instruct.json:1"),
     Case("llava-top-level-object", "llava-json", lambda r: (_llava(r, [], raw=b'{"conversations": []}'), {"format": "llava-json"}), error="not a JSON list of conversations", names="instruct.json"),
+    Case("llava-image-without-images-root", "llava-json", lambda r: (put(f"{r}/instruct.json", json.dumps([GOOD_LLAVA])), str(r))[1],
+         error="names image 'good.png' but the images root", names="llava-image-without-images-root/images"),
     # rsvqa
     Case("rsvqa-dangling-image", "rsvqa", lambda r: _rsvqa(r, [{"id": 1, "img_id": 7, "question": "Is it rural?", "answers_ids": [0], "active": True}]), "dangling-ref", "image id 7"),
     Case("rsvqa-dangling-answer", "rsvqa", lambda r: _rsvqa(r, [{"id": 1, "img_id": 0, "question": "Is it rural?", "answers_ids": [42], "active": True}]), "dangling-ref", "answer ids [42]"),
