@@ -339,6 +339,15 @@ def _flag_exact_duplicates(run: RunDir, content: ContentIndex) -> int:
     return sum(len(rows) for rows in by_chunk.values())
 
 
+def _first_quarantined(run: RunDir) -> str:
+    """'<file> <key>: <reason>: <detail>' of the first quarantined record, for an error line."""
+    files = run.parquet_files(FOLDER, "quarantine")
+    if not files:
+        return "none"
+    row = run.read_table(FOLDER, "quarantine", posixpath.basename(files[0])).slice(0, 1).to_pylist()[0]
+    return f"{row['source']} (key {row['key']}): {row['reason']}: {row['detail']}"
+
+
 # --- the stage ---------------------------------------------------------------------------------
 
 
@@ -376,7 +385,7 @@ def run(run: RunDir, data: DataConfig) -> StageResult:
         raise IngestError(f"data.source: {data.source} holds no {src.format} records; check data.source and data.format")
     if report["written"] == 0:
         raise IngestError(f"data.source: none of the {report['read']} records of {data.source} could be ingested "
-                          f"(quarantined: {report['quarantined_by_reason']}); see {run.path(FOLDER, 'quarantine')}")
+                          f"(quarantined: {report['quarantined_by_reason']}; the first: {_first_quarantined(run)}); see {run.url(FOLDER, 'quarantine')}")
     log.info("ingest: %s: read %d, written %d, quarantined %d %s, exact duplicates %d, splits %s", src.name, report["read"],
              report["written"], quarantined, report["quarantined_by_reason"], report["duplicates"], report["splits"])
     extra = {k: report[k] for k in ("format", "quarantined", "quarantined_by_reason", "duplicates")}

@@ -27,7 +27,7 @@ from PIL import Image
 from rsdist.cli import main
 from rsdist.config import DataConfig
 from rsdist.ingest import stage as ingest
-from rsdist.ingest.readers import FORMATS
+from rsdist.ingest.readers import FORMATS, IngestError
 from rsdist.core.rundir import RunDir
 from tests.ingest.conftest import geotiff_bytes, image_bytes, put, write_json
 
@@ -339,6 +339,8 @@ CASES = [
     Case("parquet-captions-plain-string", "parquet", lambda r: _parquet(r, pa.table({"image": _image_column(2), "captions": ["a", "b"]})), error="column 'captions' (role captions) is string", names="train-00000.parquet"),
     Case("parquet-not-parquet-file", "parquet", lambda r: (_parquet(r, pa.table({"image": _image_column(1), "text": ["caption of 0"]})), put(f"{r}/train-00001.parquet", b"PAR1 not really"), str(r))[2],
          "unreadable-shard", "not a readable parquet file"),
+    Case("parquet-only-file-not-parquet", "parquet", lambda r: (put(f"{r}/train-00000.parquet", b"PAR1 not really"), str(r))[1],
+         error="the first: train-00000.parquet (key train-00000.parquet): unreadable-shard: file: not a readable parquet file", names="train-00000.parquet"),
     Case("parquet-path-only-image", "parquet", lambda r: _parquet(r, pa.table({"image": [*_image_column(1), {"bytes": None, "path": "/etc/hostname"}], "text": ["a", "b"]})), "missing-image", "only as path"),
     Case("parquet-junk-bytes", "parquet", lambda r: _parquet(r, pa.table({"image": [*_image_column(1), {"bytes": b"junk", "path": "j.png"}], "text": ["a", "b"]})), "unreadable-image"),
     Case("parquet-null-caption", "parquet", lambda r: _parquet(r, pa.table({"image": _image_column(2), "captions": [["a"], ["b", None]]})), "bad-field", "captions[1]"),
@@ -403,12 +405,22 @@ def test_bad_record_is_quarantined_with_its_reason(case: Case, tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("case", _error_cases())
-def test_unusable_input_is_one_error_line_naming_the_file(case: Case, tmp_path, capsys, ray_session):
+def test_unusable_input_is_one_error_naming_the_file(case: Case, tmp_path):
+    """The stage raises one IngestError, a single line the CLI prints as `rsdist: error: ...`."""
     root = str(tmp_path / case.id)
     source, overrides = _build(case, root)
-    argv = ["ingest", "--source", source, "--format", overrides.get("format", case.format), "--out", str(tmp_path / "run"), "--set", "data.engine=local"]
-    assert main(argv) == 2
+    data = DataConfig(source=source, **{"format": case.format, "engine": "local", **overrides})
+    with pytest.raises(IngestError) as raised:
+        ingest.run(RunDir(str(tmp_path / "run")), data)
+    message = str(raised.value)
+    assert "\n" not in message and case.error in message and case.names in message, message
+
+
+def test_the_cli_prints_an_unusable_input_as_one_line(tmp_path, capsys, ray_session):
+    case = next(c for c in CASES if c.id == "counts-fit-another-per-image")
+    source, _ = _build(case, str(tmp_path / case.id))
+    assert main(["ingest", "--source", source, "--out", str(tmp_path / "run"), "--set", "data.engine=local"]) == 2
     err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.startswith("rsdist: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert case.error in lines[0] and case.names in lines[0], lines[0]
+    assert "Traceback" not in err and [ln for ln in err.splitlines() if ln.startswith("rsdist:")] == [
+        f"rsdist: error: file://{source}/captions/train_caps.txt: 40 caption lines do not match 10 names in file://{source}/captions/train_filename.txt "
+        "(neither data.captions_per_image=5 per name nor one per name); they fit 4 per image: set data.captions_per_image: 4 if that is the layout"]
