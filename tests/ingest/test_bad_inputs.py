@@ -269,6 +269,8 @@ CASES = [
     # captions-txt
     Case("counts-fit-another-per-image", "captions-txt", lambda r: _captions_txt(r, [f"i{k}.png" for k in range(10)], [f"caption of i{k // 5}" for k in range(40)]),
          error="they fit 4 per image: set data.captions_per_image: 4", names="train_caps.txt"),
+    Case("counts-with-declared-per-image", "captions-txt", lambda r: (_captions_txt(r, [f"i{k}.png" for k in range(10)], [f"caption of i{k // 4}" for k in range(40)]), {"captions_per_image": 4}),
+         check=lambda rows, q: len(rows) == 10 and _aligned(rows, q) is None),
     Case("counts-fit-no-layout", "captions-txt", lambda r: _captions_txt(r, ["a.png", "b.png"], ["x", "y", "z"]), error="3 caption lines do not match 2 names", names="train_caps.txt"),
     Case("trailing-empty-captions", "captions-txt", lambda r: _captions_txt(r, [f"i{k}.png" for k in range(5)], [c for k in range(4) for c in _five(f"i{k}.png")] + [""] * 5),
          "empty-text", "line 21", check=_aligned),
