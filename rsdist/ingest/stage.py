@@ -15,6 +15,9 @@ Output: `<run>/shards/part-NNNNN.parquet`   CANONICAL_SCHEMA, in source order. S
                                             format, splits, notes; read = written + quarantined
 Rows that repeat an earlier row's image bytes and text carry `duplicate_of` (the first one's
 sample_id) in `meta`; they are flagged, not dropped.
+Bad input: a bad record is quarantined with a reason code (docs/ingest.md lists them); an input
+that cannot be read as a whole, or only by guessing, raises `IngestError` (one line naming the
+file, and the line where there is one), as does a source with no records or none ingestible.
 
 Resources: the driver only enumerates records (metadata, streamed from the index files), plans
 chunks and collects their counts. With Ray, one Ray Data task per chunk (`Resources(num_cpus=1)`)
