@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rsdist.ingest.images import ImageTooLarge, UnreadableImage, inspect_image
-from rsdist.ingest.readers import Bad, Item, Record, item_from_json
+from rsdist.ingest.readers import Bad, Item, Record, item_from_json, outside_root
 from rsdist.core.rundir import RunDir
 from rsdist.core.schema import CANONICAL_SCHEMA, QUARANTINE_SCHEMA, empty_row, hash_split, make_sample_id
 
@@ -87,6 +87,9 @@ def materialize(item: Item, source_name: str, test_fraction: float, max_image_by
     meta = dict(rec.meta)
     data = None
     if rec.image or rec.blob:
+        elsewhere = outside_root(rec.image, rec.root) if rec.image else None
+        if elsewhere is not None:
+            return _quarantine_row(rec.file, rec.key, rec.line, "outside-root", f"{rec.image} now leads to {elsewhere}, outside the images root; not opened")
         try:
             if rec.image:
                 with fsspec.open(rec.image, "rb") as f:

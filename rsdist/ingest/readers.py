@@ -54,6 +54,7 @@ class Record:
     label: Optional[str] = None
     split: Optional[str] = None
     meta: dict = field(default_factory=dict)
+    root: Optional[str] = None  # local disk: the real path of the images root, checked again when the image is opened
 
     def to_json(self) -> str:
         return json.dumps({"kind": "record", **asdict(self)})
@@ -106,7 +107,8 @@ class ImageIndex:
         self.by_name: dict[str, str] = {}
         self.ambiguous: set[str] = set()
         self.outside: dict[str, str] = {}  # relative path -> the real path outside the root it leads to
-        real_root = _local_real_path(fs, self.root)
+        self.real_root = real_root = _local_real_path(fs, self.root)
+        real_dirs: dict[str, str] = {}
         for path in sorted(fs.find(self.root)):
             rel = posixpath.relpath(path, self.root)
             name = posixpath.basename(rel)
@@ -118,7 +120,7 @@ class ImageIndex:
             else:
                 self.by_name[name] = path
             if real_root is not None:
-                real = os.path.realpath(path)
+                real = _real_path(path, real_dirs)
                 if not _inside(real, real_root):
                     self.outside[rel] = real
 
@@ -167,6 +169,24 @@ def _local_real_path(fs: fsspec.AbstractFileSystem, path: str) -> Optional[str]:
     """The real path of `path` on a local disk (symlinks resolved); None on other filesystems."""
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return os.path.realpath(path) if "file" in protocols or "local" in protocols else None
+
+
+def _real_path(path: str, real_dirs: dict[str, str]) -> str:
+    """os.path.realpath(path), resolving each folder once (one lstat per file that is not a link)."""
+    if os.path.islink(path):
+        return os.path.realpath(path)
+    folder = os.path.dirname(path)
+    if folder not in real_dirs:
+        real_dirs[folder] = os.path.realpath(folder)
+    return os.path.join(real_dirs[folder], os.path.basename(path))
+
+
+def outside_root(url: str, real_root: Optional[str]) -> Optional[str]:
+    """The real path `url` leads to when that is outside `real_root` (a local images root), else None."""
+    if real_root is None:
+        return None
+    real = os.path.realpath(fsspec.core.url_to_fs(url)[1])
+    return None if _inside(real, real_root) else real
 
 
 def _inside(real: str, real_root: str) -> bool:
@@ -333,7 +353,7 @@ def _image_record(src: Source, rec: Record, name: Optional[str]) -> Item:
         url = src.images.resolve(name)
     except Unresolved as e:
         return Bad(rec.key, rec.file, rec.line, e.reason, e.detail)
-    rec.image = url
+    rec.image, rec.root = url, src.images.real_root
     if rec.label is None:
         rec.label = src.images.label_of(url)
     return rec
@@ -360,7 +380,7 @@ def read_scene_folders(src: Source) -> Iterator[Item]:
             skipped += 1
             continue
         label = parts[-2] if len(parts) >= 2 else None
-        rec = Record(key=rel, file=posixpath.dirname(rel) or ".", line=0, task="classification", image=src.url(path), label=label)
+        rec = Record(key=rel, file=posixpath.dirname(rel) or ".", line=0, task="classification", image=src.url(path), label=label, root=src.images.real_root)
         rec.text = readable_label(label) if label else None
         rec.meta = {"text_from": "label"}
         try:

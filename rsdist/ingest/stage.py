@@ -109,7 +109,7 @@ class _MissingRoot(ImageIndex):
     """Instruction data may be text-only; an image reference without an images root is an error."""
 
     def __init__(self, fs, root: str):
-        self.fs, self.root, self.by_rel, self.by_name, self.ambiguous, self.outside = fs, root, {}, {}, set(), {}
+        self.fs, self.root, self.by_rel, self.by_name, self.ambiguous, self.outside, self.real_root = fs, root, {}, {}, set(), {}, None
 
     def resolve(self, name: str) -> str:
         raise IngestError(f"data.images: a record names image {name!r} but the images root {self.fs.unstrip_protocol(self.root)} does not exist")

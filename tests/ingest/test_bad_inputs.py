@@ -426,3 +426,17 @@ def test_the_cli_prints_an_unusable_input_as_one_line(tmp_path, capsys, ray_sess
     assert "Traceback" not in err and [ln for ln in err.splitlines() if ln.startswith("rsdist:")] == [
         f"rsdist: error: file://{source}/captions/train_caps.txt: 40 caption lines do not match 10 names in file://{source}/captions/train_filename.txt "
         "(neither data.captions_per_image=5 per name nor one per name); they fit 4 per image: set data.captions_per_image: 4 if that is the layout"]
+
+
+def test_a_file_swapped_for_a_link_after_listing_is_not_opened(tmp_path):
+    """The images root is listed first and read later (on workers): the check is repeated at open."""
+    from rsdist.ingest.materialize import materialize
+
+    root = _scene(str(tmp_path / "ds"), {"Forest/late.png": image_bytes()})
+    src = ingest.open_source(DataConfig(source=root, format="scene-folders"))
+    items = {i.key: i for i in ingest.iter_items(src)}
+    os.remove(f"{root}/images/Forest/late.png")
+    _outside_link(root, "Forest/late.png")
+    row = materialize(items["Forest/late.png"], src.name, 0.1, 1 << 20)
+    assert row["_reason"] == "outside-root" and "secret.png" in row["_detail"]
+    assert materialize(items["Forest/good.png"], src.name, 0.1, 1 << 20)["image_format"] == "png"
