@@ -6,9 +6,14 @@ their meaning (a 16-bit band clips to white). They are converted here instead: t
 three bands (a single band is repeated three times); an 8-bit band is kept as is; any other band
 is stretched linearly between its 2nd and 98th percentile (computed over that band's finite
 pixels) to 0..255 and clipped. A constant band maps to 0.
+
+Pillow opens a 16-bit colour PNG as 8-bit RGB keeping only each sample's high byte (12-bit
+imagery in a 16-bit PNG comes out nearly black), so `png16_array` reads those with pypng.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -49,3 +54,35 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in NUMERIC_MODES:
         return Image.fromarray(bands_to_rgb(np.asarray(img)), "RGB")
     return img.convert("RGB")
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png16_array(data: bytes) -> Optional[np.ndarray]:
+    """The uint16 (H, W, bands) pixels of a 16-bit colour PNG (RGB, RGBA or grey + alpha), else None.
+
+    Pillow reads 16-bit grey PNGs in full (mode I;16, handled by `to_rgb`) but colour ones as 8 bits.
+    """
+    if len(data) < 26 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR" or data[24] != 16 or data[25] not in (2, 4, 6):
+        return None
+    import png
+
+    width, height, rows, info = png.Reader(bytes=data).asDirect()
+    return np.vstack([np.asarray(row, np.uint16) for row in rows]).reshape(height, width, info["planes"])
+
+
+def decode_rgb(data: bytes, draft_size: Optional[int] = None) -> Image.Image:
+    """Encoded bytes -> an RGB Pillow image, non-8-bit pixels converted by `bands_to_rgb`.
+
+    `draft_size`: a JPEG is decoded at reduced scale, no smaller than this side.
+    """
+    wide = png16_array(data)
+    if wide is not None:
+        return Image.fromarray(bands_to_rgb(wide), "RGB")
+    import io
+
+    img = Image.open(io.BytesIO(data))
+    if img.format == "JPEG" and draft_size:
+        img.draft("RGB", (draft_size, draft_size))
+    return to_rgb(img)

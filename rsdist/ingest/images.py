@@ -2,8 +2,8 @@
 
 `inspect_image(data)` fully decodes the bytes (a header alone does not reveal a truncated JPEG),
 returns the format, width and height, and the bytes to store. Bytes are stored as found, with
-one exception: images Pillow cannot turn into RGB without losing their meaning (16-bit PNG or
-TIFF, 32-bit integer or float pixels, TIFFs with more than four bands as in Sentinel-2 or
+one exception: images Pillow cannot turn into RGB without losing their meaning (16-bit PNG (read
+with pypng when in colour: Pillow keeps only the high byte) or TIFF, 32-bit integer or float pixels, TIFFs with more than four bands as in Sentinel-2 or
 multi-band GeoTIFF) are converted once, here, to an 8-bit RGB PNG so that every later stage can
 decode any shard row with `PIL.Image.open(...).convert("RGB")`. The conversion is
 `rsdist.core.images.bands_to_rgb` (first three bands, per-band p2..p98 stretch); the original
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from rsdist.core.images import NUMERIC_MODES, SCALING, bands_to_rgb
+from rsdist.core.images import NUMERIC_MODES, SCALING, bands_to_rgb, png16_array
 
 # Modes Pillow converts to RGB without loss of meaning; anything else in a TIFF is converted here.
 _RGB_READY_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"}
@@ -65,6 +65,10 @@ def inspect_image(data: bytes) -> ImageInfo:
             width, height = img.size
             if fmt == "tiff" and img.mode not in _RGB_READY_MODES:
                 return _tiff_to_png(data)
+            if fmt == "png":
+                wide = png16_array(data)
+                if wide is not None:
+                    return _to_png(bands_to_rgb(wide), fmt, "uint16", wide.shape[2])
             if img.mode in NUMERIC_MODES:
                 img.load()
                 arr = np.asarray(img)

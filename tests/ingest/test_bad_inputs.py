@@ -145,6 +145,16 @@ def _png16() -> bytes:
     return buf.getvalue()
 
 
+def _png16_rgb() -> bytes:
+    """12-bit data in a 16-bit RGB PNG (Pillow alone would keep the high byte: values 0..15)."""
+    import png
+
+    arr = np.random.default_rng(1).integers(0, 4096, (16, 24, 3)).astype(np.uint16)
+    buf = io.BytesIO()
+    png.Writer(24, 16, greyscale=False, bitdepth=16).write(buf, arr.reshape(16, -1).tolist())
+    return buf.getvalue()
+
+
 def _float_tiff() -> bytes:
     import tifffile
 
@@ -262,6 +272,7 @@ CASES = [
     Case("png-over-pixel-limit", "scene-folders", lambda r: _scene(r, {"Forest/big.png": image_bytes(size=(200, 100))}), "too-many-pixels", settings=_pixel_limit(5000)),
     Case("image-over-max-bytes", "scene-folders", lambda r: (_scene(r, {"Forest/big.png": _noise_png(64)}), {"max_image_bytes": 4000}), "too-large", "max_image_bytes"),
     Case("16-bit-png-converted", "scene-folders", lambda r: _scene(r, {"Forest/z16.png": _png16()}), check=_converted("png")),
+    Case("16-bit-rgb-png-converted", "scene-folders", lambda r: _scene(r, {"Forest/z16rgb.png": _png16_rgb()}), check=_converted("png")),
     Case("float-tiff-converted", "scene-folders", lambda r: _scene(r, {"Forest/zf.tif": _float_tiff()}), check=_converted("tiff")),
     Case("symlink-to-outside-file", "scene-folders", _scene_symlink, "outside-root", "secret.png"),
     Case("symlinked-folder-outside", "scene-folders", _scene_symlinked_folder, check=lambda rows, q: [r["label"] for r in rows] == ["Forest"]),
