@@ -119,7 +119,7 @@ def iter_items(src: Source) -> Iterator[Item]:
     """The source's records in a fixed order, with repeated keys turned into `duplicate-key` and
     text that cannot be stored as UTF-8 (a lone surrogate from a JSON escape) into `bad-encoding`."""
     seen = KeySet()
-    for item in READERS[src.format](src):
+    for item in _read_index(src):
         if isinstance(item, Record):
             bad_field = _unencodable_field(item)
             if bad_field is not None:
@@ -129,6 +129,14 @@ def iter_items(src: Source) -> Iterator[Item]:
         else:
             item = Bad(_printable(item.key), _printable(item.file), item.line, item.reason, _printable(item.detail))
         yield item
+
+
+def _read_index(src: Source) -> Iterator[Item]:
+    """The format reader's items; an index file the filesystem refuses to read is one error line."""
+    try:
+        yield from READERS[src.format](src)
+    except OSError as e:
+        raise IngestError(f"{src.url(src.path)}: an index file cannot be read: {type(e).__name__}: {e}") from None
 
 
 def _encodable(text) -> bool:

@@ -451,3 +451,14 @@ def test_a_file_swapped_for_a_link_after_listing_is_not_opened(tmp_path):
     row = materialize(items["Forest/late.png"], src.name, 0.1, 1 << 20)
     assert row["_reason"] == "outside-root" and "secret.png" in row["_detail"]
     assert materialize(items["Forest/good.png"], src.name, 0.1, 1 << 20)["image_format"] == "png"
+
+
+def test_an_index_file_that_cannot_be_read_is_one_error(tmp_path):
+    """A name that matches the index pattern but cannot be opened (a link to a folder) stops the stage in one line."""
+    root = tmp_path / "ds"
+    _jsonl(str(root), [GOOD_JSONL])
+    os.symlink(root / "images", root / "more.jsonl")
+    with pytest.raises(IngestError) as raised:
+        ingest.run(RunDir(str(tmp_path / "run")), DataConfig(source=str(root), format="captions-jsonl", engine="local"))
+    assert "\n" not in str(raised.value) and "an index file cannot be read: IsADirectoryError" in str(raised.value), raised.value
+    assert "more.jsonl" in str(raised.value)
