@@ -347,6 +347,7 @@ CASES = [
     Case("wds-bad-json-member", "webdataset", lambda r: _wds(r, _tar([*GOOD_WDS, ("b.png", image_bytes()), ("b.json", b"{oops")])), "bad-json", "b.json"),
     Case("wds-text-not-utf8", "webdataset", lambda r: _wds(r, _tar([*GOOD_WDS, ("b.png", image_bytes()), ("b.txt", b"\xff\xfe caption")])), "bad-encoding", "b.txt"),
     Case("wds-captions-not-list", "webdataset", lambda r: _wds(r, _tar([*GOOD_WDS, ("b.png", image_bytes()), ("b.json", b'{"captions": "one string"}')])), "bad-field", "'captions'"),
+    Case("wds-json-lone-surrogate", "webdataset", lambda r: _wds(r, _tar([*GOOD_WDS, ("b.png", image_bytes()), ("b.json", b'{"caption": "x \\ud800"}')])), "bad-encoding", "captions[0]"),
     # parquet
     Case("parquet-image-int64", "parquet", lambda r: _parquet(r, pa.table({"image": [1, 2], "text": ["a", "b"]})), error="column 'image' (role image) is int64", names="train-00000.parquet"),
     Case("parquet-captions-plain-string", "parquet", lambda r: _parquet(r, pa.table({"image": _image_column(2), "captions": ["a", "b"]})), error="column 'captions' (role captions) is string", names="train-00000.parquet"),
@@ -357,6 +358,8 @@ CASES = [
     Case("parquet-path-only-image", "parquet", lambda r: _parquet(r, pa.table({"image": [*_image_column(1), {"bytes": None, "path": "/etc/hostname"}], "text": ["a", "b"]})), "missing-image", "only as path"),
     Case("parquet-junk-bytes", "parquet", lambda r: _parquet(r, pa.table({"image": [*_image_column(1), {"bytes": b"junk", "path": "j.png"}], "text": ["a", "b"]})), "unreadable-image"),
     Case("parquet-null-caption", "parquet", lambda r: _parquet(r, pa.table({"image": _image_column(2), "captions": [["a"], ["b", None]]})), "bad-field", "captions[1]"),
+    Case("parquet-unknown-task", "parquet", lambda r: _parquet(r, pa.table({"image": _image_column(2), "text": ["a", "b"], "task": ["caption", "segmentation"]})), "bad-field", "one of caption"),
+    Case("parquet-unknown-split-word", "parquet", lambda r: _parquet(r, pa.table({"image": _image_column(2), "text": ["a", "b"], "split": ["train", "holdout"]})), "bad-field", "'split'"),
     Case("parquet-no-text-or-label", "parquet", lambda r: _parquet(r, pa.table({"image": _image_column(2), "text": ["a", None]})), "empty-text"),
 ]
 
