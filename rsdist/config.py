@@ -77,6 +77,7 @@ class DataConfig:
     val_fraction: float = _help("Share of samples held out for validation when the data has no split of its own: split 'val', never selected or trained on, read by train.keep_epoch 'best-val'; the window [test_offset + test_fraction, + val_fraction) (mod 1), next to the held-out one. 0 = none.", default=0.0)
     shard_rows: int = _help("Rows per canonical parquet shard.", default=512)
     max_image_bytes: int = _help("Images larger than this are quarantined as too-large.", default=32 * 1024 * 1024)
+    captions_per_image: int = _help("captions-txt per-image layout: caption lines per file name (RSICD, UCM and Sydney captions: 5); other counts are an error, not a guess.", default=5)
     synthetic_per_class: int = _help("Unique scenes per class in the generated demo set.", default=40)
     engine: str = _help(f"How ingest reads images, one of {INGEST_ENGINES}: 'ray' = one Ray Data task per shard reads, decodes and writes it, 'local' = this process, 'auto' = Ray when it is up and the source has at least `parallel_min_records` records.", default="auto")
     parallel_min_records: int = _help("With engine 'auto', the fewest records worth a Ray Data pass.", default=2000)
@@ -91,6 +92,8 @@ class DataConfig:
             raise ConfigError(f"data.val_fraction: {self.val_fraction} plus data.test_fraction={self.test_fraction} must leave a training pool (sum below 1)")
         _positive("data.shard_rows", self.shard_rows)
         _positive("data.max_image_bytes", self.max_image_bytes)
+        if not isinstance(self.captions_per_image, int) or isinstance(self.captions_per_image, bool) or self.captions_per_image < 1:
+            raise ConfigError(f"data.captions_per_image: {self.captions_per_image!r} must be a whole number >= 1")
         _positive("data.synthetic_per_class", self.synthetic_per_class)
         _choice("data.engine", self.engine, INGEST_ENGINES)
         _positive("data.parallel_min_records", self.parallel_min_records)
