@@ -22,6 +22,7 @@ from rsdist.stage import StageResult, completed, fingerprint, run_stage
 log = logging.getLogger("rsdist")
 
 SYNTHETIC_FOLDER = "synthetic_source"
+SYNTHETIC_DONE = "_SUCCESS.json"
 
 
 @dataclass(frozen=True)
@@ -41,12 +42,13 @@ def resolve_data(run: RunDir, data: DataConfig) -> DataConfig:
         return data
     from rsdist import synthetic
 
-    if not run.exists(SYNTHETIC_FOLDER, "captions", "train_caps.txt"):
+    if not run.exists(SYNTHETIC_FOLDER, SYNTHETIC_DONE):
+        # written in place, then committed by a marker (a folder rename is not atomic, or not a
+        # rename at all, on object stores); a generation cut short is redone from scratch
         log.info("generating the SYNTHETIC demo dataset (%d scenes per class)", data.synthetic_per_class)
-        tmp = run.url(SYNTHETIC_FOLDER + ".partial")
-        run.remove(SYNTHETIC_FOLDER + ".partial")
-        synthetic.generate(tmp, per_class=data.synthetic_per_class)
-        run.fs.mv(run.path(SYNTHETIC_FOLDER + ".partial"), run.path(SYNTHETIC_FOLDER), recursive=True)
+        run.remove(SYNTHETIC_FOLDER)
+        synthetic.generate(run.url(SYNTHETIC_FOLDER), per_class=data.synthetic_per_class)
+        run.write_json({"per_class": data.synthetic_per_class}, SYNTHETIC_FOLDER, SYNTHETIC_DONE)
     return dataclasses.replace(data, source=run.url(SYNTHETIC_FOLDER), format="captions-txt")
 
 
@@ -84,14 +86,15 @@ def run_pipeline(cfg: RunConfig, only: list[str] | None = None, force: bool = Fa
     same output another way, under the same fingerprint (an experiment's second split takes its
     features from the first split's run: rsdist/features/resplit.py).
     """
-    from rsdist.raycluster import init_ray
+    from rsdist.raycluster import check_job_run_dir, init_ray
     from rsdist.report import build_summary, write_report
 
     for name in [*(only or []), *(bodies or {})]:
         if name not in STAGE_NAMES:
             raise ValueError(f"stage: {name!r} is not one of: {', '.join(STAGE_NAMES)}")
+    check_job_run_dir(cfg.run_dir)
     run = run or RunDir(cfg.run_dir)
-    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.demand_timeout_s, cfg.ray.autoscaler_config)
     data = resolve_data(run, cfg.data)
     run.write_json({"rsdist": rsdist.__version__, **config_to_dict(cfg)}, "config.json")
     specs = [dataclasses.replace(s, body=(bodies or {}).get(s.name, s.body)) for s in stage_specs(cfg, data)]
