@@ -27,8 +27,8 @@ import numpy as np
 from rsdist.cluster.engine import FitResult, KMeansDriver, auto_k
 from rsdist.cluster.shards import ShardActor, Unit, plan_units, split_units
 from rsdist.config import ClusterConfig
-from rsdist.io.rundir import RunDir
-from rsdist.stage import Resources, StageResult
+from rsdist.core.rundir import RunDir
+from rsdist.stage import Resources, Stage, StageResult
 
 log = logging.getLogger("rsdist")
 
@@ -38,14 +38,14 @@ NAME = "clusters"
 def actor_resources(cfg: ClusterConfig) -> Resources:
     """Per-actor resources: `gpus_per_actor` GPUs (one when -1) when `cluster.device` means GPUs
     (cuda, or auto on a cluster that has or can add GPU nodes), else none."""
-    from rsdist.raycluster import use_gpus
+    from rsdist.core.raycluster import use_gpus
 
     gpus = (1.0 if cfg.gpus_per_actor < 0 else cfg.gpus_per_actor) if use_gpus(cfg.device) else 0.0
     return Resources(num_cpus=cfg.cpus_per_actor, num_gpus=gpus, memory=cfg.memory_per_actor_gb * 1e9)
 
 
 def actor_demand(cfg: ClusterConfig, res: Resources) -> "Demand":
-    from rsdist.raycluster import Demand
+    from rsdist.core.raycluster import Demand
 
     settings = {"CPU": "cluster.cpus_per_actor", "GPU": "cluster.device / cluster.gpus_per_actor", "memory": "cluster.memory_per_actor_gb"}
     return Demand(res.bundle(), settings, count=cfg.num_actors or 1)
@@ -116,7 +116,7 @@ def run(run: RunDir, cfg: ClusterConfig) -> StageResult:
     import ray
 
     units = plan_units(run, "features")
-    from rsdist.raycluster import alive_nodes, ensure_demand
+    from rsdist.core.raycluster import alive_nodes, ensure_demand
 
     res = actor_resources(cfg)
     ensure_demand(actor_demand(cfg, res))
@@ -176,3 +176,6 @@ def run(run: RunDir, cfg: ClusterConfig) -> StageResult:
     }
     run.write_json({**{str(c): int(v) for c, v in enumerate(labels["counts"])}, **summary}, NAME, "sizes.json")
     return StageResult(rows_in=n, rows_out=labels["rows"], extra={**summary, **timings, "resumed_units": labels["skipped_units"]})
+
+
+STAGE = Stage(name="cluster", folder=NAME, reads=("features",), section="cluster", resources=actor_resources, run=run, resumable=True)
