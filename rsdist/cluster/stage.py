@@ -67,7 +67,9 @@ def start_actors(run: RunDir, owners: list[list[Unit]], cfg: ClusterConfig, res:
     """One ShardActor per owner list; each reads its own units' training rows."""
     import ray
 
-    remote = ray.remote(ShardActor).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, **({"memory": res.memory} if res.memory else {}))
+    # an actor lost with its node is started again elsewhere (it reads its own units again) and
+    # the call it was serving is retried, so the fit goes on
+    remote = ray.remote(ShardActor).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=3, max_task_retries=3, **({"memory": res.memory} if res.memory else {}))
     threads = max(1, math.ceil(res.num_cpus))
     log.info("cluster: %d shard actors (%s CPU, %s GPU each) over %d units", len(owners), res.num_cpus, res.num_gpus, sum(map(len, owners)))
     return [remote.remote(run.uri, own, cfg.space, cfg.metric, cfg.backend, cfg.chunk_mb << 20, threads, cfg.precision) for own in owners]

@@ -75,6 +75,10 @@ def job_working_dir() -> str | None:
     return os.environ.get("PWD") or None
 
 
+def _current_folder() -> str:
+    return os.getcwd()
+
+
 def settle_job_working_dir() -> None:
     """Re-enter the job's working directory once Ray has finished setting it up on this node.
 
@@ -92,7 +96,7 @@ def settle_job_working_dir() -> None:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    ray.get(ray.remote(num_cpus=0)(os.getcwd).options(scheduling_strategy=here).remote())
+    ray.get(ray.remote(num_cpus=0)(_current_folder).options(scheduling_strategy=here).remote())
     if os.path.isdir(folder):
         os.chdir(folder)
 
