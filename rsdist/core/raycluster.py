@@ -143,8 +143,7 @@ def node_types(path: str | None = None) -> list[dict[str, float]] | None:
         resources = {k: float(v) for k, v in (spec.get("resources") or {}).items()}
         if not resources:
             return None
-        if "memory" in spec.get("resources", {}):
-            resources["memory"] = float(spec["resources"]["memory"])
+        resources.setdefault("memory", float("inf"))  # not declared: Ray measures it on the node
         types.append(resources)
     return types
 
@@ -154,15 +153,16 @@ def fits(bundle: dict, node: dict) -> bool:
     return all(float(node.get(k, 0.0)) + EPS >= v for k, v in bundle.items() if v > 0)
 
 
-def use_gpus(device: str) -> bool:
+def use_gpus(device: str, offered: list[dict[str, float]] | None = None) -> bool:
     """A stage's `device` setting as GPUs or not: 'cuda' asks for GPUs (present or not, so the
     autoscaler adds them), 'cpu' never; 'auto' when a live node, or a node type the autoscaler
-    may start, has a GPU."""
+    may start, has a GPU (`offered`: those nodes and types, looked up when not given)."""
     if device == "cuda":
         return True
     if device == "cpu":
         return False
-    offered = alive_nodes() + (node_types() or [])
+    if offered is None:
+        offered = alive_nodes() + (node_types() or [])
     return any(float(n.get("GPU", 0.0)) >= 1 for n in offered)
 
 

@@ -110,6 +110,7 @@ class RunDir:
         except BaseException:
             if hasattr(f, "discard"):
                 f.discard()  # s3fs: abort the multipart upload; nothing appears under the key
+                f.closed = True  # and never complete it when the object is collected
             raise
         f.close()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -101,7 +102,7 @@ class LocalCluster:
     def _kill_leftovers(self) -> None:
         """Processes of this cluster that left their node's process group (e.g. nodes the fake
         autoscaler started), found by this cluster's own temporary folder or GCS port."""
-        marks = (self.tmp, f":{self.port}")
+        mark = re.compile(rf"{re.escape(self.tmp)}|127\.0\.0\.1:{self.port}(?!\d)")
         for pid in os.listdir("/proc"):
             if not pid.isdigit() or int(pid) == os.getpid():
                 continue
@@ -110,7 +111,7 @@ class LocalCluster:
                     cmdline = f.read().decode(errors="replace")
             except OSError:
                 continue
-            if any(m in cmdline for m in marks):
+            if mark.search(cmdline):
                 try:
                     os.kill(int(pid), signal.SIGKILL)
                 except ProcessLookupError:
