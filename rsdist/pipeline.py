@@ -79,13 +79,14 @@ def run_pipeline(cfg: RunConfig, only: list[str] | None = None, force: bool = Fa
     same output another way, under the same fingerprint (an experiment's second split takes its
     features from the first split's run: rsdist/features/resplit.py).
     """
-    from rsdist.core.raycluster import check_job_run_dir, init_ray
+    from rsdist.core.raycluster import check_job_run_dir, in_job_working_dir, init_ray
     from rsdist.report import build_summary, write_report
 
     for name in [*(only or []), *(bodies or {})]:
         if name not in STAGE_NAMES:
             raise ValueError(f"stage: {name!r} is not one of: {', '.join(STAGE_NAMES)}")
     check_job_run_dir(cfg.run_dir)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=in_job_working_dir(cfg.data.source), images=in_job_working_dir(cfg.data.images)))
     run = run or RunDir(cfg.run_dir)
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.demand_timeout_s, cfg.ray.autoscaler_config)
     data = resolve_data(run, cfg.data)

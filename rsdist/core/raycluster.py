@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -57,6 +58,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, demand_tim
     kwargs = dict(ignore_reinit_error=True, include_dashboard=False, logging_level=logging.WARNING)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        if job_working_dir() is not None:
+            kwargs["runtime_env"] = {"worker_process_setup_hook": "rsdist.core.raycluster.leave_working_dir"}
         ray.init(address=address, **kwargs)
         settle_job_working_dir()
     else:
@@ -80,25 +83,32 @@ def _current_folder() -> str:
 
 
 def settle_job_working_dir() -> None:
-    """Re-enter the job's working directory once Ray has finished setting it up on this node.
+    """Leave the job's working directory once Ray has finished setting it up on this node.
 
-    Ray unpacks a submitted job's working directory for the job's driver, and once more for the
-    job's workers when the driver connects (the first time a package is used on a node): the
-    folder the driver runs in is deleted and created anew under the same name. A process whose
-    working directory was deleted cannot load libraries by a relative lookup (torch's MKL fails
-    with `Intel oneMKL FATAL ERROR: Cannot load .../libtorch_cpu.so`). One task on this node with
-    the job's runtime environment waits for that setup; then the driver changes into the new folder.
+    Ray unpacks a submitted job's working directory for the job's driver, and again (deleting the
+    folder and creating it anew under the same name) when the driver connects and whenever a node
+    sharing that folder starts the job's first worker (nodes on one machine share it). A process
+    whose working directory was deleted cannot load libraries by a relative lookup (torch's MKL:
+    `Intel oneMKL FATAL ERROR: Cannot load .../libtorch_cpu.so`) nor make a path absolute. So the
+    driver waits for the setup on its node (one task there with the job's runtime environment),
+    then works from the temporary folder; the job's code stays importable through PYTHONPATH, and
+    every worker does the same (`leave_working_dir`, the job's worker_process_setup_hook). Paths
+    the job is given must be absolute (`check_job_run_dir`).
     """
-    folder = job_working_dir()
-    if folder is None:
+    if job_working_dir() is None:
         return
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     ray.get(ray.remote(num_cpus=0)(_current_folder).options(scheduling_strategy=here).remote())
-    if os.path.isdir(folder):
-        os.chdir(folder)
+    leave_working_dir()
+
+
+def leave_working_dir() -> None:
+    """Work from the temporary folder instead of Ray's copy of the job's working directory, which
+    Ray may delete and re-create while the process runs (see settle_job_working_dir)."""
+    os.chdir(tempfile.gettempdir())
 
 
 def check_job_run_dir(run_dir: str) -> None:
@@ -106,6 +116,15 @@ def check_job_run_dir(run_dir: str) -> None:
     deletes later: a relative local run directory would land there and be lost."""
     if job_working_dir() is not None and "://" not in run_dir and not os.path.isabs(run_dir):
         raise DemandError(f"run_dir: {run_dir!r} is relative; in a `ray job submit --working-dir` job that is Ray's temporary copy of the working directory: give an absolute path every node can reach, or s3://...")
+
+
+def in_job_working_dir(path: str | None) -> str | None:
+    """A relative local path given to a `--working-dir` job, made absolute inside Ray's copy of
+    the working directory (the job's processes do not stay in it: settle_job_working_dir)."""
+    folder = job_working_dir()
+    if folder is None or not path or "://" in path or os.path.isabs(path) or path == "synthetic":
+        return path
+    return os.path.join(folder, path)
 
 
 def cluster_cpus() -> float:

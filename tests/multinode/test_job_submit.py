@@ -25,7 +25,7 @@ SETTINGS = {
     "cluster": {"k": 4, "max_iter": 20},
     "select": {"method": "shift", "budget": 0.34},
     # 0.75 CPU a worker: the 1-CPU node holds one, so the 2-CPU node always hosts a worker
-    "train": {"num_workers": 2, "epochs": 20, "batch_size": 8, "embed_dim": 16, "cpus_per_worker": 0.75, "max_failures": 3},
+    "train": {"num_workers": 2, "epochs": 6, "batch_size": 8, "embed_dim": 16, "cpus_per_worker": 0.75, "max_failures": 3},
 }
 
 
