@@ -108,7 +108,7 @@ def make_trainer(run: RunDir, cfg: TrainConfig, encoder: str, datasets: dict, tr
     if "://" in storage:  # cloud storage: Ray Train writes through the run's own filesystem (its endpoint, its credentials)
         from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-        storage, filesystem = run.path(STAGE, "ray"), PyFileSystem(FSSpecHandler(run.fs))
+        storage, filesystem = run.path(FOLDER, "ray"), PyFileSystem(FSSpecHandler(run.fs))
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config(cfg, encoder, train_rows),
