@@ -58,8 +58,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, demand_tim
     kwargs = dict(ignore_reinit_error=True, include_dashboard=False, logging_level=logging.WARNING)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        # helpers that look the cluster up (Ray Train's) find this one, also where a machine runs
+        # several Rays; the job's own env_vars (ray job submit --runtime-env-json) are kept
+        env_vars = {**job_runtime_env().get("env_vars", {}), **({} if address == "auto" else {"RAY_ADDRESS": address})}
+        kwargs["runtime_env"] = {"env_vars": env_vars}
         if job_working_dir() is not None:
-            kwargs["runtime_env"] = {"worker_process_setup_hook": "rsdist.core.raycluster.leave_working_dir"}
+            kwargs["runtime_env"]["worker_process_setup_hook"] = "rsdist.core.raycluster.leave_working_dir"
         ray.init(address=address, **kwargs)
         settle_job_working_dir()
     else:
@@ -67,12 +71,17 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, demand_tim
     log.info("ray: %s", ray.cluster_resources())
 
 
+def job_runtime_env() -> dict:
+    """The runtime environment a submitted job was given (empty outside a job)."""
+    try:
+        return json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
+    except ValueError:
+        return {}
+
+
 def job_working_dir() -> str | None:
     """The folder a `ray job submit --working-dir` job runs in (Ray's copy of it), else None."""
-    try:
-        runtime_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
-    except ValueError:
-        return None
+    runtime_env = job_runtime_env()
     if not runtime_env.get("working_dir"):
         return None
     return os.environ.get("PWD") or None

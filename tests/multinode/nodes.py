@@ -44,6 +44,8 @@ class LocalCluster:
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": self.token_path,
             "RAY_USAGE_STATS_ENABLED": "0",
+            # a busy test machine starts Ray Train's workers slowly (torch imports): allow it
+            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
             "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
             "PATH": BIN + os.pathsep + os.environ.get("PATH", ""),
         }
