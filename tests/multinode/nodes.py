@@ -69,7 +69,7 @@ class LocalCluster:
             cmd.append(f"--autoscaling-config={path}")
             self.env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
         self.head = self._start(cmd)
-        self.wait_for(lambda: self.alive_nodes() >= 1, 120, "the head node")
+        self.wait_for(lambda: self.alive_nodes() >= 1, 300, "the head node")
 
     def _start(self, args: list[str]) -> subprocess.Popen:
         log = open(os.path.join(self.tmp, f"node-{len(self.nodes)}.log"), "wb")
@@ -84,7 +84,7 @@ class LocalCluster:
             args.append(f"--resources={json.dumps(resources)}")
         p = self._start(args)
         if wait:
-            self.wait_for(lambda: self.alive_nodes() > before, 120, f"a worker node of {num_cpus} CPUs")
+            self.wait_for(lambda: self.alive_nodes() > before, 300, f"a worker node of {num_cpus} CPUs")
         return p
 
     def kill(self, node: subprocess.Popen) -> None:
