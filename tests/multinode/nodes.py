@@ -84,7 +84,11 @@ class LocalCluster:
             args.append(f"--resources={json.dumps(resources)}")
         p = self._start(args)
         if wait:
-            self.wait_for(lambda: self.alive_nodes() > before, 300, f"a worker node of {num_cpus} CPUs")
+            try:
+                self.wait_for(lambda: self.alive_nodes() > before, 300, f"a worker node of {num_cpus} CPUs")
+            except TimeoutError as e:
+                with open(os.path.join(self.tmp, f"node-{len(self.nodes) - 1}.log"), errors="replace") as f:
+                    raise TimeoutError(f"{e}; its log ends: {f.read()[-1500:]}") from None
         return p
 
     def kill(self, node: subprocess.Popen) -> None:
