@@ -11,7 +11,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[models,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[models,cluster,dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)

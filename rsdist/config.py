@@ -71,6 +71,12 @@ QUOTA_RULES = ("proportional", "equal")
 KEEP_RULES = ("highest", "lowest", "both")
 TRAIN_METHODS = ("lora", "harma", "heads")
 KEEP_EPOCH_RULES = ("last", "best-val")
+DEVICES = ("auto", "cpu", "cuda")
+DEVICE_HELP = "Where the stage's workers compute, one of auto, cpu, cuda: 'cuda' asks Ray for GPUs whether or not a node has one yet (an autoscaler then adds GPU nodes), 'cpu' never does, 'auto' = cuda when a live node or a node type of the autoscaler (ray.autoscaler_config) has a GPU."
+
+
+def _memory(name: str, value: float) -> None:
+    _positive(name, value, allow_zero=True)
 
 
 @dataclass
@@ -130,7 +136,11 @@ class FeaturesConfig:
     batch_size: int = _help("Rows per model batch (each row is 1 + K image forwards).", default=32)
     perturbations: list[str] = _help(f"Perturbations for the shift, any of {PERTURBATIONS}; image ones move image_emb, text ones (token_dropout, word_shuffle) move text_emb.", default_factory=lambda: ["noise", "rotate", "crop"])
     num_actors: int = _help("Model actors in the pool; 0 = decide from the cluster's resources.", default=0)
-    threads_per_actor: int = _help("Torch threads of each CPU model actor; the pool then has about CPUs / threads actors.", default=1)
+    threads_per_actor: int = _help("Torch threads of each CPU model actor; the pool then has about CPUs / threads actors per node.", default=1)
+    device: str = _help(DEVICE_HELP, default="auto")
+    cpus_per_actor: float = _help("CPUs each model actor asks Ray for; 0 = from the nodes: the most that leaves every node hosting actors room for the read tasks (a quarter CPU each).", default=0.0)
+    gpus_per_actor: float = _help("GPUs each model actor asks Ray for when the device is cuda.", default=1.0)
+    memory_per_actor_gb: float = _help("Memory (GB) each model actor reserves with Ray (Ray's 'memory' resource); 0 = no reservation.", default=0.0)
     dtype: str = _help(f"Stored embedding precision, one of {FEATURE_DTYPES}.", default="float32")
     max_text_tokens: int = _help("Captions are truncated to this many tokens.", default=48)
     seed: int = _help("Seed of the perturbations.", default=0)
@@ -153,6 +163,10 @@ class FeaturesConfig:
             _choice("features.perturbations", p, PERTURBATIONS)
         _positive("features.num_actors", self.num_actors, allow_zero=True)
         _positive("features.threads_per_actor", self.threads_per_actor)
+        _choice("features.device", self.device, DEVICES)
+        _positive("features.cpus_per_actor", self.cpus_per_actor, allow_zero=True)
+        _positive("features.gpus_per_actor", self.gpus_per_actor)
+        _memory("features.memory_per_actor_gb", self.memory_per_actor_gb)
         _choice("features.dtype", self.dtype, FEATURE_DTYPES)
         _positive("features.max_text_tokens", self.max_text_tokens)
         if len(set(self.perturbations)) != len(self.perturbations):
@@ -194,7 +208,9 @@ class ClusterConfig:
     chunk_mb: int = _help("Memory bound, in MiB, of one rows-by-k distance block.", default=64)
     num_actors: int = _help("Actors owning embedding shards; 0 = decide from the cluster's resources.", default=0)
     cpus_per_actor: float = _help("CPUs each shard actor asks Ray for (fractional keeps small hosts moving).", default=0.5)
-    gpus_per_actor: float = _help("GPUs each shard actor asks Ray for; -1 = one per actor when the cluster has GPUs, else 0.", default=-1.0)
+    gpus_per_actor: float = _help("GPUs each shard actor asks Ray for when the device is cuda; -1 = one.", default=-1.0)
+    device: str = _help(DEVICE_HELP, default="auto")
+    memory_per_actor_gb: float = _help("Memory (GB) each shard actor reserves with Ray (Ray's 'memory' resource); 0 = no reservation.", default=0.0)
     seed: int = _help("Seed of initialisation and mini-batch draws.", default=0)
 
     def __post_init__(self) -> None:
@@ -219,6 +235,8 @@ class ClusterConfig:
         _positive("cluster.cpus_per_actor", self.cpus_per_actor)
         if self.gpus_per_actor != -1.0:
             _positive("cluster.gpus_per_actor", self.gpus_per_actor, allow_zero=True)
+        _choice("cluster.device", self.device, DEVICES)
+        _memory("cluster.memory_per_actor_gb", self.memory_per_actor_gb)
 
 
 @dataclass
@@ -390,11 +408,14 @@ class TrainConfig(LoraFields):
     lora_targets: list[str] = _help("Text-tower modules that get LoRA adapters.", default_factory=lambda: ["query", "key", "value"])
     max_text_tokens: int = _help("Captions are truncated to this many tokens.", default=48)
     cpus_per_worker: float = _help("CPUs each worker asks Ray for (fractional keeps small hosts moving).", default=0.5)
+    device: str = _help(DEVICE_HELP, default="auto")
+    gpus_per_worker: float = _help("GPUs each worker asks Ray for when the device is cuda.", default=1.0)
+    memory_per_worker_gb: float = _help("Memory (GB) each worker reserves with Ray (Ray's 'memory' resource); 0 = no reservation.", default=0.0)
     seed: int = _help("Seed of initialisation and shuffling.", default=0)
     warmup_fraction: float = _help("Share of all steps with a linear learning-rate warm-up; the rest decays linearly to 0.", default=0.1)
     max_logit_scale: float = _help("Upper clamp of the learnable InfoNCE scale (CLIP uses 100).", default=100.0)
     shuffle_buffer: int = _help("Rows in each worker's local shuffle buffer (0 = no shuffling).", default=1024)
-    max_failures: int = _help("Worker failures Ray Train recovers from (restarting at the last checkpoint).", default=0)
+    max_failures: int = _help("Worker or node failures Ray Train recovers from, restarting the workers at the last epoch checkpoint; 0 = the first failure ends the stage.", default=3)
     checkpoints_to_keep: int = _help("Epoch checkpoints kept under checkpoints/ray (oldest removed; with keep_epoch 'best-val', the lowest validation mR; the latest is always kept).", default=2)
     keep_epoch: str = _help(f"Which epoch becomes the trained model, one of {KEEP_EPOCH_RULES}: 'last', or 'best-val' = the epoch with the highest mR on the validation rows (split 'val', e.g. from data.val_fraction), measured after every epoch: early stopping without stopping, so `epochs` is the most it trains.", default="last")
     harma_hidden: int = _help("HarMA: adapter width (Linear d->hidden, attention over hidden).", default=128)
@@ -411,6 +432,9 @@ class TrainConfig(LoraFields):
         _positive("train.weight_decay", self.weight_decay, allow_zero=True)
         _fraction("train.warmup_fraction", self.warmup_fraction, lo_open=False)
         _positive("train.cpus_per_worker", self.cpus_per_worker)
+        _choice("train.device", self.device, DEVICES)
+        _positive("train.gpus_per_worker", self.gpus_per_worker)
+        _memory("train.memory_per_worker_gb", self.memory_per_worker_gb)
         _positive("train.shuffle_buffer", self.shuffle_buffer, allow_zero=True)
         _positive("train.max_failures", self.max_failures, allow_zero=True)
         if not self.lora_targets:
@@ -453,6 +477,13 @@ class EvalConfig:
 class RayConfig:
     address: Optional[str] = _help("Ray cluster address; None starts (or joins) a local Ray sized to the machine.", default=None)
     num_cpus: Optional[int] = _help("CPUs of a local Ray (default: all).", default=None)
+    demand_timeout_s: float = _help("How long a stage waits for a node that can hold one of its workers (the autoscaler adding one) before the run ends with an error naming the setting.", default=600.0)
+    autoscaler_config: Optional[str] = _help("The cluster launcher YAML the autoscaler runs with; its available_node_types tell which workers can ever be placed and whether 'auto' devices mean GPUs. Default: ~/ray_bootstrap_config.yaml when present (`ray up` puts it on the head).", default=None)
+
+    def __post_init__(self) -> None:
+        _positive("ray.demand_timeout_s", self.demand_timeout_s)
+        if self.num_cpus is not None:
+            _positive("ray.num_cpus", self.num_cpus)
 
 
 @dataclass

@@ -28,6 +28,7 @@ log = logging.getLogger("rsdist")
 SYNTHETIC_FOLDER = "synthetic_source"
 SYNTHETIC_VLM_FOLDER = "synthetic_vlm_source"
 SYNTHETIC_SOURCES = ("synthetic", "synthetic-vlm")  # data.source values that generate the demo sets
+SYNTHETIC_DONE = "_SUCCESS.json"
 
 
 def resolve_data(run: RunDir, data: DataConfig) -> DataConfig:
@@ -40,23 +41,27 @@ def resolve_data(run: RunDir, data: DataConfig) -> DataConfig:
         return data
     from rsdist import synthetic
 
-    if not run.exists(SYNTHETIC_FOLDER, "captions", "train_caps.txt"):
-        log.info("generating the SYNTHETIC demo dataset (%d scenes per class)", data.synthetic_per_class)
-        tmp = run.url(SYNTHETIC_FOLDER + ".partial")
-        run.remove(SYNTHETIC_FOLDER + ".partial")
-        synthetic.generate(tmp, per_class=data.synthetic_per_class)
-        run.fs.mv(run.path(SYNTHETIC_FOLDER + ".partial"), run.path(SYNTHETIC_FOLDER), recursive=True)
+    log.info("the SYNTHETIC demo dataset (%d scenes per class)", data.synthetic_per_class)
+    generate_once(run, SYNTHETIC_FOLDER, synthetic.generate, data.synthetic_per_class)
     return dataclasses.replace(data, source=run.url(SYNTHETIC_FOLDER), format="captions-txt")
+
+
+def generate_once(run: RunDir, folder: str, generate, per_class: int) -> None:
+    """Generate a demo set into `folder` unless it is already there: written in place, then
+    committed by a marker (a folder rename is not atomic, or not a rename at all, on object
+    stores); a generation cut short is redone from scratch."""
+    if run.exists(folder, SYNTHETIC_DONE):
+        return
+    run.remove(folder)
+    generate(run.url(folder), per_class=per_class)
+    run.write_json({"per_class": per_class}, folder, SYNTHETIC_DONE)
 
 
 def resolve_instruction_data(run: RunDir, data: DataConfig) -> DataConfig:
     from rsdist import synthetic
 
-    if not run.exists(SYNTHETIC_VLM_FOLDER, "README.txt"):
-        log.info("generating the SYNTHETIC instruction set (%d scenes per class and part)", data.synthetic_per_class)
-        run.remove(SYNTHETIC_VLM_FOLDER + ".partial")
-        synthetic.generate_instructions(run.url(SYNTHETIC_VLM_FOLDER + ".partial"), per_class=data.synthetic_per_class)
-        run.fs.mv(run.path(SYNTHETIC_VLM_FOLDER + ".partial"), run.path(SYNTHETIC_VLM_FOLDER), recursive=True)
+    log.info("the SYNTHETIC instruction set (%d scenes per class and part)", data.synthetic_per_class)
+    generate_once(run, SYNTHETIC_VLM_FOLDER, synthetic.generate_instructions, data.synthetic_per_class)
     parts = [(run.url(SYNTHETIC_VLM_FOLDER, name), fmt) for name, fmt in synthetic.INSTRUCTION_PARTS.items()]
     (first, fmt), *rest = parts
     return dataclasses.replace(data, source=first, format=fmt, sources=[{"source": s, "format": f} for s, f in rest])
@@ -106,14 +111,16 @@ def run_pipeline(cfg: RunConfig, only: list[str] | None = None, force: bool = Fa
     same output another way, under the same fingerprint (an experiment's second split takes its
     features from the first split's run: rsdist/features/resplit.py).
     """
-    from rsdist.core.raycluster import init_ray
+    from rsdist.core.raycluster import check_job_run_dir, in_job_working_dir, init_ray
     from rsdist.report import build_summary, write_report
 
     for name in [*(only or []), *(bodies or {})]:
         if name not in STAGE_NAMES:
             raise ValueError(f"stage: {name!r} is not one of: {', '.join(STAGE_NAMES)}")
+    check_job_run_dir(cfg.run_dir)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=in_job_working_dir(cfg.data.source), images=in_job_working_dir(cfg.data.images)))
     run = run or RunDir(cfg.run_dir)
-    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.demand_timeout_s, cfg.ray.autoscaler_config)
     data = resolve_data(run, cfg.data)
     run.write_json({"rsdist": rsdist.__version__, **config_to_dict(cfg)}, "config.json")
     stages = job_stages(cfg)

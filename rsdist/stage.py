@@ -38,6 +38,12 @@ class Resources:
 
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    memory: float = 0.0  # bytes reserved with Ray's 'memory' resource; 0 = none
+
+    def bundle(self) -> dict[str, float]:
+        """As a Ray resource bundle (the resources asked for only)."""
+        out = {"CPU": self.num_cpus, "GPU": self.num_gpus, "memory": self.memory}
+        return {k: float(v) for k, v in out.items() if v > 0}
 
 
 @dataclass

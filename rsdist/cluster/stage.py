@@ -8,8 +8,9 @@ Output: `<run>/clusters/part-*.parquet` (sample_id string, cluster int32, dist f
         distance to its centroid, or 1 - cos in spherical mode), one file per input unit;
         `centroids.npy` (k x d float32); `sizes.json` (cluster id -> rows, plus k, inertia,
         iterations, backend, precision, init, mode, metric); `fit.json` (the fitted run's record).
-Resources: `num_actors` ShardActors with `cpus_per_actor` CPUs (fractional, 0.5 by default, so a
-        2-CPU local Ray keeps running) and, on clusters with GPUs, `gpus_per_actor` GPUs each.
+Resources: `num_actors` ShardActors (0 = as many as fit, node by node) with `cpus_per_actor` CPUs
+        (fractional, 0.5 by default, so a 2-CPU local Ray keeps running) and, when `cluster.device`
+        means GPUs, `gpus_per_actor` GPUs each.
 Resume: call through `run_stage(..., resumable=True)`. Centroids are saved before labelling; a
         resumed run with the same fingerprint reuses them and labels only the missing units.
 """
@@ -35,24 +36,30 @@ NAME = "clusters"
 
 
 def actor_resources(cfg: ClusterConfig) -> Resources:
-    """Per-actor resources from the cluster's resources: a GPU each when the cluster has GPUs."""
-    from rsdist.core.raycluster import cluster_gpus
+    """Per-actor resources: `gpus_per_actor` GPUs (one when -1) when `cluster.device` means GPUs
+    (cuda, or auto on a cluster that has or can add GPU nodes), else none."""
+    from rsdist.core.raycluster import use_gpus
 
-    gpus = cfg.gpus_per_actor
-    if gpus < 0:
-        gpus = 1.0 if cluster_gpus() >= 1 else 0.0
-    return Resources(num_cpus=cfg.cpus_per_actor, num_gpus=gpus)
+    gpus = (1.0 if cfg.gpus_per_actor < 0 else cfg.gpus_per_actor) if use_gpus(cfg.device) else 0.0
+    return Resources(num_cpus=cfg.cpus_per_actor, num_gpus=gpus, memory=cfg.memory_per_actor_gb * 1e9)
 
 
-def actor_count(cfg: ClusterConfig, res: Resources, units: int) -> int:
-    from rsdist.core.raycluster import cluster_cpus, cluster_gpus
+def actor_demand(cfg: ClusterConfig, res: Resources) -> "Demand":
+    from rsdist.core.raycluster import Demand
 
+    settings = {"CPU": "cluster.cpus_per_actor", "GPU": "cluster.device / cluster.gpus_per_actor", "memory": "cluster.memory_per_actor_gb"}
+    return Demand(res.bundle(), settings, count=cfg.num_actors or 1)
+
+
+def actor_count(cfg: ClusterConfig, res: Resources, units: int, nodes: list[dict[str, float]]) -> int:
+    """`num_actors`, or node by node: one actor per GPU share with GPUs, else one per CPU (each
+    asking `cpus_per_actor`, half a CPU by default, so the rest of the node stays free)."""
     if cfg.num_actors:
         n = cfg.num_actors
-    elif res.num_gpus > 0:
-        n = int(cluster_gpus() // res.num_gpus)
     else:
-        n = int(cluster_cpus())
+        bundle = res.bundle()
+        per_node = {"GPU": res.num_gpus} if res.num_gpus > 0 else {"CPU": max(1.0, res.num_cpus)}
+        n = sum(int(min(float(node.get(k, 0.0)) / v for k, v in {**bundle, **per_node}.items()) + 1e-9) for node in nodes)
     return max(1, min(n, units))
 
 
@@ -60,7 +67,9 @@ def start_actors(run: RunDir, owners: list[list[Unit]], cfg: ClusterConfig, res:
     """One ShardActor per owner list; each reads its own units' training rows."""
     import ray
 
-    remote = ray.remote(ShardActor).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus)
+    # an actor lost with its node is started again elsewhere (it reads its own units again) and
+    # the call it was serving is retried, so the fit goes on
+    remote = ray.remote(ShardActor).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=3, max_task_retries=3, **({"memory": res.memory} if res.memory else {}))
     threads = max(1, math.ceil(res.num_cpus))
     log.info("cluster: %d shard actors (%s CPU, %s GPU each) over %d units", len(owners), res.num_cpus, res.num_gpus, sum(map(len, owners)))
     return [remote.remote(run.uri, own, cfg.space, cfg.metric, cfg.backend, cfg.chunk_mb << 20, threads, cfg.precision) for own in owners]
@@ -109,8 +118,11 @@ def run(run: RunDir, cfg: ClusterConfig) -> StageResult:
     import ray
 
     units = plan_units(run, "features")
+    from rsdist.core.raycluster import alive_nodes, ensure_demand
+
     res = actor_resources(cfg)
-    owners = split_units(units, actor_count(cfg, res, len(units)))
+    ensure_demand(actor_demand(cfg, res))
+    owners = split_units(units, actor_count(cfg, res, len(units), alive_nodes()))
     t0 = time.perf_counter()
     actors = start_actors(run, owners, cfg, res)
     try:

@@ -1,8 +1,10 @@
 """The run directory: every stage reads its inputs from here and writes its outputs here.
 
-Any fsspec URI works (a local path, `memory://`, `s3://`, ...). Writes are atomic: a file is
-written under a temporary name and renamed into place, so a killed job never leaves a
-half-written shard that a later stage would take for complete.
+Any fsspec URI works (a local path, `memory://`, `s3://`, ...). Writes are atomic: on a file
+system a file is written under a temporary name and renamed into place; on an object store
+(S3, GCS, Azure) it is written to its own key, which an upload creates whole or not at all. A
+killed job never leaves a half-written shard that a later stage or a reader would take for
+complete, and stage markers (`_SUCCESS.json`) are written last.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from fsspec.implementations.local import LocalFileSystem
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 
 def compression(schema: pa.Schema) -> dict[str, str]:
     """Codec per parquet leaf column: zstd, except lists of floats (embeddings), which stay
@@ -85,6 +88,32 @@ class RunDir:
         if self.fs.exists(p):
             self.fs.rm(p, recursive=True)
 
+    def _atomic_put(self) -> bool:
+        """Whether writing a key is atomic by itself (object stores: a PUT or a completed
+        multipart upload), so a file is best written straight to its final name."""
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        return bool(set(protocols) & OBJECT_STORES)
+
+    def _write(self, final: str, write: Any) -> None:
+        """Call `write(file)` on a new file that appears as `final` only once complete: a temporary
+        name renamed into place, or on an object store the key itself, whose upload is aborted
+        (never completed) when `write` fails."""
+        if not self._atomic_put():
+            tmp = self._tmp_name(final)
+            with self.fs.open(tmp, "wb") as f:
+                write(f)
+            self._commit(tmp, final)
+            return
+        f = self.fs.open(final, "wb")
+        try:
+            write(f)
+        except BaseException:
+            if hasattr(f, "discard"):
+                f.discard()  # s3fs: abort the multipart upload; nothing appears under the key
+                f.closed = True  # and never complete it when the object is collected
+            raise
+        f.close()
+
     def _commit(self, tmp: str, final: str) -> None:
         if isinstance(self.fs, LocalFileSystem):
             os.replace(tmp, final)  # atomic, and no glob expansion of names holding [ or ]
@@ -100,10 +129,7 @@ class RunDir:
     def write_bytes(self, data: bytes, *parts: str) -> str:
         final = self.path(*parts)
         self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
-        tmp = self._tmp_name(final)
-        with self.fs.open(tmp, "wb") as f:
-            f.write(data)
-        self._commit(tmp, final)
+        self._write(final, lambda f: f.write(data))
         return final
 
     def write_local_folder(self, folder: str, *parts: str) -> None:
@@ -126,10 +152,7 @@ class RunDir:
         """Write one parquet file atomically (zstd; float vectors uncompressed: see `compression`)."""
         final = self.path(*parts)
         self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
-        tmp = self._tmp_name(final)
-        with self.fs.open(tmp, "wb") as f:
-            pq.write_table(table, f, compression=compression(table.schema))
-        self._commit(tmp, final)
+        self._write(final, lambda f: pq.write_table(table, f, compression=compression(table.schema)))
         return final
 
     def parquet_files(self, *parts: str) -> list[str]:

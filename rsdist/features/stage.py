@@ -23,15 +23,17 @@ keyed by sample_id per shard (a retried block after an actor death cannot add a 
 a shard is only written when every one of its sample_ids is present; the stage fails loudly if a
 shard comes back incomplete.
 
-Resources (`plan_pool`): decided from `ray.cluster_resources()`. With GPUs: one actor per GPU
-(`num_gpus=1`). Without: about CPUs / threads_per_actor actors sharing CPUs minus a reserve (half a
-CPU on small hosts), so reads and decodes always find a slot.
+Resources (`plan_pool`): per node, from `ray.nodes()`. `features.device` decides GPUs (cuda asks
+for them even before a GPU node exists, so an autoscaler adds one). With GPUs: one actor per
+`gpus_per_actor` GPUs of each node. Without: about CPUs / threads_per_actor actors per node, each
+asking at most what leaves every node a reserve (half a CPU on small hosts) for reads and decodes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import posixpath
 import time
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ from rsdist.config import VLM_FEATURES, FeaturesConfig
 from rsdist.features.embed import EmbedModel
 from rsdist.features.preprocess import preprocess_batch, split_perturbations
 from rsdist.features.vlm_embed import VlmSpec
+from rsdist.core.raycluster import Demand, alive_nodes, ensure_demand, use_gpus
 from rsdist.core.rundir import RunDir
 from rsdist.stage import Resources, Stage, StageResult
 
@@ -65,19 +68,40 @@ class PoolPlan:
     use_gpu: bool
 
 
-def plan_pool(cfg: FeaturesConfig, cluster: dict[str, float]) -> PoolPlan:
-    """Size the actor pool from the cluster's resources (never from the driver's machine)."""
-    cpus = float(cluster.get("CPU", 1.0))
-    gpus = int(cluster.get("GPU", 0.0))
-    if gpus >= 1:
-        size = min(cfg.num_actors or gpus, gpus)
-        per_cpu = max(0.25, min(2.0, (cpus - 1.0) / size))
-        return PoolPlan(size, Resources(num_cpus=per_cpu, num_gpus=1.0), threads=2, use_gpu=True)
+def read_reserve(cpus: float) -> float:
+    """CPUs a node hosting model actors keeps free for the read and decode tasks."""
+    return max(0.5, cpus / 8)
+
+
+def plan_pool(cfg: FeaturesConfig, nodes: list[dict[str, float]], use_gpu: bool) -> PoolPlan:
+    """Size the actor pool from each node's resources (never the cluster's totals or the driver's).
+
+    GPU actors: one per `gpus_per_actor` GPUs of each node, with the CPUs that node can spare per
+    actor. CPU actors: about CPUs / threads_per_actor per node, each asking the largest share that
+    still leaves every node hosting actors room for the read tasks (three 1-CPU nodes: one actor of
+    half a CPU each, not one of 0.833, which would leave no node a quarter CPU to read with).
+    """
+    memory = cfg.memory_per_actor_gb * 1e9
+    if use_gpu:
+        slots = [(float(n.get("CPU", 0.0)), int(float(n.get("GPU", 0.0)) // cfg.gpus_per_actor + 1e-9)) for n in nodes]
+        slots = [(cpus, k) for cpus, k in slots if k > 0]
+        size = cfg.num_actors or max(1, sum(k for _, k in slots))
+        spare = min(((cpus - 1.0) / k for cpus, k in slots), default=1.0)
+        per_cpu = cfg.cpus_per_actor or max(0.25, min(2.0, spare))
+        return PoolPlan(size, Resources(num_cpus=round(per_cpu, 3), num_gpus=cfg.gpus_per_actor, memory=memory), threads=2, use_gpu=True)
     threads = cfg.threads_per_actor
-    size = cfg.num_actors or max(1, int(round(cpus / threads)))
-    reserve = max(0.5, cpus / 8)  # kept free for read and decode tasks
-    per_cpu = max(0.1, min(float(threads), (cpus - reserve) / size))
-    return PoolPlan(size, Resources(num_cpus=round(per_cpu, 3)), threads=threads, use_gpu=False)
+    hosts = [float(n.get("CPU", 0.0)) for n in nodes if float(n.get("CPU", 0.0)) >= 1.0] or [max(1.0, sum(float(n.get("CPU", 0.0)) for n in nodes))]
+    per_cpu = cfg.cpus_per_actor or min(float(threads), min((c - read_reserve(c)) / max(1, round(c / threads)) for c in hosts))
+    per_cpu = max(0.1, math.floor(per_cpu * 1000) / 1000)
+    size = cfg.num_actors or max(1, sum(int((c - read_reserve(c)) / per_cpu + 1e-9) for c in hosts))
+    return PoolPlan(size, Resources(num_cpus=per_cpu, memory=memory), threads=threads, use_gpu=False)
+
+
+def pool_demand(cfg: FeaturesConfig, use_gpu: bool) -> Demand:
+    """What one model actor needs of a node, for `ensure_demand` (the autoscaler) before planning."""
+    bundle = {"CPU": cfg.cpus_per_actor or (0.25 if use_gpu else 0.5), "GPU": cfg.gpus_per_actor if use_gpu else 0.0, "memory": cfg.memory_per_actor_gb * 1e9}
+    settings = {"CPU": "features.cpus_per_actor", "GPU": "features.device=cuda with features.gpus_per_actor", "memory": "features.memory_per_actor_gb"}
+    return Demand(bundle, settings, count=cfg.num_actors or 1)
 
 
 def plan_slices(shard_rows: dict[str, int], rows_per_slice: int) -> list[dict]:
@@ -262,6 +286,7 @@ def build_dataset(run: RunDir, slices: list[dict], cfg: FeaturesConfig, plan: Po
         compute=ray.data.ActorPoolStrategy(size=plan.size),
         num_cpus=plan.resources.num_cpus,
         num_gpus=plan.resources.num_gpus or None,
+        **({"memory": plan.resources.memory} if plan.resources.memory else {}),
     )
 
 
@@ -284,7 +309,9 @@ def run(run: RunDir, cfg: FeaturesConfig) -> StageResult:
     shift_names = image_names + text_names
     spec = vlm_spec(cfg)
     vlm_columns = spec.columns if spec else []
-    plan = plan_pool(cfg, ray.cluster_resources())
+    use_gpu = use_gpus(cfg.device)
+    ensure_demand(pool_demand(cfg, use_gpu))
+    plan = plan_pool(cfg, alive_nodes(), use_gpu)
     log.info(
         "features: %d of %d shards to do; %d actor(s) x %s CPU, %s GPU, %d thread(s)",
         len(pending), len(inputs), plan.size, plan.resources.num_cpus, plan.resources.num_gpus, plan.threads,
@@ -373,10 +400,8 @@ def run(run: RunDir, cfg: FeaturesConfig) -> StageResult:
 
 
 def resources(cfg: FeaturesConfig) -> Resources:
-    """What one model actor asks for (the pool is sized from the cluster: plan_pool)."""
-    import ray
-
-    return plan_pool(cfg, ray.cluster_resources()).resources
+    """What one model actor asks for (the pool is sized from the nodes: plan_pool)."""
+    return plan_pool(cfg, alive_nodes(), use_gpus(cfg.device)).resources
 
 
 STAGE = Stage(name="features", folder="features", reads=("shards",), section="features", resources=resources, run=run, resumable=True)

@@ -19,7 +19,9 @@ Output, `<run>/checkpoints/`:
   validation mR, the epoch kept, trainable parameters against full fine-tuning, rows, seconds).
   The kept epoch is the last one, or with `keep_epoch: best-val` the one with the best validation mR.
 Resources: `num_workers` Ray Train workers of `cpus_per_worker` CPUs each (fractional by default, so
-a 2-CPU machine never waits for a slot) and one GPU each when the cluster has GPUs.
+a 2-CPU machine never waits for a slot) and `gpus_per_worker` GPUs each when `train.device` means
+GPUs. A lost worker or node restarts the workers from the last epoch checkpoint, up to
+`max_failures` times (FailureConfig).
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ import time
 import torch
 
 from rsdist.config import TrainConfig
+from rsdist.core.raycluster import Demand, ensure_demand, use_gpus
 from rsdist.core.rundir import RunDir
-from rsdist.core.raycluster import cluster_gpus
 from rsdist.stage import Resources, Stage, StageResult
 from rsdist.models.text_cache import frozen_text_features
 from rsdist.core.rows import features_encoder, training_rows, validation_rows, with_caption_features
@@ -51,8 +53,15 @@ META_FILE = "train_meta.json"
 
 
 def resources(cfg: TrainConfig) -> Resources:
-    """What each training worker asks for."""
-    return Resources(num_cpus=cfg.cpus_per_worker, num_gpus=1.0 if cluster_gpus() > 0 else 0.0)
+    """What each training worker asks for: GPUs when `train.device` means them (cuda, or auto on
+    a cluster that has or can add GPU nodes)."""
+    gpus = cfg.gpus_per_worker if use_gpus(cfg.device) else 0.0
+    return Resources(num_cpus=cfg.cpus_per_worker, num_gpus=gpus, memory=cfg.memory_per_worker_gb * 1e9)
+
+
+def worker_demand(cfg: TrainConfig, res: Resources) -> Demand:
+    settings = {"CPU": "train.cpus_per_worker", "GPU": "train.device / train.gpus_per_worker", "memory": "train.memory_per_worker_gb"}
+    return Demand(res.bundle(), settings, count=cfg.num_workers)
 
 
 def storage_path(run: RunDir, *parts: str) -> str:
@@ -94,12 +103,19 @@ def make_trainer(run: RunDir, cfg: TrainConfig, encoder: str, datasets: dict, tr
     from ray.train.torch import TorchTrainer
 
     res = resources(cfg)
+    ensure_demand(worker_demand(cfg, res))
+    storage, filesystem = storage_path(run), None
+    if "://" in storage:  # cloud storage: Ray Train writes through the run's own filesystem (its endpoint, its credentials)
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        storage, filesystem = run.path(FOLDER, "ray"), PyFileSystem(FSSpecHandler(run.fs))
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config(cfg, encoder, train_rows),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=res.num_gpus > 0, resources_per_worker={"CPU": res.num_cpus}),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=res.num_gpus > 0, resources_per_worker=res.bundle()),
         run_config=RunConfig(
-            storage_path=storage_path(run),
+            storage_path=storage,
+            storage_filesystem=filesystem,
             name="train",
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=checkpoint_config(cfg),

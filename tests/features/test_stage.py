@@ -115,15 +115,29 @@ def test_exactly_once_when_an_actor_dies_mid_pass(ray_session, run_dir):
     assert result.rows_out == result.rows_in == len(ids)
 
 
-def test_pool_is_sized_from_cluster_resources():
-    two_cpus = features.plan_pool(_cfg(), {"CPU": 2.0})
+def test_pool_is_sized_from_each_nodes_resources():
+    two_cpus = features.plan_pool(_cfg(), [{"CPU": 2.0}], use_gpu=False)
     assert (two_cpus.size, two_cpus.threads, two_cpus.use_gpu) == (2, 1, False)
     assert two_cpus.size * two_cpus.resources.num_cpus <= 1.5  # CPU stays free for reading and decoding
-    big = features.plan_pool(_cfg(threads_per_actor=4), {"CPU": 64.0})
+    big = features.plan_pool(_cfg(threads_per_actor=4), [{"CPU": 64.0}], use_gpu=False)
     assert big.size == 16 and big.size * big.resources.num_cpus <= 56
-    gpus = features.plan_pool(_cfg(), {"CPU": 16.0, "GPU": 4.0})
+    gpus = features.plan_pool(_cfg(), [{"CPU": 16.0, "GPU": 4.0}], use_gpu=True)
     assert (gpus.size, gpus.resources.num_gpus, gpus.use_gpu) == (4, 1.0, True)
-    assert features.plan_pool(_cfg(num_actors=3), {"CPU": 2.0}).size == 3
+    assert features.plan_pool(_cfg(num_actors=3), [{"CPU": 2.0}], use_gpu=False).size == 3
+
+
+def test_every_node_hosting_actors_keeps_room_for_reads():
+    """Three 1-CPU nodes: one actor per node, each leaving its node the quarter CPU a read needs
+    (sized from the cluster's total, 3 actors x 0.833 CPU, no node had room and reads never ran)."""
+    plan = features.plan_pool(_cfg(), [{"CPU": 0.0}, {"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 1.0}], use_gpu=False)
+    assert plan.size == 3
+    assert 1.0 - plan.resources.num_cpus >= features.CPU_STAGE.num_cpus
+    mixed = features.plan_pool(_cfg(), [{"CPU": 1.0}, {"CPU": 2.0}], use_gpu=False)
+    assert mixed.resources.num_cpus <= 0.5 and mixed.size == 4  # 1 on the small node, 3 on the other
+    # GPUs asked for before any GPU node exists (the autoscaler adds them): one actor to start with
+    ahead = features.plan_pool(_cfg(device="cuda"), [{"CPU": 4.0}], use_gpu=True)
+    assert (ahead.size, ahead.resources.num_gpus) == (1, 1.0)
+    assert features.plan_pool(_cfg(memory_per_actor_gb=2.0), [{"CPU": 2.0}], use_gpu=False).resources.memory == 2e9
 
 
 def test_config_errors_name_the_field():
