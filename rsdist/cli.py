@@ -6,7 +6,7 @@
     rsdist experiment CONFIG.yaml [--out DIR]
     rsdist report --out DIR
     rsdist vlm train|eval [CONFIG.yaml] --out DIR [--task scene|vqa] [--set train.vlm.FIELD=VALUE ...]
-    rsdist bench ingest|features|kmeans|select|train|vlm-train [flags]
+    rsdist bench ingest|features|kmeans|select|train|vlm-train|scale [flags]
 
 Every stage reads and writes the run directory given by --out (any fsspec URI). A bad setting
 or a bad input ends with one line naming the field, file or row.
@@ -27,7 +27,7 @@ from rsdist.config import ConfigError, RunConfig, apply_sets, config_from_dict, 
 from rsdist.pipeline import STAGE_NAMES
 
 BENCHES = {"ingest": "rsdist.io.bench", "features": "rsdist.features.bench", "kmeans": "rsdist.cluster.bench", "select": "rsdist.select.bench", "train": "rsdist.train.bench",
-           "vlm-train": "rsdist.train.vlm_bench"}
+           "vlm-train": "rsdist.train.vlm_bench", "scale": "rsdist.bench.scale"}
 
 
 def build_config(path: str | None, overrides: dict[str, object], sets: list[str]) -> RunConfig:

@@ -7,7 +7,7 @@ import pytest
 
 from rsdist.config import ConfigError, SelectConfig, config_from_dict
 from rsdist.io.schema import make_sample_id
-from rsdist.select import stage as select
+from rsdist.select import inprocess, stage as select
 from rsdist.stage import fingerprint, run_stage
 
 DIM = 8
@@ -92,11 +92,11 @@ def test_alignment_mmd_reads_its_space_and_the_alignment_of_the_pool(run_dir, di
     from rsdist.select.alignment import pair_alignment
 
     write_inputs(run_dir)
-    pool = select.read_pool(run_dir)
+    pool = inprocess.read_pool(run_dir)
     cfg = SelectConfig(space="joint", alignment_direction=direction, alignment_score=score, alignment_temperature=0.1)
-    x, alignment = select.embeddings_and_alignment(run_dir, pool, cfg)
-    np.testing.assert_allclose(x, select.pool_embeddings(run_dir, pool, "joint"))
-    image, text = select.pool_embeddings(run_dir, pool, "image"), select.pool_embeddings(run_dir, pool, "text")
+    x, alignment = inprocess.embeddings_and_alignment(run_dir, pool, cfg)
+    np.testing.assert_allclose(x, inprocess.pool_embeddings(run_dir, pool, "joint"))
+    image, text = inprocess.pool_embeddings(run_dir, pool, "image"), inprocess.pool_embeddings(run_dir, pool, "text")
     expected, _ = pair_alignment(image, text, direction=direction, score=score, groups=pool.groups, temperature=0.1, block_rows=cfg.mmd_block_rows)
     np.testing.assert_allclose(alignment, expected)
     if score == "cosine":
@@ -154,8 +154,8 @@ def test_dedup_filter_composes_with_alignment_mmd_in_the_image_space(run_dir, sc
     manifest = run_dir.read_table("selection", "manifest.parquet").to_pylist()
     dropped = {r["sample_id"] for r in manifest if "near-duplicate" in r["reason"]}
     assert len(dropped) == 5 and sum(r["selected"] for r in manifest) == 30
-    pool = select.read_pool(run_dir)
-    _, alignment = select.embeddings_and_alignment(run_dir, pool, cfg)
+    pool = inprocess.read_pool(run_dir)
+    _, alignment = inprocess.embeddings_and_alignment(run_dir, pool, cfg)
     expected = dict(zip(pool.ids.to_pylist(), alignment))
     survivors = [r for r in manifest if r["sample_id"] not in dropped]
     assert all(r["score"] == pytest.approx(expected[r["sample_id"]], abs=1e-6) for r in survivors)
