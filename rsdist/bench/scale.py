@@ -184,6 +184,7 @@ def bench(argv: list[str]) -> dict:
                 out = run_stage(run, "selection", fingerprint(stage), lambda: select_stage.run(run, cfg), force=True)
                 seconds[stage] = time.perf_counter() - t0
                 figures[f"{stage}:selected"] = out["rows_out"]
+                figures[f"{stage}:phases"] = {k: v for k, v in out.items() if k.endswith("_seconds") and k != "seconds"}
                 _say(f"{stage}: {seconds[stage]:.1f} s")
         for stage, s in seconds.items():
             figures[f"{stage}:seconds"] = round(s, 2)

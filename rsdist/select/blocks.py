@@ -73,6 +73,11 @@ def read_parts(run: RunDir, parts: tuple[str, ...], columns: list[str] | None = 
 # -- 1. survey --------------------------------------------------------------------------------------
 
 
+def count_file(run: RunDir, path: str) -> int:
+    with run.fs.open(path, "rb") as fh:
+        return pq.ParquetFile(fh).metadata.num_rows
+
+
 def survey_file(run: RunDir, path: str, stride: int) -> dict:
     """Rows, rows per cluster label and every `stride`-th sorted sample_id of one clusters/ file."""
     table = _read(run, path, ["sample_id", "cluster"])

@@ -26,7 +26,7 @@ from rsdist.select.columns import embedding_columns, embedding_of
 from rsdist.select.scalselect import GramAccumulator, leverage_scores, scalselect_select
 from rsdist.select.semdedup import cluster_redundancy
 from rsdist.select.strategies import shift_select
-from rsdist.select.threshold import histogram
+from rsdist.select.threshold import BINS, histogram
 
 OUT_SCHEMA = pa.schema([("pos", pa.int64()), ("sample_id", pa.string()), ("cluster", pa.int32()), ("score", pa.float32()), ("selected", pa.bool_()), ("reason", pa.string())])
 RED_SCHEMA = pa.schema([("pos", pa.int64()), ("group", pa.int32()), ("max_cos", pa.float32()), ("duplicate_of", pa.string())])
@@ -282,7 +282,7 @@ def write_keys(run: RunDir, number: int, name: str, pos: np.ndarray, key: np.nda
 
 
 def key_histogram(run: RunDir, name: str, numbers: list[int], prefix) -> np.ndarray:
-    total = np.zeros(256, dtype=np.int64)
+    total = np.zeros(BINS, dtype=np.int64)
     for n in numbers:
         if run.exists(*blocks.scratch("keys", name, f"g-{n:05d}.parquet")):
             t = blocks._read(run, run.path(*blocks.scratch("keys", name, f"g-{n:05d}.parquet")))

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any, Callable
 
 import fsspec
@@ -53,7 +54,7 @@ from rsdist.select.coincide import _chunks, cluster_probabilities, sequential_qu
 from rsdist.select.columns import MANIFEST_SCHEMA, embedding_columns, embedding_of
 from rsdist.select.error_driven import load_teacher
 from rsdist.select.scalselect import dominant_subspace
-from rsdist.select.threshold import find_cut
+from rsdist.select.threshold import BINS, find_cut
 from rsdist.stage import Resources, StageResult
 
 log = logging.getLogger("rsdist")
@@ -117,6 +118,14 @@ def feature_columns(cfg: SelectConfig, method: str) -> list[str]:
     return list(dict.fromkeys(cols))
 
 
+def task_rows(rows: int, rows_per_task: int) -> int:
+    """Rows per bucket and group: select.rows_per_task, or fewer so that every CPU of the cluster
+    gets about two tasks."""
+    from rsdist.raycluster import cluster_cpus
+
+    return max(1, min(rows_per_task, int(np.ceil(rows / max(1.0, 2 * cluster_cpus())))))
+
+
 def plan_pool(run: RunDir, cfg: SelectConfig, remote: Callable) -> Plan:
     """Survey clusters/ and cut the pool into buckets and groups (module docstring of blocks)."""
     import ray
@@ -124,15 +133,17 @@ def plan_pool(run: RunDir, cfg: SelectConfig, remote: Callable) -> Plan:
     files = run.parquet_files("clusters")
     if not files:
         raise FileNotFoundError(f"no parquet files under {run.url('clusters')}")
-    stride = max(1, cfg.rows_per_task // blocks.SAMPLES_PER_BUCKET)
+    counts = ray.get([remote(blocks.count_file).remote(run, f) for f in files])
+    rows = int(sum(counts))
+    per_task = task_rows(rows, cfg.rows_per_task)
+    stride = max(1, per_task // blocks.SAMPLES_PER_BUCKET)
     surveys = [_raise(s) for s in ray.get([remote(blocks.survey_file).remote(run, f, stride) for f in files])]
-    rows = sum(s["rows"] for s in surveys)
     labels = np.unique(np.concatenate([s["labels"] for s in surveys])) if surveys else np.zeros(0, dtype=np.int64)
     sizes = np.zeros(len(labels), dtype=np.int64)
     for s in surveys:
         sizes[np.searchsorted(labels, s["labels"])] += s["counts"]
-    boundaries = blocks.cut_buckets(np.concatenate([s["sample"] for s in surveys]) if surveys else np.zeros(0, dtype=str), rows, cfg.rows_per_task)
-    group_of = blocks.pack_groups(sizes, cfg.rows_per_task)
+    boundaries = blocks.cut_buckets(np.concatenate([s["sample"] for s in surveys]) if surveys else np.zeros(0, dtype=str), rows, per_task)
+    group_of = blocks.pack_groups(sizes, per_task)
     group_clusters = [np.flatnonzero(group_of == g) for g in range(int(group_of.max()) + 1)] if len(group_of) else []
     return Plan(boundaries, np.zeros(len(boundaries) + 1, dtype=np.int64), labels, sizes, group_of, group_clusters)
 
@@ -146,7 +157,7 @@ def move_pool(job: Job) -> None:
     if job.method in CAPTION_METHODS:
         kinds["shards"] = ["captions", "text"]
     kinds = {k: v for k, v in kinds.items() if v}
-    batch = max(1024, cfg.rows_per_task // 4)
+    batch = max(1024, task_rows(plan.size, cfg.rows_per_task) // 4)
     boundaries = ray.put(plan.boundaries)
     split = job.remote(blocks.split_file)
     work = [("clusters", f, ["sample_id", "cluster"]) for f in run.parquet_files("clusters")]
@@ -187,7 +198,7 @@ def global_cut(job: Job, name: str, count: int):
     chunks = [job.numbers[i:i + 8] for i in range(0, len(job.numbers), 8)]
 
     def histograms(prefix):
-        total = np.zeros(256, dtype=np.int64)
+        total = np.zeros(BINS, dtype=np.int64)
         for h in ray.get([hist.remote(job.run, name, c, prefix) for c in chunks]):
             total += h
         return total
@@ -431,7 +442,7 @@ def _decide(run: RunDir, number: int, labels: np.ndarray, offsets: np.ndarray, p
     return groups.decide(run, number, labels, offsets, {**plain, **dict(zip(names, values))})
 
 
-def select_pool(job: Job) -> tuple[np.ndarray, np.ndarray, dict]:
+def select_pool(job: Job, lap: Callable[[str], None] = lambda name: None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Run the method; (quotas per cluster as the manifest reports them, selected per cluster, info)."""
     cfg, method = job.cfg, job.method
     spec: dict[str, Any] = {"method": method, "seed": cfg.seed, "keep": cfg.keep, "quota": cfg.quota, "budget": job.budget, "columns": feature_columns(cfg, method) + (["captions", "text"] if method in CAPTION_METHODS else [])}
@@ -479,7 +490,9 @@ def select_pool(job: Job) -> tuple[np.ndarray, np.ndarray, dict]:
         error_driven_spec(job, spec, budget, eligible)
     coincide_info = spec.pop("coincide_info", None)
     error_info = spec.pop("error_info", None)
+    lap("statistics")
     taken, info = decide_all(job, spec)
+    lap("decide")
     if method in ("typicality-mmd", "alignment-mmd"):
         info = {"candidates": cfg.candidates, "mmd_width": cfg.mmd_width, "mmd_block_rows": cfg.mmd_block_rows}
     if method == "semdedup":
@@ -517,20 +530,32 @@ def run(run: RunDir, cfg: SelectConfig) -> StageResult:
     init_ray()
     remote = lambda fn: ray.remote(num_cpus=cfg.cpus_per_task, max_retries=1)(fn)  # noqa: E731
     method, within = ("coincide", True) if cfg.method == "coincide-within" else (cfg.method, cfg.within_clusters)
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[f"{name}_seconds"] = round(now - clock, 3)
+        clock = now
+
     try:
         plan = plan_pool(run, cfg, remote)
         job = Job(run, cfg, method, within, plan, budget_count(cfg.budget, plan.size), remote)
         log.info("select: %s keeps %d of %d (budget %s) over %d clusters in %d groups and %d buckets", cfg.method, job.budget, plan.size, cfg.budget, plan.k, len(plan.group_clusters), plan.buckets)
+        lap("plan")
         move_pool(job)
-        quotas, taken, info = select_pool(job)
+        lap("move")
+        quotas, taken, info = select_pool(job, lap)
         if int(taken.sum()) != job.budget:
             raise RuntimeError(f"select.{cfg.method}: selected {int(taken.sum())} rows, the budget is {job.budget}")
         written = ray.get(remote(blocks.write_manifest).remote(run, plan.buckets, len(plan.group_clusters), MANIFEST_SCHEMA, plan.size))
+        lap("manifest")
         if written["selected"] != job.budget:
             raise RuntimeError(f"select.{cfg.method}: the manifest selects {written['selected']} rows, the budget is {job.budget}")
         write_summary(job, quotas, taken, info, written["selected"])
     finally:
         run.remove(*blocks.SCRATCH)
-    extra = {"method": cfg.method, "budget": cfg.budget, "budget_count": job.budget, "selected": written["selected"], "pool": plan.size}
+    extra = {"method": cfg.method, "budget": cfg.budget, "budget_count": job.budget, "selected": written["selected"], "pool": plan.size, "groups": len(plan.group_clusters), "buckets": plan.buckets, **seconds}
     return StageResult(rows_in=plan.size, rows_out=written["selected"], extra=extra)
 

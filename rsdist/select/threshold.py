@@ -4,9 +4,10 @@ A global strategy (random, scalselect's global top leverage, semdedup, the near-
 readmission) keeps the B rows of highest key, ties to the lower pool position, NaN last, exactly as
 `rsdist.select.budget.top_global` does in one process. Here each row's (key, pos) is mapped to a
 pair of unsigned integers whose ascending order is that order; the B-th smallest pair T is found
-digit by digit (8 bits a round): each round, every task returns a 256-bin histogram of the rows
+digit by digit (16 bits a round): each round, every task returns a 65,536-bin histogram of the rows
 that share the digits found so far, and the driver sums them and picks the next digit. A row is
-kept when its pair is <= T. The driver holds 256 counts a round, never a row.
+kept when its pair is <= T. The driver holds 65,536 counts a round, never a row; a pool of
+distinct scores needs two to four rounds.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Callable
 
 import numpy as np
 
-DIGIT = 8
+DIGIT = 16
+BINS = 1 << DIGIT
 POS_BITS = 48
 
 
@@ -48,8 +50,8 @@ class Prefix:
 
     def next_digits(self, u: np.ndarray, pos: np.ndarray) -> np.ndarray:
         if self.ubits < 64:
-            return ((u >> np.uint64(64 - self.ubits - DIGIT)) & np.uint64(255)).astype(np.int64)
-        return ((pos.astype(np.uint64) >> np.uint64(POS_BITS - self.pbits - DIGIT)) & np.uint64(255)).astype(np.int64)
+            return ((u >> np.uint64(64 - self.ubits - DIGIT)) & np.uint64(BINS - 1)).astype(np.int64)
+        return ((pos.astype(np.uint64) >> np.uint64(POS_BITS - self.pbits - DIGIT)) & np.uint64(BINS - 1)).astype(np.int64)
 
     def extend(self, digit: int) -> "Prefix":
         if self.ubits < 64:
@@ -80,10 +82,10 @@ class Cut:
 
 
 def histogram(key: np.ndarray, pos: np.ndarray, prefix: Prefix) -> np.ndarray:
-    """256 counts of the next digit among the rows that share `prefix`."""
+    """BINS counts of the next digit among the rows that share `prefix`."""
     u = order_key(key)
     m = prefix.match(u, pos)
-    return np.bincount(prefix.next_digits(u[m], pos[m]), minlength=256).astype(np.int64)
+    return np.bincount(prefix.next_digits(u[m], pos[m]), minlength=BINS).astype(np.int64)
 
 
 def find_cut(count: int, histograms: Callable[[Prefix], np.ndarray]) -> Cut | None:
