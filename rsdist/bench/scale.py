@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from rsdist.config import ClusterConfig, SelectConfig
-from rsdist.io.rundir import RunDir
+from rsdist.core.rundir import RunDir
 
 DEFAULT_METHODS = ("alignment-mmd", "scalselect", "caption-diversity", "caption-typicality", "semdedup")
 TOPICS = ("airport", "beach", "bridge", "farmland", "forest", "harbor", "meadow", "mountain", "parking", "port", "railway", "river", "school", "square", "stadium", "storage", "viaduct", "church", "desert", "pond")
@@ -150,7 +150,7 @@ def bench(argv: list[str]) -> dict:
     args = ap.parse_args(argv)
 
     from rsdist.cluster import stage as cluster_stage
-    from rsdist.raycluster import init_ray
+    from rsdist.core.raycluster import init_ray
     from rsdist.stage import fingerprint, run_stage
 
     init_ray()

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rsdist.io.rundir import RunDir, compression
+from rsdist.core.rundir import RunDir, compression
 
 SCRATCH = ("selection", "_work")
 SAMPLES_PER_BUCKET = 32

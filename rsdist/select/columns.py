@@ -10,45 +10,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rsdist.config import SelectConfig
-from rsdist.io.rundir import RunDir
-from rsdist.select.alignment import unit_rows
+from rsdist.core.rundir import RunDir
+from rsdist.core.tables import embedding_columns, space_vectors
 
 MANIFEST_SCHEMA = pa.schema(
     [("sample_id", pa.string()), ("cluster", pa.int32()), ("score", pa.float32()), ("selected", pa.bool_()), ("reason", pa.string())]
 )
 
 
-def embedding_columns(space: str) -> list[str]:
-    return {"joint": ["image_emb", "text_emb"], "image": ["image_emb"], "text": ["text_emb"]}.get(space, [space])
-
-
-def _matrix(col: pa.ChunkedArray | pa.Array, name: str, where: str) -> np.ndarray:
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    if arr.null_count:
-        raise ValueError(f"{where}: column {name} has {arr.null_count} null rows")
-    if pa.types.is_fixed_size_list(arr.type):
-        dim = arr.type.list_size
-    elif pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
-        lengths = pc.list_value_length(arr).to_numpy()
-        dim = int(lengths[0]) if len(lengths) else 0
-        if len(lengths) and np.any(lengths != dim):
-            raise ValueError(f"{where}: column {name} has rows of different lengths")
-    else:
-        raise ValueError(f"{where}: column {name} is {arr.type}, not a list of floats")
-    return np.asarray(arr.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(arr), dim)
-
-
 def embedding_of(table: pa.Table, space: str, where: str) -> np.ndarray:
-    """Unit rows of `space`: 'joint' concatenates the unit image and text embeddings (/ sqrt 2)."""
-    for name in embedding_columns(space):
-        if name not in table.column_names:
-            raise ValueError(f"{where}: no column {name!r} (needed by select.space={space!r})")
-    if space == "joint":
-        img = unit_rows(_matrix(table.column("image_emb"), "image_emb", where))
-        txt = unit_rows(_matrix(table.column("text_emb"), "text_emb", where))
-        return np.concatenate([img, txt], axis=1) / np.sqrt(2.0)
-    name = embedding_columns(space)[0]
-    return unit_rows(_matrix(table.column(name), name, where))
+    """Unit rows of `space` (rsdist.core.tables.space_vectors)."""
+    return space_vectors(table, space, where)
 
 
 def read_failures(run: RunDir, cfg: SelectConfig) -> tuple[np.ndarray, list, np.ndarray | None]:

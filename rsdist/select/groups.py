@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rsdist.io.rundir import RunDir
+from rsdist.core.rundir import RunDir
 from rsdist.select import blocks
 from rsdist.select.alignment import cluster_contrastive, held_out_cosine_at, held_out_fit, held_out_unit_predictions, unit_rows
 from rsdist.select.budget import top_per_group

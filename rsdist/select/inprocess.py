@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rsdist.config import SelectConfig
-from rsdist.io.rundir import RunDir
+from rsdist.core.rundir import RunDir
 from rsdist.select.budget import budget_count
 from rsdist.select.alignment import RIDGE_GRID, pair_alignment
 from rsdist.select.columns import MANIFEST_SCHEMA, embedding_columns, embedding_of, read_failures
@@ -49,7 +49,7 @@ from rsdist.select.scalselect import GramAccumulator, dominant_subspace, leverag
 from rsdist.select.semdedup import redundancy, semdedup_select, with_dedup_filter
 from rsdist.select.strategies import Selection, cluster_quotas, cluster_random_select, group_index, random_select, shift_select
 from rsdist.stage import Resources, StageResult
-from rsdist.train.data import caption_rows
+from rsdist.core.rows import caption_rows
 
 log = logging.getLogger("rsdist")
 
@@ -224,7 +224,7 @@ def choose(run: RunDir, pool: Pool, cfg: SelectConfig, budget: int) -> Selection
             sub_red = type(red)(red.max_cos[rows], red.duplicate_of[rows])
             return semdedup_select(k, g, sub_red, b, ids)
         if method == "coincide":
-            from rsdist.raycluster import cluster_cpus, init_ray
+            from rsdist.core.raycluster import cluster_cpus, init_ray
 
             init_ray()
             parts = cfg.num_tasks or max(1, int(2 * cluster_cpus()))

@@ -45,7 +45,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rsdist.config import SelectConfig
-from rsdist.io.rundir import RunDir
+from rsdist.core.rundir import RunDir
 from rsdist.select import blocks, groups
 from rsdist.select.alignment import RIDGE_GRID, fit_ridge_map
 from rsdist.select.blocks import Plan, PoolError
@@ -55,7 +55,7 @@ from rsdist.select.columns import MANIFEST_SCHEMA, embedding_columns, embedding_
 from rsdist.select.error_driven import load_teacher
 from rsdist.select.scalselect import dominant_subspace
 from rsdist.select.threshold import BINS, find_cut
-from rsdist.stage import Resources, StageResult
+from rsdist.stage import Resources, Stage, StageResult
 
 log = logging.getLogger("rsdist")
 
@@ -121,7 +121,7 @@ def feature_columns(cfg: SelectConfig, method: str) -> list[str]:
 def task_rows(rows: int, rows_per_task: int) -> int:
     """Rows per bucket and group: select.rows_per_task, or fewer so that every CPU of the cluster
     gets about two tasks."""
-    from rsdist.raycluster import cluster_cpus
+    from rsdist.core.raycluster import cluster_cpus
 
     return max(1, min(rows_per_task, int(np.ceil(rows / max(1.0, 2 * cluster_cpus())))))
 
@@ -278,7 +278,7 @@ def caption_spec(job: Job, spec: dict) -> None:
 
 
 def coincide_spec(job: Job, spec: dict, sizes: np.ndarray, budget: int) -> None:
-    from rsdist.raycluster import cluster_cpus
+    from rsdist.core.raycluster import cluster_cpus
 
     cfg = job.cfg
     parts = cfg.num_tasks or max(1, int(2 * cluster_cpus()))
@@ -525,7 +525,7 @@ def run(run: RunDir, cfg: SelectConfig) -> StageResult:
     """Select `cfg.budget` of the cluster pool with `cfg.method` and write the manifest."""
     import ray
 
-    from rsdist.raycluster import init_ray
+    from rsdist.core.raycluster import init_ray
 
     init_ray()
     remote = lambda fn: ray.remote(num_cpus=cfg.cpus_per_task, max_retries=1)(fn)  # noqa: E731
@@ -559,3 +559,6 @@ def run(run: RunDir, cfg: SelectConfig) -> StageResult:
     extra = {"method": cfg.method, "budget": cfg.budget, "budget_count": job.budget, "selected": written["selected"], "pool": plan.size, "groups": len(plan.group_clusters), "buckets": plan.buckets, **seconds}
     return StageResult(rows_in=plan.size, rows_out=written["selected"], extra=extra)
 
+
+
+STAGE = Stage(name="select", folder="selection", reads=("features", "clusters", "shards"), section="select", resources=lambda cfg: Resources(num_cpus=cfg.cpus_per_task), run=run)

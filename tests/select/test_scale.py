@@ -10,7 +10,7 @@ import pytest
 
 from rsdist.bench.scale import generate
 from rsdist.config import SelectConfig
-from rsdist.io.rundir import RunDir
+from rsdist.core.rundir import RunDir
 from rsdist.select import inprocess, stage as select
 
 from tests.select.test_stage import assert_same_as_in_process, write_failures, write_inputs

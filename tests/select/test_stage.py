@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rsdist.config import ConfigError, SelectConfig, config_from_dict
-from rsdist.io.schema import make_sample_id
+from rsdist.core.schema import make_sample_id
 from rsdist.select import inprocess, stage as select
 from rsdist.stage import fingerprint, run_stage
 
@@ -62,7 +62,7 @@ def write_failures(run, ids):
 def assert_same_as_in_process(run, cfg, method):
     """The distributed manifest and selection.json equal the in-process reference's (the one
     difference: scalselect's global top-B names the leverage instead of its global rank)."""
-    from rsdist.io.rundir import RunDir
+    from rsdist.core.rundir import RunDir
 
     ref = RunDir(run.path("reference"))
     for folder in ("clusters", "features", "shards"):
@@ -127,7 +127,7 @@ def test_alignment_mmd_reads_its_space_and_the_alignment_of_the_pool(run_dir, di
 
 
 def test_same_inputs_give_the_same_manifest(tmp_path, ray_session):
-    from rsdist.io.rundir import RunDir
+    from rsdist.core.rundir import RunDir
 
     tables = []
     for name in ("a", "b"):
@@ -250,7 +250,7 @@ def test_within_clusters_spends_the_proportional_quota(run_dir, ray_session, met
 
 def test_coincide_within_is_coincide_with_within_clusters(tmp_path, ray_session):
     """coincide-within is a name for coincide with within_clusters: the same manifest."""
-    from rsdist.io.rundir import RunDir
+    from rsdist.core.rundir import RunDir
 
     tables = []
     for name, cfg in (("alias", SelectConfig(method="coincide-within", budget=0.25)), ("spelled", SelectConfig(method="coincide", within_clusters=True, budget=0.25))):
