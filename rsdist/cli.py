@@ -6,7 +6,7 @@
     rsdist experiment CONFIG.yaml [--out DIR]
     rsdist report --out DIR
     rsdist vlm train|eval [CONFIG.yaml] --out DIR [--set section.field=value ...]   (train.model=vlm)
-    rsdist bench ingest|features|kmeans|select|train|vlm-train [flags]
+    rsdist bench ingest|features|kmeans|select|train|vlm-train|scale [flags]
 
 Every stage reads and writes the run directory given by --out (any fsspec URI). A bad setting
 or a bad input ends with one line naming the field, file or row.
@@ -27,7 +27,7 @@ from rsdist.config import ConfigError, RunConfig, apply_sets, config_from_dict, 
 from rsdist.pipeline import STAGE_NAMES
 
 BENCHES = {"ingest": "rsdist.bench.ingest", "features": "rsdist.bench.features", "kmeans": "rsdist.bench.kmeans", "select": "rsdist.bench.select", "train": "rsdist.bench.train",
-           "vlm-train": "rsdist.bench.vlm_train"}
+           "vlm-train": "rsdist.bench.vlm_train", "scale": "rsdist.bench.scale"}
 
 
 DEMO_OUT = "runs/demo"

@@ -263,7 +263,9 @@ class SelectConfig:
     alignment_temperature: float = _help("alignment-mmd with alignment_score 'contrastive': the softmax temperature; 0.07 is CLIP's initial one, where the heads' learnable temperature starts.", default=0.07)
     mmd_width: float = _help("coincide, typicality-mmd and alignment-mmd: width w of the greedy MMD's kernel exp(-||x - y||^2 / (2 w^2)) on the unit rows of select.space; 1.0 is COINCIDE's (its density's) kernel, smaller widths spread the picks over more of a cluster's modes.", default=1.0)
     mmd_block_rows: int = _help("coincide, typicality-mmd and alignment-mmd: a cluster of more rows than this picks by greedy MMD in random blocks of at most this many rows (kernel memory block^2, work linear in the cluster size); 0 = whole clusters, an m x m kernel for m rows (80 GB at m = 100,000).", default=4096)
-    num_tasks: int = _help("coincide: Ray tasks the clusters are spread over; 0 = twice the cluster's CPUs.", default=0)
+    num_tasks: int = _help("coincide: the density seeds follow the plan of this many chunks of clusters (seed + position in its chunk); 0 = twice the cluster's CPUs.", default=0)
+    rows_per_task: int = _help("Rows one select task holds: the sample_id range of a split/join task and the cluster group of a strategy task (a larger cluster is a task of its own). A task's memory is about rows_per_task x (bytes of the method's columns per row) x 3, plus the greedy MMD's mmd_block_rows^2 x 8 bytes (docs/select.md, 'Sizing').", default=100_000)
+    cpus_per_task: float = _help("CPUs each select task asks Ray for (fractional keeps small hosts moving).", default=0.5)
 
     def __post_init__(self) -> None:
         _choice("select.method", self.method, SELECT_METHODS)
@@ -290,6 +292,8 @@ class SelectConfig:
         if self.teacher is not None and ":" not in self.teacher:
             raise ConfigError(f"select.teacher: {self.teacher!r} must look like 'package.module:function'")
         _positive("select.num_tasks", self.num_tasks, allow_zero=True)
+        _positive("select.rows_per_task", self.rows_per_task)
+        _positive("select.cpus_per_task", self.cpus_per_task)
         _positive("select.mmd_width", self.mmd_width)
         _positive("select.mmd_block_rows", self.mmd_block_rows, allow_zero=True)
         if not self.candidates >= 1.0:

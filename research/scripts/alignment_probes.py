@@ -23,7 +23,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from rsdist.core.rundir import RunDir
-from rsdist.select import stage as select
+from rsdist.select import inprocess as select  # the pool in this process: read_pool, pool_embeddings
 from rsdist.select.alignment import pair_alignment
 from rsdist.select.coincide import mmd_among_top
 

@@ -80,14 +80,22 @@ def held_out_fit(inputs: np.ndarray, outputs: np.ndarray, ridge: RidgeMap) -> tu
     z, y = _centred(inputs, outputs, ridge)
     errors = np.empty((len(z), len(ridge.strengths)))
     cosines = np.empty_like(errors)
-    y_norm = np.linalg.norm(y, axis=1)
     for j in range(len(ridge.strengths)):
-        residual = _held_out_residual(z, y, ridge, j)
-        predicted = y - residual
-        errors[:, j] = (residual**2).sum(axis=1)
-        denom = np.linalg.norm(predicted, axis=1) * y_norm
-        cosines[:, j] = np.where(denom > 0, (predicted * y).sum(axis=1) / np.where(denom > 0, denom, 1.0), 0.0)
+        errors[:, j], cosines[:, j] = _error_and_cosine(z, y, ridge, j)
     return errors, cosines
+
+
+def held_out_cosine_at(inputs: np.ndarray, outputs: np.ndarray, ridge: RidgeMap, j: int) -> np.ndarray:
+    """Each row's held-out cosine at strength j (held_out_fit's column j)."""
+    z, y = _centred(inputs, outputs, ridge)
+    return _error_and_cosine(z, y, ridge, j)[1]
+
+
+def _error_and_cosine(z: np.ndarray, y: np.ndarray, ridge: RidgeMap, j: int) -> tuple[np.ndarray, np.ndarray]:
+    residual = _held_out_residual(z, y, ridge, j)
+    predicted = y - residual
+    denom = np.linalg.norm(predicted, axis=1) * np.linalg.norm(y, axis=1)
+    return (residual**2).sum(axis=1), np.where(denom > 0, (predicted * y).sum(axis=1) / np.where(denom > 0, denom, 1.0), 0.0)
 
 
 def _centred(inputs: np.ndarray, outputs: np.ndarray, ridge: RidgeMap) -> tuple[np.ndarray, np.ndarray]:
@@ -116,12 +124,21 @@ def contrastive_scores(predicted: np.ndarray, outputs: np.ndarray, groups: np.nd
     for members in np.split(order, np.flatnonzero(np.diff(groups[order])) + 1):
         if len(members) == 0:
             continue
-        parts = 1 if block_rows <= 0 else int(np.ceil(len(members) / block_rows))
-        blocks = [members] if parts == 1 else np.array_split(rng.permutation(members), parts)
-        for b in blocks:
-            logits = predicted[b] @ outputs[b].T / temperature
-            logits -= logits.max(axis=1, keepdims=True)
-            scores[b] = np.diag(logits) - np.log(np.exp(logits).sum(axis=1))
+        scores[members] = cluster_contrastive(predicted[members], outputs[members], temperature, block_rows, rng)
+    return scores
+
+
+def cluster_contrastive(predicted: np.ndarray, outputs: np.ndarray, temperature: float, block_rows: int, rng: np.random.Generator) -> np.ndarray:
+    """contrastive_scores of one cluster's rows; `rng` deals a cluster above `block_rows` rows into
+    blocks (it is drawn from only then, so the clusters before it fix its state)."""
+    m = len(predicted)
+    scores = np.zeros(m)
+    parts = 1 if block_rows <= 0 else int(np.ceil(m / block_rows))
+    blocks = [np.arange(m)] if parts == 1 else np.array_split(rng.permutation(m), parts)
+    for b in blocks:
+        logits = predicted[b] @ outputs[b].T / temperature
+        logits -= logits.max(axis=1, keepdims=True)
+        scores[b] = np.diag(logits) - np.log(np.exp(logits).sum(axis=1))
     return scores
 
 

@@ -43,7 +43,7 @@ def caption_information(captions: Sequence[Sequence[str]]) -> tuple[np.ndarray, 
     """(information, distinct count) per image: sum of 1 / df over its distinct captions (see module doc)."""
     distinct = [{normalize_caption(c) for c in caps if c and c.strip()} for caps in captions]
     df = Counter(c for caps in distinct for c in caps)
-    info = np.array([sum(1.0 / df[c] for c in caps) for caps in distinct], dtype=np.float64)
+    info = np.array([sum(1.0 / df[c] for c in sorted(caps)) for caps in distinct], dtype=np.float64)  # sorted: the same sum in every process
     counts = np.array([len(caps) for caps in distinct], dtype=np.int64)
     return info, counts
 
@@ -61,18 +61,19 @@ def alternate_ends(groups: np.ndarray, key: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def caption_select(k: int, groups: np.ndarray, score: np.ndarray, budget: int, quota: str, seed: int, keep: str = "highest", what: str = "caption information") -> Selection:
+def caption_select(
+    k: int, groups: np.ndarray, score: np.ndarray, budget: int, quota: str, seed: int, keep: str = "highest", what: str = "caption information", draw: np.ndarray | None = None
+) -> Selection:
     """Per-cluster quotas, then by `keep` of a caption score (`what`) in each cluster (seeded ties).
     For the caption information: 'highest' = the most informative captions, 'lowest' = the most
     repeated ones, 'both' = the two ends in turn (canonical and specific descriptions of each scene
-    type)."""
+    type). `draw`: the rows' tie-breaking draws (default: numpy's default_rng(seed).random(rows))."""
     if keep not in ("highest", "lowest", "both"):
         raise ValueError(f"keep {keep!r} is not one of: highest, lowest, both")
     score = np.asarray(score, dtype=np.float64)
     quotas = cluster_quotas(groups, k, budget, quota)
-    # Order by the score first and a seeded draw second: dense rank + a draw in [0, 0.5).
-    dense = np.unique(-score if keep == "lowest" else score, return_inverse=True)[1].astype(np.float64)
-    key = dense + 0.5 * np.random.default_rng(seed).random(len(groups))
+    draw = np.random.default_rng(seed).random(len(groups)) if draw is None else np.asarray(draw, dtype=np.float64)
+    key = score_then_draw(-score if keep == "lowest" else score, draw)
     if keep == "both":
         key = alternate_ends(groups, key, k)
     selected, rank = top_per_group(groups, key, quotas)
@@ -81,6 +82,14 @@ def caption_select(k: int, groups: np.ndarray, score: np.ndarray, budget: int, q
         where = f"{what} {score[i]:.3f}, rank {rank[i] + 1} in cluster, quota {quotas[groups[i]]}"
         reason[i] = f"kept: {where}" if selected[i] else f"dropped: {where}"
     return Selection(selected, score.astype(np.float32), reason, quotas)
+
+
+def score_then_draw(score: np.ndarray, draw: np.ndarray) -> np.ndarray:
+    """A key ordering rows by score, then by the seeded draw, then by row (each row's rank)."""
+    order = np.lexsort((-np.arange(len(score)), draw, score))
+    key = np.empty(len(score), dtype=np.float64)
+    key[order] = np.arange(len(score))
+    return key
 
 
 _WORD = re.compile(r"[a-z]+")

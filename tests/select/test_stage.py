@@ -7,7 +7,7 @@ import pytest
 
 from rsdist.config import ConfigError, SelectConfig, config_from_dict
 from rsdist.core.schema import make_sample_id
-from rsdist.select import stage as select
+from rsdist.select import inprocess, stage as select
 from rsdist.stage import fingerprint, run_stage
 
 DIM = 8
@@ -59,13 +59,34 @@ def write_failures(run, ids):
     return run.url("failures.parquet")
 
 
+def assert_same_as_in_process(run, cfg, method):
+    """The distributed manifest and selection.json equal the in-process reference's (the one
+    difference: scalselect's global top-B names the leverage instead of its global rank)."""
+    from rsdist.core.rundir import RunDir
+
+    ref = RunDir(run.path("reference"))
+    for folder in ("clusters", "features", "shards"):
+        for f in run.parquet_files(folder):
+            ref.write_table(pq.read_table(f), folder, f.rsplit("/", 1)[1])
+    inprocess.run(ref, cfg)
+    got, want = run.read_table("selection", "manifest.parquet"), ref.read_table("selection", "manifest.parquet")
+    for column in want.column_names:
+        if column == "reason" and method == "scalselect":
+            continue
+        assert got.column(column).equals(want.column(column)), column
+    got_info, want_info = run.read_json("selection", "selection.json"), ref.read_json("selection", "selection.json")
+    assert got_info["clusters"] == want_info["clusters"] and got_info["info"] == want_info["info"]
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_writes_an_exact_manifest(run_dir, ray_session, method):
     ids = write_inputs(run_dir)
-    cfg = SelectConfig(method=method, budget=0.25, failures=write_failures(run_dir, ids))
+    cfg = SelectConfig(method=method, budget=0.25, failures=write_failures(run_dir, ids), rows_per_task=17)  # several buckets and groups
     result = select.run(run_dir, cfg)
+    assert_same_as_in_process(run_dir, cfg, method)
     assert (result.rows_in, result.rows_out) == (60, 15)
-    assert result.extra == {"method": method, "budget": 0.25, "budget_count": 15, "selected": 15, "pool": 60}
+    assert {k: result.extra[k] for k in ("method", "budget", "budget_count", "selected", "pool")} == {"method": method, "budget": 0.25, "budget_count": 15, "selected": 15, "pool": 60}
+    assert result.extra["groups"] > 1 and result.extra["buckets"] > 1
     manifest = run_dir.read_table("selection", "manifest.parquet")
     assert manifest.schema.equals(select.MANIFEST_SCHEMA)
     assert manifest.num_rows == 60 and sum(manifest.column("selected").to_pylist()) == 15
@@ -92,11 +113,11 @@ def test_alignment_mmd_reads_its_space_and_the_alignment_of_the_pool(run_dir, di
     from rsdist.select.alignment import pair_alignment
 
     write_inputs(run_dir)
-    pool = select.read_pool(run_dir)
+    pool = inprocess.read_pool(run_dir)
     cfg = SelectConfig(space="joint", alignment_direction=direction, alignment_score=score, alignment_temperature=0.1)
-    x, alignment = select.embeddings_and_alignment(run_dir, pool, cfg)
-    np.testing.assert_allclose(x, select.pool_embeddings(run_dir, pool, "joint"))
-    image, text = select.pool_embeddings(run_dir, pool, "image"), select.pool_embeddings(run_dir, pool, "text")
+    x, alignment = inprocess.embeddings_and_alignment(run_dir, pool, cfg)
+    np.testing.assert_allclose(x, inprocess.pool_embeddings(run_dir, pool, "joint"))
+    image, text = inprocess.pool_embeddings(run_dir, pool, "image"), inprocess.pool_embeddings(run_dir, pool, "text")
     expected, _ = pair_alignment(image, text, direction=direction, score=score, groups=pool.groups, temperature=0.1, block_rows=cfg.mmd_block_rows)
     np.testing.assert_allclose(alignment, expected)
     if score == "cosine":
@@ -105,7 +126,7 @@ def test_alignment_mmd_reads_its_space_and_the_alignment_of_the_pool(run_dir, di
         assert alignment.shape == (60,) and np.all(alignment <= 1e-12)
 
 
-def test_same_inputs_give_the_same_manifest(tmp_path):
+def test_same_inputs_give_the_same_manifest(tmp_path, ray_session):
     from rsdist.core.rundir import RunDir
 
     tables = []
@@ -117,7 +138,7 @@ def test_same_inputs_give_the_same_manifest(tmp_path):
     assert tables[0].equals(tables[1])
 
 
-def test_dedup_filter_composes_with_shift_and_a_shift_column(run_dir):
+def test_dedup_filter_composes_with_shift_and_a_shift_column(run_dir, ray_session):
     write_inputs(run_dir)
     cfg = SelectConfig(method="shift", budget=30, dedup_threshold=0.99, dedup_keep="first", shift_column="shift_noise")
     select.run(run_dir, cfg)
@@ -127,7 +148,7 @@ def test_dedup_filter_composes_with_shift_and_a_shift_column(run_dir):
     assert sum(r["selected"] for r in manifest) == 30
 
 
-def test_dedup_filter_composes_with_typicality_mmd_in_the_image_space(run_dir):
+def test_dedup_filter_composes_with_typicality_mmd_in_the_image_space(run_dir, ray_session):
     """typicality-mmd behind the filter (with the 20% settings): the duplicates are dropped before
     the per-cluster typicality and MMD run on the survivors, and the count stays exact."""
     ids = write_inputs(run_dir)
@@ -144,7 +165,7 @@ def test_dedup_filter_composes_with_typicality_mmd_in_the_image_space(run_dir):
 
 
 @pytest.mark.parametrize("score", ["cosine", "contrastive"])
-def test_dedup_filter_composes_with_alignment_mmd_in_the_image_space(run_dir, score):
+def test_dedup_filter_composes_with_alignment_mmd_in_the_image_space(run_dir, ray_session, score):
     """alignment-mmd behind the filter, both directions, MMD in the image space, candidates 1 (each
     cluster keeps exactly its best-aligned survivors): the survivors' scores are their own pool
     rows' alignment, and no survivor left out of a cluster is better aligned than one kept."""
@@ -154,8 +175,8 @@ def test_dedup_filter_composes_with_alignment_mmd_in_the_image_space(run_dir, sc
     manifest = run_dir.read_table("selection", "manifest.parquet").to_pylist()
     dropped = {r["sample_id"] for r in manifest if "near-duplicate" in r["reason"]}
     assert len(dropped) == 5 and sum(r["selected"] for r in manifest) == 30
-    pool = select.read_pool(run_dir)
-    _, alignment = select.embeddings_and_alignment(run_dir, pool, cfg)
+    pool = inprocess.read_pool(run_dir)
+    _, alignment = inprocess.embeddings_and_alignment(run_dir, pool, cfg)
     expected = dict(zip(pool.ids.to_pylist(), alignment))
     survivors = [r for r in manifest if r["sample_id"] not in dropped]
     assert all(r["score"] == pytest.approx(expected[r["sample_id"]], abs=1e-6) for r in survivors)
@@ -165,7 +186,7 @@ def test_dedup_filter_composes_with_alignment_mmd_in_the_image_space(run_dir, sc
         assert not left or not kept or min(kept) >= max(left)
 
 
-def test_run_stage_skips_a_complete_selection(run_dir):
+def test_run_stage_skips_a_complete_selection(run_dir, ray_session):
     write_inputs(run_dir)
     cfg = SelectConfig(method="random", budget=0.5)
     fp = fingerprint(cfg)
@@ -174,7 +195,7 @@ def test_run_stage_skips_a_complete_selection(run_dir):
     assert not first["skipped"] and again["skipped"] and again["rows_out"] == 30
 
 
-def test_bad_inputs_name_the_file_and_the_row(run_dir):
+def test_bad_inputs_name_the_file_and_the_row(run_dir, ray_session):
     ids = write_inputs(run_dir)
     run_dir.write_table(pa.table({"sample_id": [ids[0]], "cluster": pa.array([0], pa.int32()), "dist": pa.array([0.0], pa.float32())}), "clusters", "part-00002.parquet")
     with pytest.raises(ValueError, match=f"clusters: sample_id '{ids[0]}' appears more than once"):

@@ -1,0 +1,15 @@
+"""`rsdist bench scale`: generate, cluster and select on workers, with per-stage time and memory."""
+
+from __future__ import annotations
+
+from rsdist.bench.scale import bench
+
+
+def test_bench_scale_reports_every_stage_and_the_memory_of_driver_and_workers(ray_session, tmp_path):
+    fig = bench(["--rows", "2000", "--dim", "8", "--k", "4", "--methods", "alignment-mmd", "--shard-rows", "1000", "--out", str(tmp_path / "run")])
+    assert fig["k"] == 4 and fig["select:alignment-mmd:selected"] == 667
+    for stage in ("generate", "cluster", "select:alignment-mmd"):
+        assert fig[f"{stage}:seconds"] > 0 and fig[f"{stage}:rows_per_s"] > 0
+        assert fig[f"{stage}:driver_rss_mb"] > 0
+    assert fig["worker_peak_rss_mb"] > 0 and fig["driver_peak_rss_mb"] >= fig["select:alignment-mmd:driver_rss_mb"] * 0.9
+    assert set(fig["select:alignment-mmd:phases"]) >= {"move_seconds", "statistics_seconds", "decide_seconds", "manifest_seconds"}
