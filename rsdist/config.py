@@ -39,16 +39,29 @@ def _fraction(name: str, value: float, lo_open: bool = True) -> None:
         raise ConfigError(f"{name}: {value!r} must be a fraction in {'(0, 1)' if lo_open else '[0, 1)'}")
 
 
+HF_SAFE, HF_PICKLE = "hf:", "hf-pickle:"
+
+
+def hf_folder(name: str) -> tuple[str, bool] | None:
+    """(folder, safetensors only) of a local Hugging Face model name, else None: `hf:<folder>` loads
+    safetensors weights only; `hf-pickle:<folder>` also loads pickled weights (pytorch_model.bin),
+    which can run code: name a folder that way only when you trust whoever wrote it."""
+    for scheme, safe in ((HF_SAFE, True), (HF_PICKLE, False)):
+        if isinstance(name, str) and name.startswith(scheme) and len(name) > len(scheme):
+            return name[len(scheme):], safe
+    return None
+
+
 INGEST_FORMATS = (
     "auto", "captions-txt", "scene-folders", "captions-jsonl", "karpathy-json", "coco-captions",
     "llava-json", "rsvqa", "webdataset", "parquet",
 )
 INGEST_ENGINES = ("auto", "ray", "local")
 PARQUET_ROLES = ("image", "text", "captions", "label", "key", "split", "answer", "task")
-ENCODERS = ("composite", "tiny", "clip-tiny", "siglip-tiny", "hf:<folder>")
+ENCODERS = ("composite", "tiny", "clip-tiny", "siglip-tiny", "hf:<folder>", "hf-pickle:<folder>")
 PERTURBATIONS = ("noise", "rotate", "crop", "flip", "blur", "jpeg", "token_dropout", "word_shuffle")
 FEATURE_DTYPES = ("float32", "float16")
-VLM_MODELS = ("none", "qwen2-vl-tiny", "hf:<folder>")
+VLM_MODELS = ("none", "qwen2-vl-tiny", "hf:<folder>", "hf-pickle:<folder>")
 VLM_FEATURES = ("coincide", "scalselect")
 CLUSTER_SPACES = ("joint", "image", "text")
 CLUSTER_MODES = ("minibatch", "lloyd")
@@ -104,7 +117,7 @@ class DataConfig:
 
 @dataclass
 class FeaturesConfig:
-    encoder: str = _help(f"Encoder, one of {ENCODERS}: 'composite' = EfficientNet-Lite0 + MiniLM (pretrained), 'hf:<folder>' = a local CLIP/SigLIP checkpoint, the tiny ones = random weights for tests.", default="composite")
+    encoder: str = _help(f"Encoder, one of {ENCODERS}: 'composite' = EfficientNet-Lite0 + MiniLM (pretrained), 'hf:<folder>' = a local CLIP/SigLIP checkpoint with safetensors weights, 'hf-pickle:<folder>' = the same also allowing pickled weights (pytorch_model.bin, which can run code: trusted folders only), the tiny ones = random weights for tests.", default="composite")
     image_size: int = _help("Square side images are resized to before the image tower (RSICD/AID images are 150 px, so 160 keeps their detail at a third of 224's cost).", default=160)
     batch_size: int = _help("Rows per model batch (each row is 1 + K image forwards).", default=32)
     perturbations: list[str] = _help(f"Perturbations for the shift, any of {PERTURBATIONS}; image ones move image_emb, text ones (token_dropout, word_shuffle) move text_emb.", default_factory=lambda: ["noise", "rotate", "crop"])
@@ -114,7 +127,7 @@ class FeaturesConfig:
     max_text_tokens: int = _help("Captions are truncated to this many tokens.", default=48)
     seed: int = _help("Seed of the perturbations.", default=0)
     perturb_in: str = _help("Where image perturbations are made, one of auto, actor, cpu: 'actor' = in the model actor just before its forward (one image per row crosses the object store), 'cpu' = in the CPU decode stage (off a GPU's critical path), 'auto' = cpu when the actors have GPUs, else actor.", default="auto")
-    vlm: str = _help("Image-text-to-text model whose internal features are stored too, as coincide_emb / scalselect_emb: 'none', 'qwen2-vl-tiny' (random, for tests) or 'hf:<folder>' (a local Qwen2-VL / Qwen2.5-VL, LLaVA / LLaVA-NeXT, Idefics3 / SmolVLM checkpoint).", default="none")
+    vlm: str = _help("Image-text-to-text model whose internal features are stored too, as coincide_emb / scalselect_emb: 'none', 'qwen2-vl-tiny' (random, for tests) or 'hf:<folder>' (a local Qwen2-VL / Qwen2.5-VL, LLaVA / LLaVA-NeXT, Idefics3 / SmolVLM checkpoint, safetensors weights only; 'hf-pickle:<folder>' also allows pickled weights, which can run code: trusted folders only).", default="none")
     vlm_features: list[str] = _help(f"Which VLM-internal features to store when `vlm` is set, any of {VLM_FEATURES}.", default_factory=lambda: ["coincide", "scalselect"])
     coincide_layers: list[int] = _help("Language-model layers (0-based) whose attention-block outputs make COINCIDE's vector; the forward stops after the last one.", default_factory=lambda: [3, 7, 11, 15, 19])
     scalselect_mass: float = _help("ScalSelect: share of the instruction-to-vision attention the kept vision tokens must hold, in (0, 1].", default=0.9)
@@ -122,7 +135,7 @@ class FeaturesConfig:
 
     def __post_init__(self) -> None:
         _choice("features.perturb_in", self.perturb_in, ("auto", "actor", "cpu"))
-        if not (self.encoder.startswith("hf:") and len(self.encoder) > 3):
+        if hf_folder(self.encoder) is None:
             _choice("features.encoder", self.encoder, ENCODERS)
         _positive("features.image_size", self.image_size)
         _positive("features.batch_size", self.batch_size)
@@ -136,7 +149,7 @@ class FeaturesConfig:
         _positive("features.max_text_tokens", self.max_text_tokens)
         if len(set(self.perturbations)) != len(self.perturbations):
             raise ConfigError(f"features.perturbations: {self.perturbations!r} names one perturbation twice")
-        if not (self.vlm.startswith("hf:") and len(self.vlm) > 3):
+        if hf_folder(self.vlm) is None:
             _choice("features.vlm", self.vlm, VLM_MODELS)
         if not self.vlm_features:
             raise ConfigError("features.vlm_features: must name at least one of: " + ", ".join(VLM_FEATURES))

@@ -32,6 +32,7 @@ import torch
 from rsdist.config import ConfigError, _choice, _help, _positive
 from rsdist.eval.vlm_metrics import TASKS, classification_metrics, match_class, vqa_matches, vqa_metrics
 from rsdist.io.rundir import RunDir
+from rsdist.models.safe_files import CheckpointError, check_adapter_folder
 
 SCENE_PROMPT = "Classify the image from the following classes. Answer in one word or a short phrase."
 VQA_PROMPT = "Answer the question using a single word or phrase."
@@ -158,6 +159,7 @@ def load_for_eval(model_name: str, seed: int, adapter_files: dict[str, bytes] | 
             for name, data in adapter_files.items():
                 with open(os.path.join(folder, name), "wb") as f:
                     f.write(data)
+            check_adapter_folder(folder)
             model = PeftModel.from_pretrained(model, folder).merge_and_unload()
     if use_gpu and torch.cuda.is_available():
         model = model.to("cuda", torch.bfloat16 if bf16 else torch.float32)
@@ -220,13 +222,28 @@ def resolve_model(run: RunDir, cfg: VlmEvalConfig) -> tuple[str, int, dict[str, 
     return model, cfg.seed, None
 
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
 def read_adapter(run: RunDir) -> dict[str, bytes]:
-    """The trained adapter's files (name -> bytes), shipped to the generator actors."""
+    """The trained adapter's files (name -> bytes), shipped to the generator actors: its config and
+    safetensors weights, checked here first (CheckpointError naming a file that is not one)."""
     folder = run.path(*TRAINED, "adapter")
     files = {}
-    for path in run.fs.ls(folder, detail=False):
+    for name in ADAPTER_FILES:
+        path = f"{folder}/{name}"
+        if not run.fs.exists(path):
+            raise CheckpointError(f"{run.url(*TRAINED, 'adapter', name)}: missing (rsdist reads adapter weights from safetensors only)")
         with run.fs.open(path, "rb") as f:
-            files[os.path.basename(path.rstrip("/"))] = f.read()
+            files[name] = f.read()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in files.items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
+        try:
+            check_adapter_folder(tmp)
+        except CheckpointError as e:
+            raise CheckpointError(str(e).replace(tmp, run.url(*TRAINED, "adapter"))) from None
     return files
 
 

@@ -139,7 +139,9 @@ def build_encoder(name: str, embed_dim: int = 256, seed: int = 0) -> DualEncoder
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
-    if name in ("clip-tiny", "siglip-tiny") or name.startswith("hf:"):
+    from rsdist.config import hf_folder
+
+    if name in ("clip-tiny", "siglip-tiny") or hf_folder(name):
         from rsdist.models.hf import build_hf_encoder
 
         return build_hf_encoder(name, embed_dim, seed)

@@ -13,9 +13,10 @@ Input:
   every epoch is scored.
 Output, `<run>/checkpoints/`:
 - `ray/train/`: Ray Train's run folder, one checkpoint per epoch (running the stage again with the
-  same run directory resumes after the last finished epoch),
-- `final/`: `text_adapter/` (peft LoRA adapter) or `harma.pt` (HarMA adapters) or neither (heads), `heads.pt` (heads +
-  logit_scale), `train_meta.json` (encoder, embed_dim, method and its settings, per-epoch loss and
+  same run directory resumes after the last finished epoch, with the same result as a run that was
+  never interrupted; every file of the checkpoints is read the safe way first, rsdist/models/safe_files.py),
+- `final/`: `text_adapter/` (peft LoRA adapter) or `harma.safetensors` (HarMA adapters) or neither (heads),
+  `heads.safetensors` (heads + logit_scale, the kept epoch in its header), `train_meta.json` (encoder, embed_dim, method and its settings, per-epoch loss and
   validation mR, the epoch kept, trainable parameters against full fine-tuning, rows, seconds).
   The kept epoch is the last one, or with `keep_epoch: best-val` the one with the best validation mR.
 Resources: `num_workers` Ray Train workers of `cpus_per_worker` CPUs each (fractional by default, so
@@ -25,14 +26,11 @@ a 2-CPU machine never waits for a slot) and one GPU each when the cluster has GP
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
 import tempfile
 import time
-
-import torch
 
 from rsdist.config import TrainConfig
 from rsdist.io.rundir import RunDir
@@ -40,8 +38,9 @@ from rsdist.raycluster import cluster_gpus
 from rsdist.stage import Resources, StageResult
 from rsdist.models.text_cache import frozen_text_features
 from rsdist.train.data import training_rows, validation_rows, with_caption_features
-from rsdist.train.loop import STATE_FILE, train_loop_per_worker
-from rsdist.train.model import ADAPTER_DIR, HARMA_FILE, HARMA_SETTINGS, HEADS_FILE
+from rsdist.models.safe_files import save_tensors
+from rsdist.train.loop import STATE_FILE, check_epoch_checkpoint, train_loop_per_worker
+from rsdist.train.model import ADAPTER_DIR, HARMA_FILE, HARMA_SETTINGS, HEADS_FILE, load_heads
 
 log = logging.getLogger("rsdist")
 
@@ -126,10 +125,10 @@ def write_final(run: RunDir, checkpoint_dir: str, meta: dict) -> None:
             run.write_bytes(f.read(), STAGE, FINAL, HARMA_FILE)
     elif os.path.isdir(os.path.join(checkpoint_dir, ADAPTER_DIR)):
         run.write_local_folder(os.path.join(checkpoint_dir, ADAPTER_DIR), STAGE, FINAL, ADAPTER_DIR)
-    state = torch.load(os.path.join(checkpoint_dir, HEADS_FILE), map_location="cpu", weights_only=False)
+    heads, header = load_heads(checkpoint_dir)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, HEADS_FILE)
-        torch.save({"heads": state["heads"], "epoch": state["epoch"]}, path)
+        save_tensors(heads, path, {"epoch": header["epoch"]})
         with open(path, "rb") as f:
             run.write_bytes(f.read(), STAGE, FINAL, HEADS_FILE)
     run.write_json(meta, STAGE, FINAL, META_FILE)
@@ -137,14 +136,37 @@ def write_final(run: RunDir, checkpoint_dir: str, meta: dict) -> None:
 
 def read_state(checkpoint_dir: str) -> dict:
     """An epoch checkpoint's state.json (epoch, history, parameter counts)."""
-    with open(os.path.join(checkpoint_dir, STATE_FILE)) as f:
-        return json.load(f)
+    from rsdist.models.safe_files import read_json_file
+
+    return read_json_file(os.path.join(checkpoint_dir, STATE_FILE))
+
+
+def check_resume_checkpoints(run: RunDir, parts: tuple = (STAGE, "ray"), prefix: str = "epoch_", check=check_epoch_checkpoint) -> int:
+    """Before Ray Train resumes from `<run>/<parts>/train`, read every file of every checkpoint
+    folder there (`<prefix>*`) with `check`, the safe way, so a file that is not what rsdist wrote
+    ends the stage with one line naming it (CheckpointError) and nothing in it runs. Returns the
+    folders checked."""
+    root = run.path(*parts, "train")
+    if not run.fs.exists(root):
+        return 0
+    folders = sorted(p for p in run.fs.ls(root, detail=False) if os.path.basename(p.rstrip("/")).startswith(prefix))
+    protocol = run.fs.protocol if isinstance(run.fs.protocol, str) else run.fs.protocol[0]
+    for folder in folders:
+        if protocol in ("file", "local"):
+            check(folder)
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            run.fs.get(folder, os.path.join(tmp, "c"), recursive=True)
+            check(os.path.join(tmp, "c"))
+    return len(folders)
 
 
 def run(run: RunDir, cfg: TrainConfig, encoder: str) -> StageResult:
     """Train on the selected rows; resume from `<run>/checkpoints/ray` when an earlier run stopped."""
     import ray.data
 
+    if check_resume_checkpoints(run):
+        log.info("train: resuming from the epoch checkpoints in %s", storage_path(run))
     rows, n_selected = training_rows(run)
     if rows.num_rows < cfg.num_workers:
         raise ValueError(f"train: {rows.num_rows} selected training rows, fewer than train.num_workers={cfg.num_workers}")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rsdist.config import ConfigError, _choice, _fraction, _help, _positive
+from rsdist.config import ConfigError, _choice, _fraction, _help, _positive, hf_folder
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE = "<image>"
@@ -35,7 +35,7 @@ STRATEGY_CHOICES = ("ddp", "fsdp")
 
 @dataclass
 class VlmTrainConfig:
-    model: str = _help("Image-text-to-text model: 'qwen2-vl-tiny', 'llava-tiny', 'llava-next-tiny', 'idefics3-tiny' (random, for tests) or 'hf:<folder>' (local checkpoint).", default="qwen2-vl-tiny")
+    model: str = _help("Image-text-to-text model: 'qwen2-vl-tiny', 'llava-tiny', 'llava-next-tiny', 'idefics3-tiny' (random, for tests) or 'hf:<folder>' (local checkpoint, safetensors weights only; 'hf-pickle:<folder>' also allows pickled weights, which can run code: trusted folders only).", default="qwen2-vl-tiny")
     vision: str = _help("Vision tower: 'frozen' or 'lora' (LoRA on its blocks' linears).", default="frozen")
     projector: str = _help("Vision-language projector: 'trainable' (fully) or 'frozen'.", default="trainable")
     lora_r: int = _help("LoRA rank.", default=8)
@@ -70,8 +70,8 @@ class VlmTrainConfig:
         _choice("train.vlm.strategy", self.strategy, STRATEGY_CHOICES)
         from rsdist.train.vlm_models import TINY
 
-        if not (self.model in TINY or self.model.startswith("hf:")):
-            raise ConfigError(f"train.vlm.model: {self.model!r} is not one of: {', '.join(TINY)}, hf:<folder>")
+        if not (self.model in TINY or hf_folder(self.model)):
+            raise ConfigError(f"train.vlm.model: {self.model!r} is not one of: {', '.join(TINY)}, hf:<folder>, hf-pickle:<folder>")
         for name in ("lora_r", "lora_alpha", "max_pixels", "min_pixels", "max_tokens", "batch_size", "grad_accum", "epochs", "checkpoint_every", "checkpoints_to_keep", "num_workers", "cpus_per_worker", "lr"):
             _positive(f"train.vlm.{name}", getattr(self, name))
         _positive("train.vlm.weight_decay", self.weight_decay, allow_zero=True)
