@@ -229,7 +229,7 @@ class SelectConfig:
     dedup_threshold: Optional[float] = _help("Near-duplicate filter before any method: rows with a cosine above this to a row kept before them in their cluster are dropped; None = no filter.", default=None)
     dedup_keep: str = _help(f"Which row of a near-duplicate group stays (semdedup and the filter), one of {DEDUP_KEEP_RULES}: farthest from / nearest to the cluster centroid, or first by sample_id.", default="farthest")
     failures: Optional[str] = _help("error-driven: parquet file (any fsspec URI) of failing validation samples: sample_id plus the embedding columns, or sample_ids found in features/; optional 'weight'. Default: <run>/eval/failures.parquet.", default=None)
-    teacher: Optional[str] = _help("error-driven: optional 'package.module:function' that turns failures into retrieval queries and weights.", default=None)
+    teacher: Optional[str] = _help("error-driven: optional 'rsdist.<module>:<function>' that turns failures into retrieval queries and weights: a function of the rsdist package marked with @teacher (e.g. rsdist.select.teachers:each_failure); nothing outside the package is imported (docs/select.md).", default=None)
     within_clusters: bool = _help("scalselect and coincide: spend the budget over clusters by select.quota and rank inside each cluster, instead of by the method's own rule (scalselect: the global top leverage; coincide: its cluster probabilities). Keeps the pool's scene mix.", default=False)
     candidates: float = _help("typicality-mmd and alignment-mmd: each cluster's greedy MMD picks its quota among its candidates x quota images of highest caption typicality / image-text alignment (at least the quota).", default=2.0)
     alignment_direction: str = _help(f"alignment-mmd: which held-out ridge map scores a pair, one of {ALIGNMENT_DIRECTIONS}: the picture predicting the caption, or the mean of that and the caption predicting the picture.", default="image-to-text")
@@ -261,8 +261,11 @@ class SelectConfig:
         if self.dedup_threshold is not None and not -1.0 < self.dedup_threshold <= 1.0:
             raise ConfigError(f"select.dedup_threshold: {self.dedup_threshold!r} must be a cosine in (-1, 1] or None")
         _choice("select.dedup_keep", self.dedup_keep, DEDUP_KEEP_RULES)
-        if self.teacher is not None and ":" not in self.teacher:
-            raise ConfigError(f"select.teacher: {self.teacher!r} must look like 'package.module:function'")
+        if self.teacher is not None:
+            from rsdist.select.error_driven import teacher_spec_error
+
+            if teacher_spec_error(self.teacher):
+                raise ConfigError(teacher_spec_error(self.teacher))
         _positive("select.num_tasks", self.num_tasks, allow_zero=True)
         _positive("select.mmd_width", self.mmd_width)
         _positive("select.mmd_block_rows", self.mmd_block_rows, allow_zero=True)
