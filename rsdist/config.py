@@ -8,6 +8,7 @@ Every field has a type and a help text (`field(metadata={"help": ...})`) and is 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -29,13 +30,23 @@ def _choice(name: str, value: Any, allowed: typing.Iterable[str]) -> None:
         raise ConfigError(f"{name}: {value!r} is not one of: {', '.join(allowed)}")
 
 
+def _number(name: str, value: Any) -> None:
+    """A finite int or float (not a bool, not inf or nan)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name}: {value!r} is not a number")
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}: {value!r} is not a finite number")
+
+
 def _positive(name: str, value: float, allow_zero: bool = False) -> None:
-    if value is None or (value < 0 if allow_zero else value <= 0):
+    _number(name, value)
+    if value < 0 if allow_zero else value <= 0:
         raise ConfigError(f"{name}: {value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
 
 def _fraction(name: str, value: float, lo_open: bool = True) -> None:
-    if value is None or not (0.0 < value < 1.0 if lo_open else 0.0 <= value < 1.0):
+    _number(name, value)
+    if not (0.0 < value < 1.0 if lo_open else 0.0 <= value < 1.0):
         raise ConfigError(f"{name}: {value!r} must be a fraction in {'(0, 1)' if lo_open else '[0, 1)'}")
 
 
@@ -326,6 +337,7 @@ class TrainConfig:
         _positive("train.harma_heads", self.harma_heads)
         _positive("train.harma_mini_dim", self.harma_mini_dim, allow_zero=True)
         _positive("train.harma_margin", self.harma_margin, allow_zero=True)
+        _number("train.harma_gate_init", self.harma_gate_init)
         for name in ("harma_hidden", "harma_mini_dim"):
             if getattr(self, name) % self.harma_heads:
                 raise ConfigError(f"train.{name}: {getattr(self, name)} must be a multiple of train.harma_heads={self.harma_heads}")
@@ -356,6 +368,14 @@ class EvalConfig:
 class RayConfig:
     address: Optional[str] = _help("Ray cluster address; None starts (or joins) a local Ray sized to the machine.", default=None)
     num_cpus: Optional[int] = _help("CPUs of a local Ray (default: all).", default=None)
+
+    def __post_init__(self) -> None:
+        if self.num_cpus is not None:
+            _positive("ray.num_cpus", self.num_cpus)
+            if not isinstance(self.num_cpus, int):
+                raise ConfigError(f"ray.num_cpus: {self.num_cpus!r} must be a whole number of CPUs")
+        if self.address is not None and (not isinstance(self.address, str) or not self.address.strip()):
+            raise ConfigError(f"ray.address: {self.address!r} must be a cluster address (e.g. auto, ray://host:10001) or null")
 
 
 @dataclass
@@ -406,7 +426,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             value = [value]
         return [_coerce(v, args[0] if args else Any, where) for v in value]
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if hint in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{where}: {str(value).lower()} is a boolean, not a number")
+    if hint in (int, float) and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {value!r} is not a finite number")
+    if hint is float and isinstance(value, (int, float)):
         return float(value)
     if hint is int and isinstance(value, float) and value.is_integer():
         return int(value)

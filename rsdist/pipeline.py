@@ -73,6 +73,18 @@ def stage_specs(cfg: RunConfig, data: DataConfig) -> list[StageSpec]:
 STAGE_NAMES = ("ingest", "features", "cluster", "select", "train", "eval")
 
 
+def check_resources(cfg: RunConfig, only: list[str] | None = None) -> None:
+    """Before any stage runs: refuse, naming the setting, workers or actors of the stages to run
+    that the Ray cluster can never place (Ray would otherwise wait for them forever)."""
+    from rsdist.cluster import stage as cluster
+    from rsdist.train import stage as train
+
+    if only is None or "cluster" in only:
+        cluster.check_resources(cfg.cluster)
+    if only is None or "train" in only:
+        train.check_resources(cfg.train)
+
+
 def run_pipeline(cfg: RunConfig, only: list[str] | None = None, force: bool = False, run: RunDir | None = None,
                  write_summary: bool = True, bodies: dict[str, Callable[[RunDir], StageResult]] | None = None) -> dict:
     """Run the stages (all, or only those named, whose upstream output must then be complete).
@@ -92,6 +104,7 @@ def run_pipeline(cfg: RunConfig, only: list[str] | None = None, force: bool = Fa
             raise ValueError(f"stage: {name!r} is not one of: {', '.join(STAGE_NAMES)}")
     run = run or RunDir(cfg.run_dir)
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    check_resources(cfg, only)
     data = resolve_data(run, cfg.data)
     run.write_json({"rsdist": rsdist.__version__, **config_to_dict(cfg)}, "config.json")
     specs = [dataclasses.replace(s, body=(bodies or {}).get(s.name, s.body)) for s in stage_specs(cfg, data)]

@@ -44,6 +44,14 @@ def actor_resources(cfg: ClusterConfig) -> Resources:
     return Resources(num_cpus=cfg.cpus_per_actor, num_gpus=gpus)
 
 
+def check_resources(cfg: ClusterConfig) -> None:
+    """Refuse, naming the setting, shard actors the cluster can never place."""
+    from rsdist.raycluster import check_placement
+
+    res = actor_resources(cfg)
+    check_placement("cluster.num_actors", max(1, cfg.num_actors), "cluster.cpus_per_actor", res.num_cpus, res.num_gpus, "cluster.gpus_per_actor", what="shard actors")
+
+
 def actor_count(cfg: ClusterConfig, res: Resources, units: int) -> int:
     from rsdist.raycluster import cluster_cpus, cluster_gpus
 

@@ -194,9 +194,10 @@ def generate_all(inputs: pa.Table, cfg: VlmEvalConfig, model: str, seed: int, ad
     else:
         import ray
 
-        from rsdist.raycluster import cluster_gpus
+        from rsdist.raycluster import check_placement, cluster_gpus
 
         gpus = cluster_gpus() > 0
+        check_placement("eval.vlm.num_actors", cfg.num_actors, "eval.vlm.cpus_per_actor", cfg.cpus_per_actor, 1.0 if gpus else 0.0, what="generator actors")
         ds = ray.data.from_arrow(inputs).map_batches(VlmGenerator, batch_size=cfg.batch_size, batch_format="pyarrow",
                                                       fn_constructor_kwargs={**kwargs, "use_gpu": gpus}, compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
                                                       num_cpus=cfg.cpus_per_actor, num_gpus=1 if gpus else None)

@@ -54,6 +54,14 @@ def resources(cfg: TrainConfig) -> Resources:
     return Resources(num_cpus=cfg.cpus_per_worker, num_gpus=1.0 if cluster_gpus() > 0 else 0.0)
 
 
+def check_resources(cfg: TrainConfig) -> None:
+    """Refuse, naming the setting, workers the cluster can never place (Ray Train would wait forever)."""
+    from rsdist.raycluster import check_placement
+
+    res = resources(cfg)
+    check_placement("train.num_workers", cfg.num_workers, "train.cpus_per_worker", res.num_cpus, res.num_gpus)
+
+
 def storage_path(run: RunDir, *parts: str) -> str:
     """Where Ray Train keeps its run (`<run>/<parts>`, default checkpoints/ray): an absolute local
     path, or the run directory's URI on cloud storage."""
@@ -165,6 +173,7 @@ def run(run: RunDir, cfg: TrainConfig, encoder: str) -> StageResult:
     """Train on the selected rows; resume from `<run>/checkpoints/ray` when an earlier run stopped."""
     import ray.data
 
+    check_resources(cfg)
     if check_resume_checkpoints(run):
         log.info("train: resuming from the epoch checkpoints in %s", storage_path(run))
     rows, n_selected = training_rows(run)

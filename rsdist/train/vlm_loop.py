@@ -312,6 +312,9 @@ def run_vlm(run: RunDir, cfg: VlmTrainConfig) -> StageResult:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from rsdist.raycluster import check_placement
+
+    check_placement("train.vlm.num_workers", cfg.num_workers, "train.vlm.cpus_per_worker", cfg.cpus_per_worker, 1.0 if cluster_gpus() > 0 else 0.0)
     check_resume_checkpoints(run, (*STAGE, "ray"), "step_", check_step_checkpoint)
     ids = vlm_training_ids(run)
     per_worker = len(ids) // cfg.num_workers
