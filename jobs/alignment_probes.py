@@ -22,7 +22,7 @@ import json
 import numpy as np
 from scipy.stats import spearmanr
 
-from rsdist.io.rundir import RunDir
+from rsdist.core.rundir import RunDir
 from rsdist.select import stage as select
 from rsdist.select.alignment import pair_alignment
 from rsdist.select.coincide import mmd_among_top

@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from rsdist.io.rundir import RunDir
+from rsdist.core.rundir import RunDir
 from rsdist.select.captions import caption_information
 
 

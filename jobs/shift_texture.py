@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from scipy.stats import spearmanr
 
-from rsdist.io.rundir import RunDir
+from rsdist.core.rundir import RunDir
 
 SHIFT_COLUMNS = ("shift", "shift_noise", "shift_rotate", "shift_crop")
 POOL_SPLIT = "train"

@@ -292,7 +292,21 @@ class SelectConfig:
 
 
 @dataclass
-class TrainConfig:
+class LoraFields:
+    """The LoRA settings every tuned model shares (dual encoder: train.*, VLM: train.vlm.*)."""
+
+    lora_r: int = _help("LoRA rank.", default=8)
+    lora_alpha: int = _help("LoRA alpha.", default=16)
+    lora_dropout: float = _help("LoRA dropout.", default=0.0)
+
+    def check_lora(self, section: str) -> None:
+        _positive(f"{section}.lora_r", self.lora_r)
+        _positive(f"{section}.lora_alpha", self.lora_alpha)
+        _fraction(f"{section}.lora_dropout", self.lora_dropout, lo_open=False)
+
+
+@dataclass
+class TrainConfig(LoraFields):
     method: str = _help("Tuning method of the dual encoder: 'lora' (LoRA on the text tower + heads), 'harma' (HarMA gated adapters + heads, HarMA loss) or 'heads' (both towers frozen, only the projection heads learn: a linear probe whose text features are computed once before training).", default="lora")
     num_workers: int = _help("Ray Train workers (data-parallel).", default=2)
     epochs: int = _help("Passes over the selected subset.", default=5)
@@ -300,9 +314,6 @@ class TrainConfig:
     lr: float = _help("AdamW learning rate.", default=2e-3)
     weight_decay: float = _help("AdamW weight decay.", default=0.01)
     embed_dim: int = _help("Output size of the projection heads.", default=256)
-    lora_r: int = _help("LoRA rank.", default=8)
-    lora_alpha: int = _help("LoRA alpha.", default=16)
-    lora_dropout: float = _help("LoRA dropout.", default=0.0)
     lora_targets: list[str] = _help("Text-tower modules that get LoRA adapters.", default_factory=lambda: ["query", "key", "value"])
     max_text_tokens: int = _help("Captions are truncated to this many tokens.", default=48)
     cpus_per_worker: float = _help("CPUs each worker asks Ray for (fractional keeps small hosts moving).", default=0.5)
@@ -320,11 +331,11 @@ class TrainConfig:
     harma_margin: float = _help("HarMA: margin of the weighted triplet loss.", default=0.2)
 
     def __post_init__(self) -> None:
-        for name in ("num_workers", "epochs", "batch_size", "embed_dim", "lora_r", "lora_alpha", "max_text_tokens", "max_logit_scale", "checkpoints_to_keep"):
+        self.check_lora("train")
+        for name in ("num_workers", "epochs", "batch_size", "embed_dim", "max_text_tokens", "max_logit_scale", "checkpoints_to_keep"):
             _positive(f"train.{name}", getattr(self, name))
         _positive("train.lr", self.lr)
         _positive("train.weight_decay", self.weight_decay, allow_zero=True)
-        _fraction("train.lora_dropout", self.lora_dropout, lo_open=False)
         _fraction("train.warmup_fraction", self.warmup_fraction, lo_open=False)
         _positive("train.cpus_per_worker", self.cpus_per_worker)
         _positive("train.shuffle_buffer", self.shuffle_buffer, allow_zero=True)
@@ -443,8 +454,8 @@ def config_from_dict(values: dict) -> RunConfig:
     return _build(RunConfig, values, "")
 
 
-def load_config(path: str) -> RunConfig:
-    """Read a YAML config file into a RunConfig."""
+def load_yaml(path: str) -> dict:
+    """A YAML settings file (any fsspec URI) as a dict; malformed YAML is a ConfigError naming the file."""
     import fsspec
 
     with fsspec.open(path, "r") as f:
@@ -452,7 +463,14 @@ def load_config(path: str) -> RunConfig:
             values = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}".splitlines()[0]) from None
-    return config_from_dict(values)
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings sections, found {type(values).__name__}")
+    return values
+
+
+def load_config(path: str) -> RunConfig:
+    """Read a YAML config file into a RunConfig."""
+    return config_from_dict(load_yaml(path))
 
 
 def apply_sets(values: dict, items: list[str], form: str = "section.field=value") -> None:

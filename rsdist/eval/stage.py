@@ -29,16 +29,17 @@ import torch
 
 from rsdist.config import EvalConfig
 from rsdist.eval.failures import failure_table
-from rsdist.eval.metrics import class_prompts, classification_accuracy, retrieval_metrics
-from rsdist.io.rundir import RunDir
+from rsdist.core.metrics import class_prompts, classification_accuracy, retrieval_metrics
+from rsdist.core.rundir import RunDir
 from rsdist.models.text_cache import frozen_text_features
-from rsdist.stage import Resources, StageResult
-from rsdist.train.data import split_rows
-from rsdist.train.model import load_trained
+from rsdist.stage import Resources, Stage, StageResult
+from rsdist.core.rows import features_encoder, split_rows
+from rsdist.core.tables import embedding_matrix
+from rsdist.models.tuned import load_trained
 
 log = logging.getLogger("rsdist")
 
-STAGE = "eval"
+FOLDER = "eval"
 FINAL = ("checkpoints", "final")
 
 RESOURCES = Resources(num_cpus=1.0)
@@ -91,8 +92,7 @@ def encode_images(encoder, image_emb: np.ndarray, batch_size: int) -> torch.Tens
 
 
 def image_matrix(rows: pa.Table) -> np.ndarray:
-    emb = rows.column("image_emb").combine_chunks()
-    return np.array(emb.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(emb), -1)
+    return embedding_matrix(rows.column("image_emb"), "image_emb", "eval")
 
 
 def similarity(encoder, rows: pa.Table, cfg: EvalConfig, frozen=None) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
@@ -150,13 +150,14 @@ def write_validation_failures(run: RunDir, rows: pa.Table, encoder, cfg: EvalCon
         return None
     _, sim, text_image = similarity(encoder, rows, cfg, frozen)
     table = failure_table(rows.column("sample_id").to_pylist(), sim, text_image, cfg.failure_rank)
-    run.write_table(table, STAGE, "failures.parquet")
-    log.info("eval: %d of %d validation images fail at rank %d -> %s", table.num_rows, rows.num_rows, cfg.failure_rank, run.url(STAGE, "failures.parquet"))
+    run.write_table(table, FOLDER, "failures.parquet")
+    log.info("eval: %d of %d validation images fail at rank %d -> %s", table.num_rows, rows.num_rows, cfg.failure_rank, run.url(FOLDER, "failures.parquet"))
     return {"images": rows.num_rows, "failures": table.num_rows, "failure_rank": cfg.failure_rank, "mR": retrieval_metrics(sim, text_image, cfg.recall_ks)["mR"]}
 
 
-def run(run: RunDir, cfg: EvalConfig, encoder: str) -> StageResult:
+def run(run: RunDir, cfg: EvalConfig) -> StageResult:
     """Evaluate `<run>/checkpoints/final` (and the untrained model) on the held-out rows."""
+    encoder = features_encoder(run)
     if not run.exists(*FINAL, "train_meta.json"):
         raise FileNotFoundError(f"{run.url(*FINAL)}: no trained checkpoint (run the train stage first)")
     meta = run.read_json(*FINAL, "train_meta.json")
@@ -180,10 +181,13 @@ def run(run: RunDir, cfg: EvalConfig, encoder: str) -> StageResult:
         report["untrained"] = evaluate_model(load_trained(encoder, meta["embed_dim"], None, seed=meta.get("seed", 0)), rows, classes, cfg, frozen)
         log.info("eval: untrained mR %.2f, zero-shot %.2f%%", report["untrained"]["mR"], report["untrained"].get("zero_shot_acc", float("nan")))
     report["seconds"] = round(time.perf_counter() - started, 3)
-    run.write_json(report, STAGE, "metrics.json")
+    run.write_json(report, FOLDER, "metrics.json")
     flat = {k: v for k, v in trained.items() if not isinstance(v, dict)}
     if cfg.baseline:
         flat["untrained_mR"] = report["untrained"]["mR"]
         if "zero_shot_acc" in report["untrained"]:
             flat["untrained_zero_shot_acc"] = report["untrained"]["zero_shot_acc"]
     return StageResult(rows_in=rows.num_rows, rows_out=rows.num_rows, extra={"metrics": flat})
+
+
+STAGE = Stage(name="eval", folder=FOLDER, reads=("checkpoints", "features", "shards"), section="eval", resources=lambda cfg: RESOURCES, run=run)

@@ -33,13 +33,13 @@ import time
 import numpy as np
 import torch
 
-from rsdist.eval.metrics import retrieval_metrics
-from rsdist.models.dual import build_encoder
-from rsdist.train.data import pick_caption, pick_caption_index
-from rsdist.train.harma import harma_loss
+from rsdist.core.metrics import retrieval_metrics
+from rsdist.models.encoders import build_encoder
+from rsdist.core.rows import pick_caption, pick_caption_index
+from rsdist.models.harma import harma_loss
 from rsdist.train.loss import info_nce
 from rsdist.models.safe_files import load_torch_state, read_json_file, save_torch_state
-from rsdist.train.model import ContrastivePair, clamp_logit_scale, count_parameters, load_adapter_weights, load_heads, make_tunable, save_trained
+from rsdist.models.tuned import ContrastivePair, clamp_logit_scale, count_parameters, load_adapter_weights, load_heads, make_tunable, save_trained
 
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -75,7 +75,7 @@ def _all_reduce_sum(values: list[float]) -> list[float]:
 def check_epoch_checkpoint(folder: str) -> dict:
     """Read every file of an epoch checkpoint the safe way (CheckpointError naming a bad one);
     return its state.json."""
-    from rsdist.train.model import check_checkpoint
+    from rsdist.models.tuned import check_checkpoint
 
     state = read_json_file(os.path.join(folder, STATE_FILE))
     check_checkpoint(folder)

@@ -33,18 +33,18 @@ import tempfile
 import time
 
 from rsdist.config import TrainConfig
-from rsdist.io.rundir import RunDir
-from rsdist.raycluster import cluster_gpus
-from rsdist.stage import Resources, StageResult
+from rsdist.core.rundir import RunDir
+from rsdist.core.raycluster import cluster_gpus
+from rsdist.stage import Resources, Stage, StageResult
 from rsdist.models.text_cache import frozen_text_features
-from rsdist.train.data import training_rows, validation_rows, with_caption_features
+from rsdist.core.rows import features_encoder, training_rows, validation_rows, with_caption_features
 from rsdist.models.safe_files import save_tensors
 from rsdist.train.loop import STATE_FILE, check_epoch_checkpoint, train_loop_per_worker
-from rsdist.train.model import ADAPTER_DIR, HARMA_FILE, HARMA_SETTINGS, HEADS_FILE, load_heads
+from rsdist.models.tuned import ADAPTER_DIR, HARMA_FILE, HARMA_SETTINGS, HEADS_FILE, load_heads
 
 log = logging.getLogger("rsdist")
 
-STAGE = "checkpoints"
+FOLDER = "checkpoints"
 FINAL = "final"
 META_FILE = "train_meta.json"
 
@@ -56,7 +56,7 @@ def resources(cfg: TrainConfig) -> Resources:
 
 def check_resources(cfg: TrainConfig) -> None:
     """Refuse, naming the setting, workers the cluster can never place (Ray Train would wait forever)."""
-    from rsdist.raycluster import check_placement
+    from rsdist.core.raycluster import check_placement
 
     res = resources(cfg)
     check_placement("train.num_workers", cfg.num_workers, "train.cpus_per_worker", res.num_cpus, res.num_gpus)
@@ -65,7 +65,7 @@ def check_resources(cfg: TrainConfig) -> None:
 def storage_path(run: RunDir, *parts: str) -> str:
     """Where Ray Train keeps its run (`<run>/<parts>`, default checkpoints/ray): an absolute local
     path, or the run directory's URI on cloud storage."""
-    parts = parts or (STAGE, "ray")
+    parts = parts or (FOLDER, "ray")
     protocol = run.fs.protocol if isinstance(run.fs.protocol, str) else run.fs.protocol[0]
     if protocol == "memory":
         # Ray Train workers are other processes: they cannot see the driver's in-memory filesystem.
@@ -127,19 +127,19 @@ def method_settings(cfg: TrainConfig) -> dict:
 
 def write_final(run: RunDir, checkpoint_dir: str, meta: dict) -> None:
     """Copy the last epoch checkpoint's adapter and heads (without optimizer state) to `final/`."""
-    run.remove(STAGE, FINAL)
+    run.remove(FOLDER, FINAL)
     if os.path.exists(os.path.join(checkpoint_dir, HARMA_FILE)):
         with open(os.path.join(checkpoint_dir, HARMA_FILE), "rb") as f:
-            run.write_bytes(f.read(), STAGE, FINAL, HARMA_FILE)
+            run.write_bytes(f.read(), FOLDER, FINAL, HARMA_FILE)
     elif os.path.isdir(os.path.join(checkpoint_dir, ADAPTER_DIR)):
-        run.write_local_folder(os.path.join(checkpoint_dir, ADAPTER_DIR), STAGE, FINAL, ADAPTER_DIR)
+        run.write_local_folder(os.path.join(checkpoint_dir, ADAPTER_DIR), FOLDER, FINAL, ADAPTER_DIR)
     heads, header = load_heads(checkpoint_dir)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, HEADS_FILE)
         save_tensors(heads, path, {"epoch": header["epoch"]})
         with open(path, "rb") as f:
-            run.write_bytes(f.read(), STAGE, FINAL, HEADS_FILE)
-    run.write_json(meta, STAGE, FINAL, META_FILE)
+            run.write_bytes(f.read(), FOLDER, FINAL, HEADS_FILE)
+    run.write_json(meta, FOLDER, FINAL, META_FILE)
 
 
 def read_state(checkpoint_dir: str) -> dict:
@@ -149,7 +149,7 @@ def read_state(checkpoint_dir: str) -> dict:
     return read_json_file(os.path.join(checkpoint_dir, STATE_FILE))
 
 
-def check_resume_checkpoints(run: RunDir, parts: tuple = (STAGE, "ray"), prefix: str = "epoch_", check=check_epoch_checkpoint) -> int:
+def check_resume_checkpoints(run: RunDir, parts: tuple = (FOLDER, "ray"), prefix: str = "epoch_", check=check_epoch_checkpoint) -> int:
     """Before Ray Train resumes from `<run>/<parts>/train`, read every file of every checkpoint
     folder there (`<prefix>*`) with `check`, the safe way, so a file that is not what rsdist wrote
     ends the stage with one line naming it (CheckpointError) and nothing in it runs. Returns the
@@ -169,13 +169,14 @@ def check_resume_checkpoints(run: RunDir, parts: tuple = (STAGE, "ray"), prefix:
     return len(folders)
 
 
-def run(run: RunDir, cfg: TrainConfig, encoder: str) -> StageResult:
+def run(run: RunDir, cfg: TrainConfig) -> StageResult:
     """Train on the selected rows; resume from `<run>/checkpoints/ray` when an earlier run stopped."""
     import ray.data
 
     check_resources(cfg)
     if check_resume_checkpoints(run):
         log.info("train: resuming from the epoch checkpoints in %s", storage_path(run))
+    encoder = features_encoder(run)
     rows, n_selected = training_rows(run)
     if rows.num_rows < cfg.num_workers:
         raise ValueError(f"train: {rows.num_rows} selected training rows, fewer than train.num_workers={cfg.num_workers}")
@@ -243,3 +244,6 @@ def run(run: RunDir, cfg: TrainConfig, encoder: str) -> StageResult:
             "train_seconds": meta["train_seconds"],
         },
     )
+
+
+STAGE = Stage(name="train", folder=FOLDER, reads=("selection", "features", "shards"), section="train", resources=resources, run=run, resumable=True, placement=check_resources)

@@ -54,7 +54,7 @@ import sys
 import ray
 from rsdist.cluster import engine, run
 from rsdist.config import ClusterConfig
-from rsdist.io.rundir import RunDir
+from rsdist.core.rundir import RunDir
 
 ray.init(address=sys.argv[1], log_to_driver=False)
 opened = engine.open_shared_exchange

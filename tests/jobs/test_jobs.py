@@ -53,7 +53,7 @@ def test_shift_texture_correlates_shift_with_image_gradient(tmp_path):
     import numpy as np
     import pyarrow as pa
 
-    from rsdist.io.rundir import RunDir
+    from rsdist.core.rundir import RunDir
 
     rng = np.random.default_rng(0)
     y, x = np.mgrid[0:48, 0:64]
