@@ -75,7 +75,7 @@ def _files_of(pid: int) -> list[str]:
 
 def test_a_kill_mid_fit_leaves_no_exchange_file(ray_session, run_dir, tmp_path):
     """A driver SIGKILLed while its shard actors iterate through the exchange leaves no file behind."""
-    from rsdist.cluster.bench import write_blob_features
+    from rsdist.bench.kmeans import write_blob_features
 
     write_blob_features(run_dir, 4000, 16, 8, shard_rows=1000)
     address = ray_session.get_runtime_context().gcs_address
