@@ -99,7 +99,7 @@ def test_eval_refuses_a_planted_pickle_in_the_final_checkpoint(finished, name, t
     plant(path, str(marker))
     rc, err = cli(out, "eval", "--force", capsys=capsys)
     assert rc == 2
-    assert err.startswith(f"rsdist: error: {path}: ") and err.count("\n") == 1, err
+    assert err.startswith("rsdist: error: ") and f"{path}: " in err.splitlines()[0] and err.count("\n") == 1, err  # the path, or its file:// URL
     assert not marker.exists()
     assert not os.path.exists(os.path.join(out, "eval", "metrics.json"))
 
@@ -137,6 +137,6 @@ def test_training_resume_refuses_a_planted_pickle_in_an_epoch_checkpoint(finishe
     plant(path, str(marker))
     rc, err = cli(out, "train", capsys=capsys)
     assert rc == 2
-    assert err.startswith(f"rsdist: error: {path}: ") and err.count("\n") == 1, err
+    assert err.startswith("rsdist: error: ") and f"{path}: " in err.splitlines()[0] and err.count("\n") == 1, err  # the path, or its file:// URL
     assert not marker.exists()
     assert not os.path.exists(os.path.join(out, "checkpoints", "_SUCCESS.json"))
