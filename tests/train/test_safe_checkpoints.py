@@ -140,3 +140,46 @@ def test_training_resume_refuses_a_planted_pickle_in_an_epoch_checkpoint(finishe
     assert err.startswith("rsdist: error: ") and f"{path}: " in err.splitlines()[0] and err.count("\n") == 1, err  # the path, or its file:// URL
     assert not marker.exists()
     assert not os.path.exists(os.path.join(out, "checkpoints", "_SUCCESS.json"))
+
+
+def _vlm_step_checkpoint(folder) -> None:
+    """A VLM step checkpoint as the loop writes it: adapter (peft config + safetensors), optimizer.pt, state.json."""
+    import json
+
+    from rsdist.models.safe_files import save_tensors, save_torch_state
+
+    os.makedirs(folder / "adapter")
+    (folder / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    save_tensors({"base_model.model.lm.lora_A.weight": torch.zeros(4, 8)}, str(folder / "adapter" / "adapter_model.safetensors"))
+    save_torch_state({"optimizer": {"state": {"lm.lora_A.weight": {"step": torch.tensor(3.0), "exp_avg": torch.zeros(4, 8)}},
+                                    "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": ["lm.lora_A.weight"]}]}}, str(folder / "optimizer.pt"))
+    (folder / "state.json").write_text(json.dumps({"epoch": 0, "step": 3, "micro_done": 3, "scheduler": {"last_epoch": 3}, "history": []}))
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "state.json", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"])
+def test_vlm_step_checkpoints_refuse_a_planted_pickle(name, tmp_path):
+    from rsdist.train.vlm_loop import check_step_checkpoint
+
+    folder = tmp_path / "step_000003"
+    _vlm_step_checkpoint(folder)
+    assert check_step_checkpoint(str(folder))["step"] == 3  # as written: accepted
+    marker = tmp_path / "ran"
+    plant(str(folder / name), str(marker))
+    with pytest.raises(CheckpointError) as e:
+        check_step_checkpoint(str(folder))
+    assert str(e.value).startswith(f"{folder / name}: ") and "\n" not in str(e.value)
+    assert not marker.exists()
+
+
+def test_vlm_eval_refuses_a_planted_adapter(tmp_path):
+    from rsdist.eval.vlm import read_adapter
+
+    run = RunDir(str(tmp_path / "run"))
+    _vlm_step_checkpoint(tmp_path / "step")
+    shutil.copytree(tmp_path / "step" / "adapter", run.path("checkpoints", "vlm", "final", "adapter"))
+    assert set(read_adapter(run)) == {"adapter_config.json", "adapter_model.safetensors"}
+    marker = tmp_path / "ran"
+    plant(run.path("checkpoints", "vlm", "final", "adapter", "adapter_model.safetensors"), str(marker))
+    with pytest.raises(CheckpointError, match=r"checkpoints/vlm/final/adapter/adapter_model.safetensors: not a safetensors file"):
+        read_adapter(run)
+    assert not marker.exists()
