@@ -7,8 +7,6 @@ joint row has unit length and its cosines average the two towers').
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,8 +21,7 @@ def embedding_columns(space: str) -> list[str]:
 
 def embedding_matrix(column: pa.ChunkedArray | pa.Array, name: str, where: str, check_finite: bool = True) -> np.ndarray:
     """A list-of-float column as an (n, d) float32 matrix; nulls, ragged rows and NaNs name the row.
-    `check_finite=False` leaves the NaN / infinity check to the caller (`space_vectors` does it on
-    the row norms it computes anyway, saving a pass over the matrix)."""
+    `check_finite=False` leaves the NaN / infinity check to the caller."""
     if isinstance(column, pa.ChunkedArray):
         arr = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
     else:
@@ -55,14 +52,11 @@ def check_finite_rows(values: np.ndarray, name: str, where: str) -> None:
         raise ValueError(f"{where}: column {name} row {int(np.argmax(bad))} holds a NaN or infinite value")
 
 
-def unit_rows(x: np.ndarray, out: np.ndarray | None = None, scale: float = 1.0, norms: np.ndarray | None = None) -> np.ndarray:
-    """`scale` x each row / its L2 norm (a zero row stays zero, its cosines 0), written into `out`
-    when given; `norms` = the rows' norms when the caller has them. Float32 rows stay float32 (the
-    k-means hot path), float64 rows float64."""
-    dtype = x.dtype if x.dtype == np.float64 else np.dtype(np.float32)
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x)) if norms is None else norms
-    inv = (dtype.type(scale) / np.maximum(norms, dtype.type(1e-12))).astype(dtype, copy=False)
-    return np.multiply(x, inv[:, None], out=out)
+def unit_rows(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Each row / its L2 norm, in the rows' own dtype (a zero row stays zero: its cosines are 0);
+    written into `out` when given."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, np.where(norms > 0, norms, 1.0), out=out)
 
 
 def space_dim(table: pa.Table, space: str, where: str) -> int:
@@ -70,24 +64,17 @@ def space_dim(table: pa.Table, space: str, where: str) -> int:
 
 
 def space_vectors(table: pa.Table, space: str, where: str, out: np.ndarray | None = None) -> np.ndarray:
-    """The rows' vectors in the clustering space: each tower l2-normalised; joint = concat / sqrt(2).
-    Written into `out` (rows x dim, float32) when given, without an intermediate copy."""
+    """The rows' vectors in `space`: each tower's unit rows; 'joint' = both side by side / sqrt 2
+    (float64, as the select methods compute in). Copied into `out` (rows x dim) when given."""
     columns = embedding_columns(space)
     for name in columns:
         if name not in table.column_names:
             raise ValueError(f"{where}: no column {name!r} (needed by space {space!r})")
-    parts = [embedding_matrix(table.column(c), c, where, check_finite=False) for c in columns]
-    dim = sum(p.shape[1] for p in parts)
+    parts = [unit_rows(embedding_matrix(table.column(c), c, where)) for c in columns]
+    vectors = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1) / np.sqrt(float(len(parts)))
     if out is None:
-        out = np.empty((table.num_rows, dim), np.float32)
-    elif out.shape != (table.num_rows, dim):
-        raise ValueError(f"{where}: vectors of {dim} values in space {space!r}, expected {out.shape[1]}")
-    scale = 1.0 / math.sqrt(len(parts))
-    col = 0
-    for name, p in zip(columns, parts):
-        norms = np.sqrt(np.einsum("ij,ij->i", p, p))
-        if not np.isfinite(norms).all():  # a NaN or infinity in a row makes its norm non-finite (so does overflow)
-            check_finite_rows(p, name, where)
-        unit_rows(p, out=out[:, col : col + p.shape[1]], scale=scale, norms=norms)
-        col += p.shape[1]
+        return vectors
+    if out.shape != vectors.shape:
+        raise ValueError(f"{where}: vectors of {vectors.shape[1]} values in space {space!r}, expected {out.shape[1]}")
+    out[...] = vectors
     return out

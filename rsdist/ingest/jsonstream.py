@@ -10,6 +10,7 @@ the first top-level keys, without building the document.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Iterator
 
 import ijson
@@ -26,6 +27,7 @@ def _ingest_error(message: str) -> Exception:
 
 def iter_array(fs, path: str, prefix: str) -> Iterator[Any]:
     """The elements of the array at `prefix`, in order; nothing when the document has no such array."""
+    check_surrogates(fs, path)
     with fs.open(path, "rb") as f:
         try:
             yield from ijson.items(f, prefix, use_float=True)
@@ -87,20 +89,69 @@ def json_kind(fs, path: str) -> str:
 def _malformed(fs, path: str, error: Exception) -> str:
     """One line naming the file and the line of the first error (found by the standard parser)."""
     url = fs.unstrip_protocol(path)
-    if isinstance(error, UnicodeDecodeError):
-        return f"{url}: not UTF-8 text: {error}"
     try:
         size = fs.size(path)
     except Exception:
         size = None
-    if size is not None and size <= _RELOCATE_MAX_BYTES:
-        with fs.open(path, "rb") as f:
-            raw = f.read()
-        try:
-            json.loads(raw)
-        except json.JSONDecodeError as e:
-            return f"{url}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})"
-        except UnicodeDecodeError as e:
-            return f"{url}: not UTF-8 text: {e}"
+    if size is None or size > _RELOCATE_MAX_BYTES:
+        detail = " ".join(str(error).split())
+        return f"{url}: {'not UTF-8 text' if isinstance(error, UnicodeDecodeError) else 'malformed JSON'}: {detail[:300]}"
+    with fs.open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        return f"{url}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8"
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        return f"{url}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})"
     detail = " ".join(str(error).split())
     return f"{url}: malformed JSON: {detail[:300]}"
+
+
+# A \uD800-\uDFFF escape that is not a high surrogate followed by a low one (an even run of
+# backslashes before it: `\\ud800` is an escaped backslash and the text "ud800").
+_LONE_SURROGATE = re.compile(
+    rb"(?<!\\)(?:\\\\)*\\ud[89ab][0-9a-f]{2}(?!\\ud[c-f][0-9a-f]{2})"  # a high surrogate not followed by a low one
+    rb"|(?<!\\)(?<!\\ud[89ab][0-9a-f]{2})(?:\\\\)*\\ud[c-f][0-9a-f]{2}",  # a low surrogate not preceded by a high one
+    re.IGNORECASE,
+)
+_SCAN_BLOCK = 16 * 1024 * 1024
+_SCAN_OVERLAP = 64
+_scanned: set = set()
+
+
+def check_surrogates(fs, path: str) -> None:
+    """Refuse a document holding an escaped lone surrogate (`"\\ud800"`), naming its line.
+
+    ijson's C parser turns a lone high surrogate into '?' without a word and stops on a lone low
+    one; neither is text that can be stored, so the document is refused before it is read.
+    One streaming pass per file and process (remembered by URL and size).
+    """
+    url = fs.unstrip_protocol(path)
+    try:
+        stamp = (url, fs.size(path))
+    except Exception:
+        stamp = None
+    if stamp is not None and stamp in _scanned:
+        return
+    lines, tail = 0, b""
+    with fs.open(path, "rb") as f:
+        block = f.read(_SCAN_BLOCK)
+        while block:
+            following = f.read(_SCAN_BLOCK)
+            text = tail + block
+            # A match near either end of a window is judged in the window that sees both sides of it.
+            first, last = (16 if tail else 0), (len(text) - 12 if following else len(text))
+            for found in _LONE_SURROGATE.finditer(text):
+                if first <= found.start() and found.end() <= last:
+                    line = lines + text[: found.start()].count(b"\n") + 1
+                    escape = found.group(0).lstrip(b"\\").decode("ascii")
+                    raise _ingest_error(f"{url}:{line}: the escape \\{escape} is a lone surrogate, not a character; fix or remove it")
+            keep = min(_SCAN_OVERLAP, len(text))
+            lines += text[: len(text) - keep].count(b"\n")
+            tail, block = text[len(text) - keep :], following
+    if stamp is not None:
+        _scanned.add(stamp)

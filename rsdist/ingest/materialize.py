@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rsdist.ingest.images import ImageTooLarge, UnreadableImage, inspect_image
-from rsdist.ingest.readers import Bad, Item, Record, item_from_json
+from rsdist.ingest.readers import Bad, Item, Record, item_from_json, outside_root
 from rsdist.core.rundir import RunDir
 from rsdist.core.schema import CANONICAL_SCHEMA, QUARANTINE_SCHEMA, empty_row, hash_split, make_sample_id
 
@@ -87,6 +87,9 @@ def materialize(item: Item, source_name: str, test_fraction: float, max_image_by
     meta = dict(rec.meta)
     data = None
     if rec.image or rec.blob:
+        elsewhere = outside_root(rec.image, rec.root) if rec.image else None
+        if elsewhere is not None:
+            return _quarantine_row(rec.file, rec.key, rec.line, "outside-root", f"{rec.image} now leads to {elsewhere}, outside the images root; not opened")
         try:
             if rec.image:
                 with fsspec.open(rec.image, "rb") as f:
@@ -95,14 +98,16 @@ def materialize(item: Item, source_name: str, test_fraction: float, max_image_by
                 data = _read_blob(rec.blob)
         except FileNotFoundError as e:
             return _quarantine_row(rec.file, rec.key, rec.line, "missing-image", str(e))
-        except OSError as e:
-            return _quarantine_row(rec.file, rec.key, rec.line, "unreadable-image", f"{type(e).__name__}: {e}")
+        except Exception as e:  # OSError, or a damaged shard (pyarrow, tar) under the record
+            return _quarantine_row(rec.file, rec.key, rec.line, "unreadable-image", f"{type(e).__name__}: {e}"[:300])
+        if not isinstance(data, (bytes, bytearray)):
+            return _quarantine_row(rec.file, rec.key, rec.line, "unreadable-image", f"image value is {type(data).__name__}, not bytes")
         if len(data) > max_image_bytes:
             return _quarantine_row(rec.file, rec.key, rec.line, "too-large", f"image over data.max_image_bytes={max_image_bytes}")
         try:
             info = inspect_image(data)
         except ImageTooLarge as e:
-            return _quarantine_row(rec.file, rec.key, rec.line, "too-large", str(e))
+            return _quarantine_row(rec.file, rec.key, rec.line, "too-many-pixels", str(e))
         except UnreadableImage as e:
             return _quarantine_row(rec.file, rec.key, rec.line, "unreadable-image", str(e))
         data = info.data

@@ -15,6 +15,9 @@ Output: `<run>/shards/part-NNNNN.parquet`   CANONICAL_SCHEMA, in source order. S
                                             format, splits, notes; read = written + quarantined
 Rows that repeat an earlier row's image bytes and text carry `duplicate_of` (the first one's
 sample_id) in `meta`; they are flagged, not dropped.
+Bad input: a bad record is quarantined with a reason code (docs/ingest.md lists them); an input
+that cannot be read as a whole, or only by guessing, raises `IngestError` (one line naming the
+file, and the line where there is one), as does a source with no records or none ingestible.
 
 Resources: the driver only enumerates records (metadata, streamed from the index files), plans
 chunks and collects their counts. With Ray, one Ray Data task per chunk (`Resources(num_cpus=1)`)
@@ -79,7 +82,7 @@ def open_source(data: DataConfig) -> Source:
         raise IngestError(f"data.format: {fmt!r} cannot be ingested; one of: {', '.join(FORMATS)}")
     is_dir = fs.isdir(path)
     base = posixpath.basename(path) if is_dir else posixpath.splitext(posixpath.basename(path))[0]
-    src = Source(fs=fs, path=path, name=f"{base}:{fmt}", format=fmt, columns=dict(data.columns or {}))
+    src = Source(fs=fs, path=path, name=f"{base}:{fmt}", format=fmt, columns=dict(data.columns or {}), captions_per_image=data.captions_per_image)
     if fmt in NEEDS_IMAGES_ROOT or fmt == "llava-json":
         src.images = _open_images_root(data, fs, path, is_dir, fmt)
     log.info("ingest: %s as %s%s", data.source, fmt, f", {len(src.images)} files under the images root" if src.images else "")
@@ -106,19 +109,58 @@ class _MissingRoot(ImageIndex):
     """Instruction data may be text-only; an image reference without an images root is an error."""
 
     def __init__(self, fs, root: str):
-        self.fs, self.root, self.by_rel, self.by_name = fs, root, {}, {}
+        self.fs, self.root, self.by_rel, self.by_name, self.ambiguous, self.outside, self.real_root = fs, root, {}, {}, set(), {}, None
 
-    def resolve(self, name: str) -> Optional[str]:
+    def resolve(self, name: str) -> str:
         raise IngestError(f"data.images: a record names image {name!r} but the images root {self.fs.unstrip_protocol(self.root)} does not exist")
 
 
 def iter_items(src: Source) -> Iterator[Item]:
-    """The source's records in a fixed order, with repeated keys turned into `duplicate-key`."""
+    """The source's records in a fixed order, with repeated keys turned into `duplicate-key` and
+    text that cannot be stored as UTF-8 (a lone surrogate from a JSON escape) into `bad-encoding`."""
     seen = KeySet()
-    for item in READERS[src.format](src):
-        if isinstance(item, Record) and not seen.add(item.key):
-            item = Bad(item.key, item.file, item.line, "duplicate-key", "key already seen earlier in the source")
+    for item in _read_index(src):
+        if isinstance(item, Record):
+            bad_field = _unencodable_field(item)
+            if bad_field is not None:
+                item = Bad(_printable(item.key), _printable(item.file), item.line, "bad-encoding", f"field {bad_field}: not valid Unicode text (a lone surrogate such as \\ud800)")
+            elif not seen.add(item.key):
+                item = Bad(item.key, item.file, item.line, "duplicate-key", "key already seen earlier in the source")
+        else:
+            item = Bad(_printable(item.key), _printable(item.file), item.line, item.reason, _printable(item.detail))
         yield item
+
+
+def _read_index(src: Source) -> Iterator[Item]:
+    """The format reader's items; an index file the filesystem refuses to read is one error line."""
+    try:
+        yield from READERS[src.format](src)
+    except OSError as e:
+        raise IngestError(f"{src.url(src.path)}: an index file cannot be read: {type(e).__name__}: {e}") from None
+
+
+def _encodable(text) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(text: str) -> str:
+    return text if _encodable(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _unencodable_field(rec: Record) -> Optional[str]:
+    """The name of the first text field of `rec` that is not valid UTF-8, or None."""
+    fields = [("key", rec.key), ("file", rec.file)] + [(f"captions[{k}]", c) for k, c in enumerate(rec.captions or [])]
+    for k, turn in enumerate(rec.conversations or []):
+        fields += [(f"conversations[{k}].from", turn["from"]), (f"conversations[{k}].value", turn["value"])]
+    fields += [(name, getattr(rec, name)) for name in ("text", "answer", "label", "split", "image")]
+    for name, value in fields:
+        if isinstance(value, str) and not _encodable(value):
+            return name
+    return None
 
 
 def iter_chunks(items: Iterable[Item], size: int) -> Iterator[tuple[int, list[Item]]]:
@@ -139,6 +181,8 @@ def chunk_settings(src: Source, data: DataConfig) -> dict:
     settings = {"source_name": src.name, "format": src.format, "shard_rows": data.shard_rows,
                 "test_fraction": data.test_fraction, "max_image_bytes": data.max_image_bytes}
     # Only when set, so chunks written before these settings existed stay valid.
+    if data.captions_per_image != 5:
+        settings["captions_per_image"] = data.captions_per_image
     if data.test_offset:
         settings["test_offset"] = data.test_offset
     if data.val_fraction:
@@ -306,6 +350,15 @@ def _flag_exact_duplicates(run: RunDir, content: ContentIndex) -> int:
     return sum(len(rows) for rows in by_chunk.values())
 
 
+def _first_quarantined(run: RunDir) -> str:
+    """'<file> <key>: <reason>: <detail>' of the first quarantined record, for an error line."""
+    files = run.parquet_files(FOLDER, "quarantine")
+    if not files:
+        return "none"
+    row = run.read_table(FOLDER, "quarantine", posixpath.basename(files[0])).slice(0, 1).to_pylist()[0]
+    return f"{row['source']} (key {row['key']}): {row['reason']}: {row['detail']}"
+
+
 # --- the stage ---------------------------------------------------------------------------------
 
 
@@ -339,6 +392,11 @@ def run(run: RunDir, data: DataConfig) -> StageResult:
     if report["read"] != report["written"] + sum(report["quarantined_by_reason"].values()):
         raise RuntimeError(f"ingest: accounting broken: read {report['read']} != written {report['written']} + quarantined {report['quarantined_by_reason']}")
     run.write_json(report, FOLDER, REPORT)
+    if report["read"] == 0:
+        raise IngestError(f"data.source: {data.source} holds no {src.format} records; check data.source and data.format")
+    if report["written"] == 0:
+        raise IngestError(f"data.source: none of the {report['read']} records of {data.source} could be ingested "
+                          f"(quarantined: {report['quarantined_by_reason']}; the first: {_first_quarantined(run)}); see {run.url(FOLDER, 'quarantine')}")
     log.info("ingest: %s: read %d, written %d, quarantined %d %s, exact duplicates %d, splits %s", src.name, report["read"],
              report["written"], quarantined, report["quarantined_by_reason"], report["duplicates"], report["splits"])
     extra = {k: report[k] for k in ("format", "quarantined", "quarantined_by_reason", "duplicates")}

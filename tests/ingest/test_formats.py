@@ -86,7 +86,7 @@ def test_coco_captions(tmp_path):
                                          "annotations": [{"image_id": 1, "caption": "c1"}, {"image_id": 1, "caption": "c2"}, {"image_id": 9, "caption": "orphan"}, {"image_id": 3, "caption": "c3"}]})
     result, rows, reasons = _run(tmp_path, str(root))
     assert result.extra["format"] == "coco-captions" and [r["captions"] for r in rows] == [["c1", "c2"]]
-    assert result.extra["quarantined_by_reason"] == {"bad-record": 1, "empty-text": 1, "missing-image": 1}
+    assert result.extra["quarantined_by_reason"] == {"dangling-ref": 1, "empty-text": 1, "missing-image": 1}
 
 
 def test_llava_json_keeps_turns_tags_and_text_only_rows(tmp_path):
@@ -161,11 +161,3 @@ def test_parquet_with_column_mapping(tmp_path):
     result, rows, reasons = _run(tmp_path, str(root), columns={"image": "img", "text": "caption", "label": "cls", "key": "uid"})
     assert result.extra["format"] == "parquet" and reasons == {"missing-image", "unreadable-image"}
     assert [(r["task"], r["text"], r["label"]) for r in rows] == [("caption", "a field", "Farmland"), ("classification", "desert", "Desert")]
-
-
-def test_malformed_json_names_file_and_line(tmp_path):
-    root = tmp_path / "bad"
-    _images(root, ["a.png"])
-    put(f"{root}/dataset.json", '{"images": [\n {"filename": "a.png",\n oops}\n]}')
-    with pytest.raises(IngestError, match=r"dataset.json:3: malformed JSON"):
-        ingest.run(RunDir(str(tmp_path / "run")), DataConfig(source=str(root), format="karpathy-json"))

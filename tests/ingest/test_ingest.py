@@ -114,14 +114,9 @@ def test_bad_settings_name_the_field():
         DataConfig(engine="spark")
     with pytest.raises(ConfigError, match="data.columns"):
         DataConfig(columns={"picture": "img"})
-
-
-def test_mismatched_caption_counts_name_both_files(tmp_path):
-    root = str(tmp_path / "ds")
-    write_captions_txt(root, n_per_class=2, classes=("Forest",))
-    put(f"{root}/captions/train_caps.txt", "a\nb\nc\n")
-    with pytest.raises(IngestError, match="train_caps.txt: 3 caption lines do not match 2 names"):
-        ingest.run(RunDir(str(tmp_path / "run")), DataConfig(source=root))
+    for bad in (0, True, 2.5):
+        with pytest.raises(ConfigError, match="data.captions_per_image"):
+            DataConfig(captions_per_image=bad)
 
 
 def test_test_offset_moves_the_held_out_window(tmp_path):
