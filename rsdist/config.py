@@ -8,6 +8,7 @@ Every field has a type and a help text (`field(metadata={"help": ...})`) and is 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -29,14 +30,37 @@ def _choice(name: str, value: Any, allowed: typing.Iterable[str]) -> None:
         raise ConfigError(f"{name}: {value!r} is not one of: {', '.join(allowed)}")
 
 
+def _number(name: str, value: Any) -> None:
+    """A finite int or float (not a bool, not inf or nan)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name}: {value!r} is not a number")
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}: {value!r} is not a finite number")
+
+
 def _positive(name: str, value: float, allow_zero: bool = False) -> None:
-    if value is None or (value < 0 if allow_zero else value <= 0):
+    _number(name, value)
+    if value < 0 if allow_zero else value <= 0:
         raise ConfigError(f"{name}: {value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
 
 def _fraction(name: str, value: float, lo_open: bool = True) -> None:
-    if value is None or not (0.0 < value < 1.0 if lo_open else 0.0 <= value < 1.0):
+    _number(name, value)
+    if not (0.0 < value < 1.0 if lo_open else 0.0 <= value < 1.0):
         raise ConfigError(f"{name}: {value!r} must be a fraction in {'(0, 1)' if lo_open else '[0, 1)'}")
+
+
+HF_SAFE, HF_PICKLE = "hf:", "hf-pickle:"
+
+
+def hf_folder(name: str) -> tuple[str, bool] | None:
+    """(folder, safetensors only) of a local Hugging Face model name, else None: `hf:<folder>` loads
+    safetensors weights only; `hf-pickle:<folder>` also loads pickled weights (pytorch_model.bin),
+    which can run code: name a folder that way only when you trust whoever wrote it."""
+    for scheme, safe in ((HF_SAFE, True), (HF_PICKLE, False)):
+        if isinstance(name, str) and name.startswith(scheme) and len(name) > len(scheme):
+            return name[len(scheme):], safe
+    return None
 
 
 INGEST_FORMATS = (
@@ -45,10 +69,10 @@ INGEST_FORMATS = (
 )
 INGEST_ENGINES = ("auto", "ray", "local")
 PARQUET_ROLES = ("image", "text", "captions", "label", "key", "split", "answer", "task")
-ENCODERS = ("composite", "tiny", "clip-tiny", "siglip-tiny", "hf:<folder>")
+ENCODERS = ("composite", "tiny", "clip-tiny", "siglip-tiny", "hf:<folder>", "hf-pickle:<folder>")
 PERTURBATIONS = ("noise", "rotate", "crop", "flip", "blur", "jpeg", "token_dropout", "word_shuffle")
 FEATURE_DTYPES = ("float32", "float16")
-VLM_MODELS = ("none", "qwen2-vl-tiny", "hf:<folder>")
+VLM_MODELS = ("none", "qwen2-vl-tiny", "hf:<folder>", "hf-pickle:<folder>")
 TINY_VLMS = ("qwen2-vl-tiny", "llava-tiny", "llava-next-tiny", "idefics3-tiny")  # random image-text-to-text models for tests
 TUNED_MODELS = ("dual", "vlm")  # train.model: what the job tunes
 VLM_VISION = ("frozen", "lora")
@@ -131,7 +155,7 @@ class DataConfig:
 
 @dataclass
 class FeaturesConfig:
-    encoder: str = _help(f"Encoder, one of {ENCODERS}: 'composite' = EfficientNet-Lite0 + MiniLM (pretrained), 'hf:<folder>' = a local CLIP/SigLIP checkpoint, the tiny ones = random weights for tests.", default="composite")
+    encoder: str = _help(f"Encoder, one of {ENCODERS}: 'composite' = EfficientNet-Lite0 + MiniLM (pretrained), 'hf:<folder>' = a local CLIP/SigLIP checkpoint with safetensors weights, 'hf-pickle:<folder>' = the same also allowing pickled weights (pytorch_model.bin, which can run code: trusted folders only), the tiny ones = random weights for tests.", default="composite")
     image_size: int = _help("Square side images are resized to before the image tower (RSICD/AID images are 150 px, so 160 keeps their detail at a third of 224's cost).", default=160)
     batch_size: int = _help("Rows per model batch (each row is 1 + K image forwards).", default=32)
     perturbations: list[str] = _help(f"Perturbations for the shift, any of {PERTURBATIONS}; image ones move image_emb, text ones (token_dropout, word_shuffle) move text_emb.", default_factory=lambda: ["noise", "rotate", "crop"])
@@ -145,7 +169,7 @@ class FeaturesConfig:
     max_text_tokens: int = _help("Captions are truncated to this many tokens.", default=48)
     seed: int = _help("Seed of the perturbations.", default=0)
     perturb_in: str = _help("Where image perturbations are made, one of auto, actor, cpu: 'actor' = in the model actor just before its forward (one image per row crosses the object store), 'cpu' = in the CPU decode stage (off a GPU's critical path), 'auto' = cpu when the actors have GPUs, else actor.", default="auto")
-    vlm: str = _help("Image-text-to-text model whose internal features are stored too, as coincide_emb / scalselect_emb: 'none', 'qwen2-vl-tiny' (random, for tests) or 'hf:<folder>' (a local Qwen2-VL / Qwen2.5-VL, LLaVA / LLaVA-NeXT, Idefics3 / SmolVLM checkpoint).", default="none")
+    vlm: str = _help("Image-text-to-text model whose internal features are stored too, as coincide_emb / scalselect_emb: 'none', 'qwen2-vl-tiny' (random, for tests) or 'hf:<folder>' (a local Qwen2-VL / Qwen2.5-VL, LLaVA / LLaVA-NeXT, Idefics3 / SmolVLM checkpoint, safetensors weights only; 'hf-pickle:<folder>' also allows pickled weights, which can run code: trusted folders only).", default="none")
     vlm_features: list[str] = _help(f"Which VLM-internal features to store when `vlm` is set, any of {VLM_FEATURES}.", default_factory=lambda: ["coincide", "scalselect"])
     coincide_layers: list[int] = _help("Language-model layers (0-based) whose attention-block outputs make COINCIDE's vector; the forward stops after the last one.", default_factory=lambda: [3, 7, 11, 15, 19])
     scalselect_mass: float = _help("ScalSelect: share of the instruction-to-vision attention the kept vision tokens must hold, in (0, 1].", default=0.9)
@@ -153,7 +177,7 @@ class FeaturesConfig:
 
     def __post_init__(self) -> None:
         _choice("features.perturb_in", self.perturb_in, ("auto", "actor", "cpu"))
-        if not (self.encoder.startswith("hf:") and len(self.encoder) > 3):
+        if hf_folder(self.encoder) is None:
             _choice("features.encoder", self.encoder, ENCODERS)
         _positive("features.image_size", self.image_size)
         _positive("features.batch_size", self.batch_size)
@@ -171,7 +195,7 @@ class FeaturesConfig:
         _positive("features.max_text_tokens", self.max_text_tokens)
         if len(set(self.perturbations)) != len(self.perturbations):
             raise ConfigError(f"features.perturbations: {self.perturbations!r} names one perturbation twice")
-        if not (self.vlm.startswith("hf:") and len(self.vlm) > 3):
+        if hf_folder(self.vlm) is None:
             _choice("features.vlm", self.vlm, VLM_MODELS)
         if not self.vlm_features:
             raise ConfigError("features.vlm_features: must name at least one of: " + ", ".join(VLM_FEATURES))
@@ -255,7 +279,7 @@ class SelectConfig:
     dedup_threshold: Optional[float] = _help("Near-duplicate filter before any method: rows with a cosine above this to a row kept before them in their cluster are dropped; None = no filter.", default=None)
     dedup_keep: str = _help(f"Which row of a near-duplicate group stays (semdedup and the filter), one of {DEDUP_KEEP_RULES}: farthest from / nearest to the cluster centroid, or first by sample_id.", default="farthest")
     failures: Optional[str] = _help("error-driven: parquet file (any fsspec URI) of failing validation samples: sample_id plus the embedding columns, or sample_ids found in features/; optional 'weight'. Default: <run>/eval/failures.parquet.", default=None)
-    teacher: Optional[str] = _help("error-driven: optional 'package.module:function' that turns failures into retrieval queries and weights.", default=None)
+    teacher: Optional[str] = _help("error-driven: optional 'rsdist.<module>:<function>' that turns failures into retrieval queries and weights: a function of the rsdist package marked with @teacher (e.g. rsdist.select.teachers:each_failure); nothing outside the package is imported (docs/select.md).", default=None)
     within_clusters: bool = _help("scalselect and coincide: spend the budget over clusters by select.quota and rank inside each cluster, instead of by the method's own rule (scalselect: the global top leverage; coincide: its cluster probabilities). Keeps the pool's scene mix.", default=False)
     candidates: float = _help("typicality-mmd and alignment-mmd: each cluster's greedy MMD picks its quota among its candidates x quota images of highest caption typicality / image-text alignment (at least the quota).", default=2.0)
     alignment_direction: str = _help(f"alignment-mmd: which held-out ridge map scores a pair, one of {ALIGNMENT_DIRECTIONS}: the picture predicting the caption, or the mean of that and the caption predicting the picture.", default="image-to-text")
@@ -289,8 +313,11 @@ class SelectConfig:
         if self.dedup_threshold is not None and not -1.0 < self.dedup_threshold <= 1.0:
             raise ConfigError(f"select.dedup_threshold: {self.dedup_threshold!r} must be a cosine in (-1, 1] or None")
         _choice("select.dedup_keep", self.dedup_keep, DEDUP_KEEP_RULES)
-        if self.teacher is not None and ":" not in self.teacher:
-            raise ConfigError(f"select.teacher: {self.teacher!r} must look like 'package.module:function'")
+        if self.teacher is not None:
+            from rsdist.select.error_driven import teacher_spec_error
+
+            if teacher_spec_error(self.teacher):
+                raise ConfigError(teacher_spec_error(self.teacher))
         _positive("select.num_tasks", self.num_tasks, allow_zero=True)
         _positive("select.rows_per_task", self.rows_per_task)
         _positive("select.cpus_per_task", self.cpus_per_task)
@@ -323,7 +350,7 @@ class LoraFields:
 
 @dataclass
 class VlmTrainConfig(LoraFields):
-    model: str = _help(f"Image-text-to-text model: one of {TINY_VLMS} (random, for tests) or 'hf:<folder>' (a local Qwen2-VL / Qwen2.5-VL, LLaVA-1.5 / LLaVA-NeXT, Idefics3 / SmolVLM checkpoint in safetensors).", default="qwen2-vl-tiny")
+    model: str = _help(f"Image-text-to-text model: one of {TINY_VLMS} (random, for tests) or 'hf:<folder>' (a local Qwen2-VL / Qwen2.5-VL, LLaVA-1.5 / LLaVA-NeXT, Idefics3 / SmolVLM checkpoint in safetensors; 'hf-pickle:<folder>' also allows pickled weights, which can run code: trusted folders only).", default="qwen2-vl-tiny")
     vision: str = _help(f"Vision tower, one of {VLM_VISION}: frozen, or LoRA on its blocks' linears.", default="frozen")
     projector: str = _help(f"Vision-language projector, one of {VLM_PROJECTOR}: trained fully (saved with the adapter) or frozen.", default="trainable")
     lora_dropout: float = _help("LoRA dropout.", default=0.05)
@@ -354,8 +381,8 @@ class VlmTrainConfig(LoraFields):
         _choice("train.vlm.vision", self.vision, VLM_VISION)
         _choice("train.vlm.projector", self.projector, VLM_PROJECTOR)
         _choice("train.vlm.strategy", self.strategy, VLM_STRATEGIES)
-        if not (self.model in TINY_VLMS or (self.model.startswith("hf:") and len(self.model) > 3)):
-            raise ConfigError(f"train.vlm.model: {self.model!r} is not one of: {', '.join(TINY_VLMS)}, hf:<folder>")
+        if not (self.model in TINY_VLMS or hf_folder(self.model)):
+            raise ConfigError(f"train.vlm.model: {self.model!r} is not one of: {', '.join(TINY_VLMS)}, hf:<folder>, hf-pickle:<folder>")
         self.check_lora("train.vlm")
         for name in ("max_pixels", "min_pixels", "max_tokens", "batch_size", "grad_accum", "epochs", "checkpoint_every", "checkpoints_to_keep", "num_workers", "cpus_per_worker", "lr"):
             _positive(f"train.vlm.{name}", getattr(self, name))
@@ -450,6 +477,7 @@ class TrainConfig(LoraFields):
         _positive("train.harma_heads", self.harma_heads)
         _positive("train.harma_mini_dim", self.harma_mini_dim, allow_zero=True)
         _positive("train.harma_margin", self.harma_margin, allow_zero=True)
+        _number("train.harma_gate_init", self.harma_gate_init)
         for name in ("harma_hidden", "harma_mini_dim"):
             if getattr(self, name) % self.harma_heads:
                 raise ConfigError(f"train.{name}: {getattr(self, name)} must be a multiple of train.harma_heads={self.harma_heads}")
@@ -488,6 +516,14 @@ class RayConfig:
         _positive("ray.demand_timeout_s", self.demand_timeout_s)
         if self.num_cpus is not None:
             _positive("ray.num_cpus", self.num_cpus)
+
+    def __post_init__(self) -> None:
+        if self.num_cpus is not None:
+            _positive("ray.num_cpus", self.num_cpus)
+            if not isinstance(self.num_cpus, int):
+                raise ConfigError(f"ray.num_cpus: {self.num_cpus!r} must be a whole number of CPUs")
+        if self.address is not None and (not isinstance(self.address, str) or not self.address.strip()):
+            raise ConfigError(f"ray.address: {self.address!r} must be a cluster address (e.g. auto, ray://host:10001) or null")
 
 
 @dataclass
@@ -538,7 +574,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             value = [value]
         return [_coerce(v, args[0] if args else Any, where) for v in value]
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if hint in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{where}: {str(value).lower()} is a boolean, not a number")
+    if hint in (int, float) and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {value!r} is not a finite number")
+    if hint is float and isinstance(value, (int, float)):
         return float(value)
     if hint is int and isinstance(value, float) and value.is_integer():
         return int(value)

@@ -93,6 +93,14 @@ def stage_settings(stage: Stage, cfg: RunConfig, data: DataConfig):
     return data if stage.section == "data" else getattr(cfg, stage.section)
 
 
+def check_resources(cfg: RunConfig, only: list[str] | None = None) -> None:
+    """Before any stage runs: refuse, naming the setting, workers or actors of the stages to run that
+    the Ray cluster can never place (each stage's `placement` check; Ray would wait for them forever)."""
+    for stage in job_stages():
+        if stage.placement is not None and (only is None or stage.name in only):
+            stage.placement(getattr(cfg, stage.section))
+
+
 def check_inputs(run: RunDir, stage: Stage) -> None:
     """Every folder the stage reads must hold a complete output."""
     for folder in stage.reads:
@@ -121,6 +129,7 @@ def run_pipeline(cfg: RunConfig, only: list[str] | None = None, force: bool = Fa
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=in_job_working_dir(cfg.data.source), images=in_job_working_dir(cfg.data.images)))
     run = run or RunDir(cfg.run_dir)
     init_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.demand_timeout_s, cfg.ray.autoscaler_config)
+    check_resources(cfg, only)
     data = resolve_data(run, cfg.data)
     run.write_json({"rsdist": rsdist.__version__, **config_to_dict(cfg)}, "config.json")
     stages = job_stages(cfg)

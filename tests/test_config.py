@@ -87,3 +87,72 @@ def test_the_vlm_settings_are_sections_of_the_one_config():
     with pytest.raises(ConfigError, match=r"data.sources\[1\]: 'y' must be a mapping with a `source`"):
         config_from_dict({"data": {"sources": [{"source": "x"}, "y"]}})
 
+# -- numbers that are not numbers, and resource requests no cluster can meet ----------------------
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (["select", "--set", "select.budget=.inf"], "select.budget: inf is not a finite number"),
+        (["select", "--budget", "inf"], "select.budget: inf is not a finite number"),
+        (["select", "--set", "select.budget=.nan"], "select.budget: nan is not a finite number"),
+        (["cluster", "--set", "cluster.tol=.nan"], "cluster.tol: nan is not a finite number"),
+        (["train", "--set", "train.lr=.nan"], "train.lr: nan is not a finite number"),
+        (["train", "--set", "train.harma_gate_init=-.inf"], "train.harma_gate_init: -inf is not a finite number"),
+        (["ingest", "--set", "data.shard_rows=true"], "data.shard_rows: true is a boolean, not a number"),
+        (["train", "--set", "train.cpus_per_worker=false"], "train.cpus_per_worker: false is a boolean, not a number"),
+        (["train", "--set", "ray.num_cpus=-2"], "ray.num_cpus: -2 must be > 0"),
+        (["train", "--set", "ray.num_cpus=1.5"], "ray.num_cpus: 1.5 is not a int"),
+        (["vlm", "train", "--set", "train.vlm.lr=.nan"], "train.vlm.lr: nan is not a finite number"),
+        (["vlm", "eval", "--set", "eval.vlm.max_rows=true"], "eval.vlm.max_rows: true is a boolean, not a number"),
+    ],
+)
+def test_non_finite_and_boolean_numbers_are_one_line_naming_the_field(argv, line, tmp_path, capsys):
+    from rsdist.cli import main
+
+    assert main([*argv[:2 if argv[0] == "vlm" else 1], "--out", str(tmp_path / "run"), *argv[2 if argv[0] == "vlm" else 1:]]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"rsdist: error: {line}\n"
+    assert "Traceback" not in captured.out + captured.err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_direct_construction_refuses_non_finite_and_boolean_numbers():
+    from rsdist.config import ClusterConfig, SelectConfig, TrainConfig
+
+    for make, line in [
+        (lambda: SelectConfig(budget=float("inf")), "select.budget: inf is not a finite number"),
+        (lambda: ClusterConfig(tol=float("nan")), "cluster.tol: nan is not a finite number"),
+        (lambda: TrainConfig(lr=float("nan")), "train.lr: nan is not a finite number"),
+        (lambda: TrainConfig(epochs=True), "train.epochs: True is not a number"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            make()
+        assert str(e.value) == line
+
+
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (["train", "--set", "train.num_workers=100"], "train.num_workers: 100 workers of 0.5 CPUs each, but the Ray cluster can hold 4 (1 node, 2 CPUs)"),
+        (["train", "--set", "train.cpus_per_worker=8"], "train.cpus_per_worker: 8 CPUs for each of the workers, but the largest node of the Ray cluster has 2 (1 node, 2 CPUs)"),
+        (["cluster", "--set", "cluster.num_actors=5", "--set", "cluster.cpus_per_actor=1"],
+         "cluster.num_actors: 5 shard actors of 1 CPU each, but the Ray cluster can hold 2 (1 node, 2 CPUs)"),
+        (["cluster", "--set", "cluster.gpus_per_actor=1"], "cluster.gpus_per_actor: each of the shard actors needs 1 GPU on one node; no node of the Ray cluster has that (1 node, 2 CPUs)"),
+        (["run", "--set", "train.num_workers=100"], "train.num_workers: 100 workers of 0.5 CPUs each, but the Ray cluster can hold 4 (1 node, 2 CPUs)"),
+        (["vlm", "train", "--set", "train.vlm.num_workers=3"], "train.vlm.num_workers: 3 workers of 1 CPU each, but the Ray cluster can hold 2 (1 node, 2 CPUs)"),
+    ],
+)
+def test_requests_the_cluster_can_never_meet_are_refused_before_any_stage(ray_session, argv, line, tmp_path, capsys):
+    """On the test session's Ray (one node, 2 CPUs): refused at once with one line, instead of Ray
+    waiting forever for workers it cannot place; nothing of the run is written."""
+    from rsdist.cli import main
+
+    out = str(tmp_path / "run")
+    if argv[0] == "run":
+        config = tmp_path / "job.yaml"
+        config.write_text("data:\n  source: synthetic\n")
+        argv = ["run", str(config), *argv[1:]]
+    split = 2 if argv[0] in ("vlm", "run") else 1
+    assert main([*argv[:split], "--out", out, *argv[split:]]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"rsdist: error: {line}\n"
+    assert not (tmp_path / "run" / "synthetic_source").exists() and not (tmp_path / "run" / "shards").exists()

@@ -361,6 +361,7 @@ class KMeansDriver:
             self._get([a.detach_exchange.remote() for a in self.actors])
             exchange.close()
             return None
+        exchange.unlink()  # every actor has mapped the buffers: nothing stays in /dev/shm, even after a kill
         return exchange
 
     def _minibatch_loop(self, c: np.ndarray, exchange: SharedExchange | None) -> FitResult:

@@ -18,12 +18,20 @@ t + 2, the next call that writes that slot (an actor runs its calls in the order
 Used for the mini-batch loop only (Lloyd's few full passes gain nothing worth a second path);
 on several nodes, without /dev/shm, or when the buffers would not fit there, the loop uses the
 object store as before.
+
+Nothing is left in /dev/shm, even after a kill: the files are created readable by their owner only
+(mode 0600), named `rsdist-kmeans-<driver pid>-<random>`, and unlinked as soon as every actor has
+mapped them (`SharedExchange.unlink`; the mappings stay valid until each side drops them, and the
+memory is freed when the last one does). Files of a driver killed in the moment between creating
+and unlinking them are removed by the next exchange opened on the node (`remove_stale`), as their
+driver pid is no longer alive.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import uuid
 
@@ -33,6 +41,8 @@ log = logging.getLogger("rsdist")
 
 SHM_DIR = "/dev/shm"
 SLOTS = 2
+PREFIX = "rsdist-kmeans-"
+STALE_NAME = re.compile(re.escape(PREFIX) + r"(\d+)-")
 
 
 def buffer_bytes(k: int, dim: int, actors: int) -> int:
@@ -40,13 +50,54 @@ def buffer_bytes(k: int, dim: int, actors: int) -> int:
     return SLOTS * k * (dim * 4 + actors * (dim * 4 + 2 * 8))
 
 
+def _private_file(path: str, nbytes: int) -> None:
+    """Create `path` (it must not exist) of `nbytes` zero bytes, readable and writable by its owner only."""
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        os.ftruncate(fd, nbytes)
+    finally:
+        os.close(fd)
+
+
 def centroid_buffer(path: str, k: int, dim: int, mode: str) -> np.memmap:
+    if mode == "w+":
+        _private_file(path, SLOTS * k * dim * 4)
+        mode = "r+"
     return np.memmap(path, np.float32, mode, shape=(SLOTS, k, dim))
 
 
 def sums_buffer(prefix: str, k: int, dim: int, mode: str) -> tuple[np.memmap, np.memmap]:
     """An actor's (sums, [ids; counts]) buffers: (slots, k, dim) float32 and (slots, 2, k) int64."""
+    if mode == "w+":
+        _private_file(f"{prefix}.sums", SLOTS * k * dim * 4)
+        _private_file(f"{prefix}.ids", SLOTS * 2 * k * 8)
+        mode = "r+"
     return np.memmap(f"{prefix}.sums", np.float32, mode, shape=(SLOTS, k, dim)), np.memmap(f"{prefix}.ids", np.int64, mode, shape=(SLOTS, 2, k))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(folder: str) -> int:
+    """Remove exchange files in `folder` whose driver process is gone (a kill between creating and
+    unlinking them); return how many."""
+    removed = 0
+    for name in os.listdir(folder):
+        m = STALE_NAME.match(name)
+        if m and not _pid_alive(int(m.group(1))):
+            try:
+                os.remove(os.path.join(folder, name))
+                removed += 1
+            except (FileNotFoundError, PermissionError):
+                pass
+    return removed
 
 
 class SharedExchange:
@@ -54,7 +105,7 @@ class SharedExchange:
 
     def __init__(self, folder: str, k: int, dim: int, actors: int):
         self.k, self.dim = k, dim
-        self.prefix = os.path.join(folder, f"rsdist-kmeans-{uuid.uuid4().hex[:12]}")
+        self.prefix = os.path.join(folder, f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}")
         self.paths: list[str] = []
         try:
             self.centroid_path = self._track(f"{self.prefix}-centroids")
@@ -86,6 +137,10 @@ class SharedExchange:
             out["pool"] = reply["pool"]
         return out
 
+    def unlink(self) -> None:
+        """Remove the files once every actor has mapped them (the mappings stay valid)."""
+        self.close()
+
     def close(self) -> None:
         """Delete the files (the mappings stay valid until each side drops them)."""
         for p in self.paths:
@@ -103,6 +158,8 @@ def open_shared_exchange(actor_nodes: list[str], driver_node: str, k: int, dim: 
         return None
     if not os.path.isdir(folder):
         return None
+    if remove_stale(folder):
+        log.info("cluster: removed exchange files of killed runs from %s", folder)
     need = buffer_bytes(k, dim, len(actor_nodes))
     free = shutil.disk_usage(folder).free
     if need > free // 4:  # leave /dev/shm to Ray's object store and everyone else

@@ -44,6 +44,14 @@ def actor_resources(cfg: ClusterConfig) -> Resources:
     return Resources(num_cpus=cfg.cpus_per_actor, num_gpus=gpus, memory=cfg.memory_per_actor_gb * 1e9)
 
 
+def check_resources(cfg: ClusterConfig) -> None:
+    """Refuse, naming the setting, shard actors the cluster can never place."""
+    from rsdist.core.raycluster import check_placement
+
+    res = actor_resources(cfg)
+    check_placement("cluster.num_actors", max(1, cfg.num_actors), "cluster.cpus_per_actor", res.num_cpus, res.num_gpus, "cluster.gpus_per_actor", what="shard actors")
+
+
 def actor_demand(cfg: ClusterConfig, res: Resources) -> "Demand":
     from rsdist.core.raycluster import Demand
 
@@ -180,4 +188,4 @@ def run(run: RunDir, cfg: ClusterConfig) -> StageResult:
     return StageResult(rows_in=n, rows_out=labels["rows"], extra={**summary, **timings, "resumed_units": labels["skipped_units"]})
 
 
-STAGE = Stage(name="cluster", folder=NAME, reads=("features",), section="cluster", resources=actor_resources, run=run, resumable=True)
+STAGE = Stage(name="cluster", folder=NAME, reads=("features",), section="cluster", resources=actor_resources, run=run, resumable=True, placement=check_resources)

@@ -142,8 +142,13 @@ class RunDir:
         return self.write_bytes(json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), *parts)
 
     def read_json(self, *parts: str) -> Any:
+        """A JSON file of the run; ValueError naming the file when it is not JSON."""
         with self.fs.open(self.path(*parts), "rb") as f:
-            return json.loads(f.read())
+            raw = f.read()
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{self.url(*parts)}: not a JSON file ({str(e).splitlines()[0][:200]}); refused") from None
 
     def write_text(self, text: str, *parts: str) -> str:
         return self.write_bytes(text.encode("utf-8"), *parts)

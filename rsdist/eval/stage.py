@@ -5,7 +5,7 @@ Input:
   `image_emb` (image-tower features; the tower is frozen, so they go straight to the image head)
   and `label`; the set of classes is every label in the features,
 - `<run>/shards/part-*.parquet`: all captions of each test image,
-- `<run>/checkpoints/final/`: the trained adapter (LoRA `text_adapter/` or HarMA `harma.pt`, found
+- `<run>/checkpoints/final/`: the trained adapter (LoRA `text_adapter/` or HarMA `harma.safetensors`, found
   by what the folder holds) and heads (`train_meta.json` gives embed_dim and the method).
 Output: `<run>/eval/metrics.json`: the metrics of the trained model, those of the untrained model
 (heads at initialisation, no adapter) when `eval.baseline`, and the settings that produced them;

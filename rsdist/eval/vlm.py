@@ -33,6 +33,7 @@ from rsdist.config import VlmEvalConfig
 from rsdist.eval.vlm_metrics import caption_metrics, classification_metrics, match_class, vqa_matches, vqa_metrics
 from rsdist.core.rundir import RunDir
 from rsdist.models.instructions import CAPTION_PROMPT, SCENE_PROMPT, VQA_PROMPT, question_type, readable_label, scene_prompt, vqa_prompt
+from rsdist.models.safe_files import CheckpointError, check_adapter_folder
 
 __all__ = ["VlmEvalConfig", "SCENE_PROMPT", "VQA_PROMPT", "CAPTION_PROMPT", "eval_rows", "task_inputs", "generate_answers", "evaluate_model"]
 
@@ -117,6 +118,7 @@ def load_for_eval(model_name: str, seed: int, adapter_files: dict[str, bytes] | 
             for name, data in adapter_files.items():
                 with open(os.path.join(folder, name), "wb") as f:
                     f.write(data)
+            check_adapter_folder(folder)
             model = PeftModel.from_pretrained(model, folder).merge_and_unload()
     if use_gpu and torch.cuda.is_available():
         model = model.to("cuda", torch.bfloat16 if bf16 else torch.float32)
@@ -151,9 +153,10 @@ def generate_all(inputs: pa.Table, cfg: VlmEvalConfig, model: str, seed: int, ad
     else:
         import ray
 
-        from rsdist.core.raycluster import cluster_gpus
+        from rsdist.core.raycluster import check_placement, cluster_gpus
 
         gpus = cluster_gpus() > 0
+        check_placement("eval.vlm.num_actors", cfg.num_actors, "eval.vlm.cpus_per_actor", cfg.cpus_per_actor, 1.0 if gpus else 0.0, what="generator actors")
         ds = ray.data.from_arrow(inputs).map_batches(VlmGenerator, batch_size=cfg.batch_size, batch_format="pyarrow",
                                                       fn_constructor_kwargs={**kwargs, "use_gpu": gpus}, compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
                                                       num_cpus=cfg.cpus_per_actor, num_gpus=1 if gpus else None)

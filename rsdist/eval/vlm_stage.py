@@ -13,24 +13,41 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 
 from rsdist.config import EvalConfig
 from rsdist.eval.vlm import evaluate_model
 from rsdist.core.raycluster import cluster_gpus
 from rsdist.core.rundir import RunDir
 from rsdist.models.instructions import pool_classes
+from rsdist.models.safe_files import CheckpointError, check_adapter_folder
 from rsdist.stage import Resources, Stage, StageResult
 
 FOLDER = "vlm_eval"
 TRAINED = ("vlm_checkpoints", "final")
 
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
 def read_adapter(run: RunDir) -> dict[str, bytes]:
-    """The trained adapter's files (name -> bytes), shipped to the generator actors."""
+    """The trained adapter's files (name -> bytes), shipped to the generator actors: its config and
+    safetensors weights, checked here first (CheckpointError naming a file that is not one)."""
     files = {}
-    for path in run.fs.ls(run.path(*TRAINED, "adapter"), detail=False):
+    for name in ADAPTER_FILES:
+        path = run.path(*TRAINED, "adapter", name)
+        if not run.fs.exists(path):
+            raise CheckpointError(f"{run.url(*TRAINED, 'adapter', name)}: missing (rsdist reads adapter weights from safetensors only)")
         with run.fs.open(path, "rb") as f:
-            files[os.path.basename(path.rstrip("/"))] = f.read()
+            files[name] = f.read()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in files.items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
+        try:
+            check_adapter_folder(tmp)
+        except CheckpointError as e:
+            raise CheckpointError(str(e).replace(tmp, run.url(*TRAINED, "adapter"))) from None
     return files
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from rsdist.config import hf_folder
 from rsdist.models.dual import DualEncoder, EfficientNetLiteTower, TinyConvTower, minilm_path, minilm_tokenizer
 from rsdist.models.hf import build_hf_encoder
 
@@ -17,7 +18,7 @@ def build_encoder(name: str, embed_dim: int = 256, seed: int = 0) -> DualEncoder
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
-    if name in ("clip-tiny", "siglip-tiny") or name.startswith("hf:"):
+    if name in ("clip-tiny", "siglip-tiny") or hf_folder(name):
         return build_hf_encoder(name, embed_dim, seed)
     if name == "composite":
         image_tower, image_dim = EfficientNetLiteTower(), EfficientNetLiteTower.dim
@@ -29,7 +30,7 @@ def build_encoder(name: str, embed_dim: int = 256, seed: int = 0) -> DualEncoder
         cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
         text_tower, text_dim = BertModel(cfg, add_pooling_layer=False), 32
     else:
-        raise ValueError(f"encoder: {name!r} is not one of: composite, tiny, clip-tiny, siglip-tiny, hf:<folder>")
+        raise ValueError(f"encoder: {name!r} is not one of: composite, tiny, clip-tiny, siglip-tiny, hf:<folder>, hf-pickle:<folder>")
     image_tower.eval()
     text_tower.eval()
     torch.manual_seed(seed)

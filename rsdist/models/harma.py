@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ADAPTER_FILE = "harma.pt"
+ADAPTER_FILE = "harma.safetensors"
 
 
 def _gate(init: float) -> nn.Parameter:

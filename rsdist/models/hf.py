@@ -3,7 +3,9 @@
 Names `build_encoder` accepts through `build_hf_encoder`:
 - `hf:<folder>`: any local CLIP or SigLIP checkpoint in Hugging Face format (OpenAI CLIP,
   RemoteCLIP or GeoRSCLIP converted to HF, SigLIP), with its own tokenizer; image mean, std and
-  size come from its `preprocessor_config.json` when present.
+  size come from its `preprocessor_config.json` when present. Weights load from safetensors only
+  (`use_safetensors=True`); `hf-pickle:<folder>` also allows pickled weights (trusted folders
+  only: unpickling can run code). Code shipped in a folder never runs (no `trust_remote_code`).
 - `clip-tiny`, `siglip-tiny`: random models built from small configs, for tests (no hub).
 
 Tower features are what the models' `get_image_features` / `get_text_features` return as
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rsdist.config import hf_folder
 from rsdist.models.dual import DualEncoder
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -88,7 +91,19 @@ def _tiny(kind: str, seed: int):
     return model, tokenizer, 32, SIGLIP_MEAN, SIGLIP_STD, True
 
 
-def _from_folder(path: str):
+def pretrained(loader, path: str, safetensors_only: bool, field: str, **kwargs):
+    """`loader.from_pretrained(path)` with `use_safetensors` = `safetensors_only`; a folder without
+    safetensors weights is refused with one line naming the setting and the way out."""
+    try:
+        return loader.from_pretrained(path, use_safetensors=safetensors_only, **kwargs)
+    except OSError:
+        if safetensors_only and not any(f.endswith(".safetensors") for f in os.listdir(path)):
+            raise FileNotFoundError(f"{field}: {path} has no safetensors weights (*.safetensors); rsdist does not load pickled weights from hf:<folder> "
+                                    f"(they can run code): convert the folder, or name it hf-pickle:{path} if you trust it") from None
+        raise
+
+
+def _from_folder(path: str, safetensors_only: bool = True):
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     if not os.path.isdir(path):
@@ -96,7 +111,7 @@ def _from_folder(path: str):
     cfg = AutoConfig.from_pretrained(path)
     if cfg.model_type not in ("clip", "siglip"):
         raise ValueError(f"encoder: hf:{path} is a {cfg.model_type!r} checkpoint; supported: clip, siglip")
-    model = AutoModel.from_pretrained(path)
+    model = pretrained(AutoModel, path, safetensors_only, "features.encoder")
     tokenizer = AutoTokenizer.from_pretrained(path)
     clip = cfg.model_type == "clip"
     mean, std = (CLIP_MEAN, CLIP_STD) if clip else (SIGLIP_MEAN, SIGLIP_STD)
@@ -113,10 +128,10 @@ def build_hf_encoder(name: str, embed_dim: int = 256, seed: int = 0) -> HFDualEn
     """`clip-tiny`, `siglip-tiny` or `hf:<folder>` as an HFDualEncoder in eval mode."""
     if name in ("clip-tiny", "siglip-tiny"):
         parts = _tiny(name, seed)
-    elif name.startswith("hf:"):
-        parts = _from_folder(name[3:])
+    elif hf_folder(name):
+        parts = _from_folder(*hf_folder(name))
     else:
-        raise ValueError(f"encoder: {name!r} is not one of: clip-tiny, siglip-tiny, hf:<folder>")
+        raise ValueError(f"encoder: {name!r} is not one of: clip-tiny, siglip-tiny, hf:<folder>, hf-pickle:<folder>")
     model, tokenizer, size, mean, std, pad_to_max = parts
     model.eval()
     torch.manual_seed(seed)

@@ -2,11 +2,13 @@
 (HarMA gated adapters, rsdist/train/harma.py) or 'heads' (both towers frozen: a linear probe);
 trainable heads and temperature; the rest frozen.
 
-Also saving and loading what training produces (a checkpoint folder):
-- `text_adapter/`: the peft LoRA adapter of the text tower (`save_pretrained`), method 'lora',
-- `harma.pt`: the HarMA adapters' settings and state dict, method 'harma',
-- `heads.pt`: both projection heads and logit_scale (plus, in epoch checkpoints, optimizer state);
-  a checkpoint with neither adapter is method 'heads'.
+Also saving and loading what training produces (a checkpoint folder), in files that cannot run
+code when read (rsdist/models/safe_files.py):
+- `text_adapter/`: the peft LoRA adapter of the text tower (`save_pretrained`: adapter_config.json,
+  adapter_model.safetensors), method 'lora',
+- `harma.safetensors`: the HarMA adapters' state dict, their settings in its header, method 'harma',
+- `heads.safetensors`: both projection heads and logit_scale, the epoch in its header; a checkpoint
+  with neither adapter is method 'heads'.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from torch import nn
 from rsdist.models.dual import DualEncoder
 from rsdist.models.encoders import build_encoder
 from rsdist.models.harma import ADAPTER_FILE as HARMA_FILE, attach_harma
+from rsdist.models.safe_files import CheckpointError, check_adapter_folder, load_tensors_and_metadata, save_tensors
 
 ADAPTER_DIR = "text_adapter"
-HEADS_FILE = "heads.pt"
+HEADS_FILE = "heads.safetensors"
+PICKLED_FILES = ("heads.pt", "harma.pt")  # what rsdist before safetensors wrote; never read
 HARMA_SETTINGS = ("harma_hidden", "harma_heads", "harma_mini_dim", "harma_gate_init")
 
 
@@ -109,18 +113,26 @@ def clamp_logit_scale(encoder: DualEncoder, max_scale: float) -> None:
         encoder.logit_scale.clamp_(0.0, math.log(max_scale))
 
 
-def save_trained(encoder: DualEncoder, folder: str, extra: dict | None = None) -> None:
-    """Write the adapter (LoRA or HarMA) and heads (plus `extra`, e.g. optimizer state) into a local folder."""
+def save_trained(encoder: DualEncoder, folder: str, metadata: dict | None = None) -> None:
+    """Write the adapter (LoRA or HarMA) and heads into a local folder; `metadata` (JSON-able, e.g.
+    the epoch) goes into the heads file's header."""
     os.makedirs(folder, exist_ok=True)
     if getattr(encoder, "harma", None) is not None:
-        torch.save({"settings": encoder.harma_settings, "state": encoder.harma.state_dict()}, os.path.join(folder, HARMA_FILE))
+        save_tensors(encoder.harma.state_dict(), os.path.join(folder, HARMA_FILE), {"settings": encoder.harma_settings})
     elif hasattr(encoder.text_tower, "peft_config"):
-        encoder.text_tower.save_pretrained(os.path.join(folder, ADAPTER_DIR))
-    torch.save({"heads": encoder.head_state(), **(extra or {})}, os.path.join(folder, HEADS_FILE))
+        encoder.text_tower.save_pretrained(os.path.join(folder, ADAPTER_DIR), safe_serialization=True)
+    save_tensors(encoder.head_state(), os.path.join(folder, HEADS_FILE), metadata or {})
 
 
-def load_heads_file(folder: str) -> dict:
-    return torch.load(os.path.join(folder, HEADS_FILE), map_location="cpu", weights_only=False)
+def load_heads(folder: str) -> tuple[dict, dict]:
+    """(head tensors, header metadata) of a checkpoint folder."""
+    path = os.path.join(folder, HEADS_FILE)
+    if not os.path.exists(path):
+        old = [f for f in PICKLED_FILES if os.path.exists(os.path.join(folder, f))]
+        if old:
+            raise CheckpointError(f"{os.path.join(folder, old[0])}: a pickled checkpoint file, which rsdist does not read (it can run code); train again (--force) to write {HEADS_FILE}")
+        raise CheckpointError(f"{folder}: not a checkpoint (no {HEADS_FILE})")
+    return load_tensors_and_metadata(path)
 
 
 def checkpoint_method(folder: str) -> str:
@@ -130,36 +142,58 @@ def checkpoint_method(folder: str) -> str:
     return "lora" if os.path.isdir(os.path.join(folder, ADAPTER_DIR)) else "heads"
 
 
+def load_harma(folder: str) -> tuple[dict, dict]:
+    """(HarMA state dict, its settings) of a checkpoint folder."""
+    path = os.path.join(folder, HARMA_FILE)
+    state, meta = load_tensors_and_metadata(path)
+    if not isinstance(meta.get("settings"), dict) or set(meta["settings"]) != set(HARMA_SETTINGS):
+        raise CheckpointError(f"{path}: header has no HarMA settings ({', '.join(HARMA_SETTINGS)})")
+    return state, meta["settings"]
+
+
+def check_checkpoint(folder: str) -> str:
+    """Read every weights file of a checkpoint folder the safe way (CheckpointError naming the first
+    bad one); return its method."""
+    load_heads(folder)
+    method = checkpoint_method(folder)
+    if method == "harma":
+        load_harma(folder)
+    elif method == "lora":
+        check_adapter_folder(os.path.join(folder, ADAPTER_DIR))
+    return method
+
+
 def load_adapter_weights(encoder: DualEncoder, folder: str) -> None:
     """Load the adapter weights of `folder` into an encoder already made tunable the same way."""
     method = checkpoint_method(folder)
     if method == "heads":
         return
     if method == "harma":
-        encoder.harma.load_state_dict(torch.load(os.path.join(folder, HARMA_FILE), map_location="cpu", weights_only=False)["state"])
+        encoder.harma.load_state_dict(load_harma(folder)[0])
         return
     from peft import set_peft_model_state_dict
     from peft.utils import load_peft_weights
 
-    set_peft_model_state_dict(encoder.text_tower, load_peft_weights(os.path.join(folder, ADAPTER_DIR), device="cpu"))
+    adapter = os.path.join(folder, ADAPTER_DIR)
+    check_adapter_folder(adapter)
+    set_peft_model_state_dict(encoder.text_tower, load_peft_weights(adapter, device="cpu"))
 
 
 def load_trained(encoder_name: str, embed_dim: int, folder: str | None, seed: int = 0) -> DualEncoder:
     """An encoder with the adapter (LoRA or HarMA) and heads of checkpoint `folder`; None gives the
-    untrained model (heads at their seeded initialisation, no adapter)."""
+    untrained model (heads at their seeded initialisation, no adapter). Every file is checked before
+    any is loaded (CheckpointError naming a file that is not what rsdist wrote)."""
     encoder = build_encoder(encoder_name, embed_dim=embed_dim, seed=seed)
     if folder is not None:
-        if not os.path.exists(os.path.join(folder, HEADS_FILE)):
-            raise FileNotFoundError(f"{folder}: not a checkpoint (no {HEADS_FILE})")
-        method = checkpoint_method(folder)
+        method = check_checkpoint(folder)
         if method == "harma":
-            saved = torch.load(os.path.join(folder, HARMA_FILE), map_location="cpu", weights_only=False)
-            make_tunable(encoder, {"method": "harma", **saved["settings"]})
-            encoder.harma.load_state_dict(saved["state"])
+            state, settings = load_harma(folder)
+            make_tunable(encoder, {"method": "harma", **settings})
+            encoder.harma.load_state_dict(state)
         elif method == "lora":
             from peft import PeftModel
 
             encoder.text_tower = PeftModel.from_pretrained(encoder.text_tower, os.path.join(folder, ADAPTER_DIR))
-        encoder.load_head_state(load_heads_file(folder)["heads"])
+        encoder.load_head_state(load_heads(folder)[0])
     encoder.eval()
     return encoder

@@ -7,7 +7,8 @@ Tiny random models (for tests; built from small configs, tokenizers trained here
 - `idefics3-tiny`: Idefics3 / SmolVLM (SigLIP-style vision 32 px / patch 8, pixel-shuffle connector,
   Llama LM; no image splitting).
 `hf:<folder>`: any local checkpoint `AutoModelForImageTextToText` and `AutoProcessor` load whose
-family is in FAMILIES (qwen2_vl, qwen2_5_vl, llava, llava_next, idefics3, smolvlm).
+family is in FAMILIES (qwen2_vl, qwen2_5_vl, llava, llava_next, idefics3, smolvlm); weights from
+safetensors only (`hf-pickle:<folder>` also allows pickled weights: trusted folders only).
 
 Each family's own chat template is replaced by its training template below: the same layout as
 the family's (Qwen's <|im_start|> turns, LLaVA-1.5's Vicuna "USER: ... ASSISTANT:", Idefics3's
@@ -26,6 +27,8 @@ import os
 from dataclasses import dataclass
 
 import torch
+
+from rsdist.config import hf_folder
 
 # Qwen2-VL: system prompt, <|im_start|>role ... <|im_end|>, images as <|vision_start|><|image_pad|><|vision_end|>.
 QWEN2_VL_TEMPLATE = (
@@ -286,18 +289,18 @@ def load_vlm(name: str, seed: int = 0, dtype=None, field: str = "train.vlm.model
                 "idefics3-tiny": tiny_idefics3}
     if name in builders:
         return builders[name](seed)
-    if name.startswith("hf:"):
+    if hf_folder(name):
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-        path = name[3:]
+        from rsdist.models.hf import pretrained
+
+        path, safetensors_only = hf_folder(name)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{field}: {name} is not a local checkpoint folder")
         family = AutoConfig.from_pretrained(path).model_type
         if family not in FAMILIES:
             raise ValueError(f"{field}: {path} is a {family!r} model; supported: {', '.join(sorted(FAMILIES))}")
-        if not any(f.endswith(".safetensors") for f in os.listdir(path)):
-            raise FileNotFoundError(f"{field}: {path} holds no .safetensors weights (pickled weights are not loaded)")
-        model = AutoModelForImageTextToText.from_pretrained(path, use_safetensors=True, trust_remote_code=False, **({} if dtype is None else {"dtype": dtype}))
+        model = pretrained(AutoModelForImageTextToText, path, safetensors_only, field, **({} if dtype is None else {"dtype": dtype}))
         if family in ("qwen2_vl", "qwen2_5_vl"):
             processor = image_only_qwen_processor(path)
         elif family == "smolvlm":
@@ -306,7 +309,7 @@ def load_vlm(name: str, seed: int = 0, dtype=None, field: str = "train.vlm.model
             processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
         processor.chat_template = FAMILIES[family].template
         return model, processor
-    raise ValueError(f"{field}: {name!r} is not one of: {', '.join(TINY)}, hf:<folder>")
+    raise ValueError(f"{field}: {name!r} is not one of: {', '.join(TINY)}, hf:<folder>, hf-pickle:<folder>")
 
 
 def fit_pixel_budget(image, max_pixels: int, min_pixels: int = 0):

@@ -5,10 +5,13 @@ pool. The budget is apportioned over the failures (equally, or by an optional we
 largest remainder); then, round by round, each failure with quota left takes its nearest pool row
 not taken yet, so the subset is deduplicated and no failure crowds out the others.
 
-A teacher is an optional extension point: any callable
+A teacher is an optional extension point: a function
 `teacher(failure_embeddings, failure_ids) -> (query_embeddings, weights)` that rewrites the
 failures into retrieval queries (e.g. embeddings of the skills a stronger model names as missing)
 with a weight per query. Without one, each failure is its own query with weight 1.
+`select.teacher` names one as 'rsdist.<module>:<function>': a function of the rsdist package
+marked with `@teacher` (rsdist/select/teachers.py). Nothing outside the package is imported, so a
+config file cannot make rsdist run code of its choosing; a new teacher is added to the package.
 """
 
 from __future__ import annotations
@@ -24,14 +27,36 @@ from rsdist.select.strategies import Selection
 Teacher = Callable[[np.ndarray, list], tuple[np.ndarray, np.ndarray]]
 
 
+TEACHER_FORM = "'rsdist.<module>:<function>', a function of the rsdist package marked with @teacher (docs/select.md)"
+
+
+def teacher(fn: Teacher) -> Teacher:
+    """Mark `fn` as a function `select.teacher` may name."""
+    fn.rsdist_teacher = True
+    return fn
+
+
+def teacher_spec_error(spec: str) -> str | None:
+    """Why `spec` is not of the form 'rsdist.<module>:<function>' (None when it is); nothing is imported."""
+    module, colon, name = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    parts = module.split(".")
+    if not colon or parts[0] != "rsdist" or len(parts) < 2 or not all(p.isidentifier() for p in parts) or not name.isidentifier():
+        return f"select.teacher: {spec!r} must be {TEACHER_FORM}"
+    return None
+
+
 def load_teacher(spec: str) -> Teacher:
-    """Import a teacher given as 'package.module:function'."""
+    """The teacher named 'rsdist.<module>:<function>'; only modules of the rsdist package are imported."""
+    problem = teacher_spec_error(spec)
+    if problem:
+        raise ValueError(problem)
     module, _, name = spec.partition(":")
-    if not module or not name:
-        raise ValueError(f"select.teacher: {spec!r} must look like 'package.module:function'")
-    fn = getattr(importlib.import_module(module), name, None)
-    if not callable(fn):
-        raise ValueError(f"select.teacher: {spec!r} does not name a callable")
+    try:
+        fn = getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        raise ValueError(f"select.teacher: {spec!r}: the rsdist package has no module {module}") from None
+    if not callable(fn) or getattr(fn, "rsdist_teacher", False) is not True:
+        raise ValueError(f"select.teacher: {spec!r} is not a teacher; it must be {TEACHER_FORM}")
     return fn
 
 

@@ -11,9 +11,16 @@ With `keep_epoch: best-val`, rank 0 also measures mR on the validation rows (dat
 whole to every worker, read once) after each epoch and reports it as `val_mR`, by which Ray keeps
 the best checkpoints.
 After each epoch every worker calls `ray.train.report` once; only rank 0 attaches a checkpoint:
-`text_adapter/` or `harma.pt`, `heads.pt` (heads, logit_scale, optimizer and schedule state, epoch, history)
-and `state.json` (the same, minus tensors). On start, `ray.train.get_checkpoint()` gives the last
-finished epoch of an earlier run with the same storage path and name; training continues after it.
+`text_adapter/` or `harma.safetensors`, `heads.safetensors` (heads, logit_scale), `optimizer.pt`
+(AdamW state: tensors and numbers only, read back with `weights_only=True`) and `state.json`
+(epoch, history, the schedule's state, parameter counts). On start, `ray.train.get_checkpoint()`
+gives the last finished epoch of an earlier run with the same storage path and name; training
+continues after it.
+
+A resumed run trains exactly as an uninterrupted one: every random draw of an epoch (dropout in
+the text tower, LoRA dropout) comes from a generator seeded at the start of that epoch from
+(seed, rank, epoch) (`epoch_seed`), the captions and the shuffle are seeded by epoch, and the
+optimizer and schedule state are restored; so no random state needs to be saved.
 """
 
 from __future__ import annotations
@@ -31,9 +38,17 @@ from rsdist.models.encoders import build_encoder
 from rsdist.core.rows import pick_caption, pick_caption_index
 from rsdist.models.harma import harma_loss
 from rsdist.train.loss import info_nce
-from rsdist.models.tuned import ContrastivePair, clamp_logit_scale, count_parameters, load_adapter_weights, load_heads_file, make_tunable, save_trained
+from rsdist.models.safe_files import load_torch_state, read_json_file, save_torch_state
+from rsdist.models.tuned import ContrastivePair, clamp_logit_scale, count_parameters, load_adapter_weights, load_heads, make_tunable, save_trained
 
 STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """The torch seed of worker `rank` in `epoch` (0-based): the same whether or not the run was
+    resumed before that epoch."""
+    return (seed * 1_000_003 + rank * 10_007 + epoch) % (2**63)
 
 
 def warmup_then_linear(total_steps: int, warmup_steps: int):
@@ -57,13 +72,26 @@ def _all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def check_epoch_checkpoint(folder: str) -> dict:
+    """Read every file of an epoch checkpoint the safe way (CheckpointError naming a bad one);
+    return its state.json."""
+    from rsdist.models.tuned import check_checkpoint
+
+    state = read_json_file(os.path.join(folder, STATE_FILE))
+    check_checkpoint(folder)
+    load_torch_state(os.path.join(folder, OPTIMIZER_FILE))
+    return state
+
+
 def _restore(encoder, optimizer, scheduler, checkpoint) -> tuple[int, list[dict]]:
     """Load an epoch checkpoint into the model and optimizer; return (epochs done, history)."""
     with checkpoint.as_directory() as folder:
-        state = load_heads_file(folder)
+        state = read_json_file(os.path.join(folder, STATE_FILE))
+        heads, _ = load_heads(folder)
         load_adapter_weights(encoder, folder)
-    encoder.load_head_state(state["heads"])
-    optimizer.load_state_dict(state["optimizer"])
+        saved = load_torch_state(os.path.join(folder, OPTIMIZER_FILE))
+    encoder.load_head_state(heads)
+    optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return int(state["epoch"]), list(state["history"])
 
@@ -160,6 +188,7 @@ def train_loop_per_worker(config: dict) -> None:
     val = load_validation(ray.train.get_dataset_shard("val"), encoder.text_dim) if validate else None
     for epoch in range(start_epoch, config["epochs"]):
         model.train()
+        torch.manual_seed(epoch_seed(config["seed"], rank, epoch))
         started = time.perf_counter()
         loss_sum, rows, steps = 0.0, 0, 0
         batches = shard.iter_batches(
@@ -198,9 +227,10 @@ def train_loop_per_worker(config: dict) -> None:
             print(f"train: epoch {epoch + 1}/{config['epochs']} loss {record['loss']:.4f} on {record['rows']} rows, {record['seconds']:.1f}s{val_note}", flush=True)
             with tempfile.TemporaryDirectory() as folder:
                 state = {"epoch": epoch + 1, "history": history, "method": config.get("method", "lora"), "trainable_params": trainable, "total_params": total, "full_finetune_params": full}
-                save_trained(encoder, folder, {**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
+                save_trained(encoder, folder, {"epoch": epoch + 1})
+                save_torch_state({"optimizer": optimizer.state_dict()}, os.path.join(folder, OPTIMIZER_FILE))
                 with open(os.path.join(folder, STATE_FILE), "w") as f:
-                    json.dump(state, f, indent=2)
+                    json.dump({**state, "scheduler": scheduler.state_dict()}, f, indent=2)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
         else:
             ray.train.report(metrics)

@@ -13,9 +13,10 @@ Input:
   every epoch is scored.
 Output, `<run>/checkpoints/`:
 - `ray/train/`: Ray Train's run folder, one checkpoint per epoch (running the stage again with the
-  same run directory resumes after the last finished epoch),
-- `final/`: `text_adapter/` (peft LoRA adapter) or `harma.pt` (HarMA adapters) or neither (heads), `heads.pt` (heads +
-  logit_scale), `train_meta.json` (encoder, embed_dim, method and its settings, per-epoch loss and
+  same run directory resumes after the last finished epoch, with the same result as a run that was
+  never interrupted; every file of the checkpoints is read the safe way first, rsdist/models/safe_files.py),
+- `final/`: `text_adapter/` (peft LoRA adapter) or `harma.safetensors` (HarMA adapters) or neither (heads),
+  `heads.safetensors` (heads + logit_scale, the kept epoch in its header), `train_meta.json` (encoder, embed_dim, method and its settings, per-epoch loss and
   validation mR, the epoch kept, trainable parameters against full fine-tuning, rows, seconds).
   The kept epoch is the last one, or with `keep_epoch: best-val` the one with the best validation mR.
 Resources: `num_workers` Ray Train workers of `cpus_per_worker` CPUs each (fractional by default, so
@@ -27,14 +28,11 @@ GPUs. A lost worker or node restarts the workers from the last epoch checkpoint,
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
 import tempfile
 import time
-
-import torch
 
 from rsdist.config import TrainConfig
 from rsdist.core.raycluster import Demand, ensure_demand, use_gpus
@@ -42,8 +40,9 @@ from rsdist.core.rundir import RunDir
 from rsdist.stage import Resources, Stage, StageResult
 from rsdist.models.text_cache import frozen_text_features
 from rsdist.core.rows import features_encoder, training_rows, validation_rows, with_caption_features
-from rsdist.train.loop import STATE_FILE, train_loop_per_worker
-from rsdist.models.tuned import ADAPTER_DIR, HARMA_FILE, HARMA_SETTINGS, HEADS_FILE
+from rsdist.models.safe_files import save_tensors
+from rsdist.train.loop import STATE_FILE, check_epoch_checkpoint, train_loop_per_worker
+from rsdist.models.tuned import ADAPTER_DIR, HARMA_FILE, HARMA_SETTINGS, HEADS_FILE, load_heads
 
 log = logging.getLogger("rsdist")
 
@@ -62,6 +61,14 @@ def resources(cfg: TrainConfig) -> Resources:
 def worker_demand(cfg: TrainConfig, res: Resources) -> Demand:
     settings = {"CPU": "train.cpus_per_worker", "GPU": "train.device / train.gpus_per_worker", "memory": "train.memory_per_worker_gb"}
     return Demand(res.bundle(), settings, count=cfg.num_workers)
+
+
+def check_resources(cfg: TrainConfig) -> None:
+    """Refuse, naming the setting, workers the cluster can never place (Ray Train would wait forever)."""
+    from rsdist.core.raycluster import check_placement
+
+    res = resources(cfg)
+    check_placement("train.num_workers", cfg.num_workers, "train.cpus_per_worker", res.num_cpus, res.num_gpus)
 
 
 def storage_path(run: RunDir, *parts: str) -> str:
@@ -142,10 +149,10 @@ def write_final(run: RunDir, checkpoint_dir: str, meta: dict) -> None:
             run.write_bytes(f.read(), FOLDER, FINAL, HARMA_FILE)
     elif os.path.isdir(os.path.join(checkpoint_dir, ADAPTER_DIR)):
         run.write_local_folder(os.path.join(checkpoint_dir, ADAPTER_DIR), FOLDER, FINAL, ADAPTER_DIR)
-    state = torch.load(os.path.join(checkpoint_dir, HEADS_FILE), map_location="cpu", weights_only=False)
+    heads, header = load_heads(checkpoint_dir)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, HEADS_FILE)
-        torch.save({"heads": state["heads"], "epoch": state["epoch"]}, path)
+        save_tensors(heads, path, {"epoch": header["epoch"]})
         with open(path, "rb") as f:
             run.write_bytes(f.read(), FOLDER, FINAL, HEADS_FILE)
     run.write_json(meta, FOLDER, FINAL, META_FILE)
@@ -153,14 +160,38 @@ def write_final(run: RunDir, checkpoint_dir: str, meta: dict) -> None:
 
 def read_state(checkpoint_dir: str) -> dict:
     """An epoch checkpoint's state.json (epoch, history, parameter counts)."""
-    with open(os.path.join(checkpoint_dir, STATE_FILE)) as f:
-        return json.load(f)
+    from rsdist.models.safe_files import read_json_file
+
+    return read_json_file(os.path.join(checkpoint_dir, STATE_FILE))
+
+
+def check_resume_checkpoints(run: RunDir, parts: tuple = (FOLDER, "ray"), prefix: str = "epoch_", check=check_epoch_checkpoint) -> int:
+    """Before Ray Train resumes from `<run>/<parts>/train`, read every file of every checkpoint
+    folder there (`<prefix>*`) with `check`, the safe way, so a file that is not what rsdist wrote
+    ends the stage with one line naming it (CheckpointError) and nothing in it runs. Returns the
+    folders checked."""
+    root = run.path(*parts, "train")
+    if not run.fs.exists(root):
+        return 0
+    folders = sorted(p for p in run.fs.ls(root, detail=False) if os.path.basename(p.rstrip("/")).startswith(prefix))
+    protocol = run.fs.protocol if isinstance(run.fs.protocol, str) else run.fs.protocol[0]
+    for folder in folders:
+        if protocol in ("file", "local"):
+            check(folder)
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            run.fs.get(folder, os.path.join(tmp, "c"), recursive=True)
+            check(os.path.join(tmp, "c"))
+    return len(folders)
 
 
 def run(run: RunDir, cfg: TrainConfig) -> StageResult:
     """Train on the selected rows; resume from `<run>/checkpoints/ray` when an earlier run stopped."""
     import ray.data
 
+    check_resources(cfg)
+    if check_resume_checkpoints(run):
+        log.info("train: resuming from the epoch checkpoints in %s", storage_path(run))
     encoder = features_encoder(run)
     rows, n_selected = training_rows(run)
     if rows.num_rows < cfg.num_workers:
@@ -231,4 +262,4 @@ def run(run: RunDir, cfg: TrainConfig) -> StageResult:
     )
 
 
-STAGE = Stage(name="train", folder=FOLDER, reads=("selection", "features", "shards"), section="train", resources=resources, run=run, resumable=True)
+STAGE = Stage(name="train", folder=FOLDER, reads=("selection", "features", "shards"), section="train", resources=resources, run=run, resumable=True, placement=check_resources)

@@ -13,9 +13,14 @@ gradients), or `fsdp` (torch FSDP2 `fully_shard` on every language-model decoder
 model; the vision tower and projector stay whole on each worker, their gradients averaged by hand). bf16 autocast on GPU (`bf16`); gradient checkpointing (`gradient_checkpointing`).
 Every `checkpoint_every` optimizer steps and at the end, every worker reports; the adapter and
 optimizer state are gathered in full (a collective, needed under FSDP) and rank 0 attaches a
-checkpoint: `adapter/` (peft, with the projector when trainable), `trainer.pt` (optimizer keyed
-by parameter name, schedule, epoch, step, micro-batches done in the epoch) and `state.json` (step
-history with the sample ids each step trained on). A run with the same storage path and name
+checkpoint: `adapter/` (peft safetensors, with the projector when trainable), `optimizer.pt`
+(optimizer state keyed by parameter name: tensors and numbers only, read back with
+`weights_only=True`) and `state.json` (schedule state, epoch, step, micro-batches done in the
+epoch, step history with the sample ids each step trained on). Before a resume the driver reads
+every file of every checkpoint the safe way (rsdist/models/safe_files.py); a file that is not what
+rsdist wrote ends the run with one line naming it. Every optimizer step draws its random numbers
+(LoRA dropout) from a generator seeded by (seed, rank, step), so a resumed run draws what an
+uninterrupted one would. A run with the same storage path and name
 (`<run>/vlm_checkpoints/ray`, `train`) resumes at the saved step and skips the micro-batches of the
 epoch already trained on: exactly the same rows with one worker, where the order is fixed; with
 several, Ray's split decides which rows each worker gets. Worker failures restart from the last
@@ -44,13 +49,14 @@ import torch
 
 from rsdist.core.rundir import RunDir
 from rsdist.core.raycluster import cluster_gpus
+from rsdist.models.safe_files import check_adapter_folder, load_torch_state, read_json_file, save_torch_state
 from rsdist.stage import StageResult
 from rsdist.train.loop import warmup_then_linear
-from rsdist.train.stage import storage_path
+from rsdist.train.stage import check_resume_checkpoints, storage_path
 from rsdist.train.vlm import VlmTrainConfig, accumulate_gradients, apply_lora, enable_gradient_checkpointing, encode_batch, parameter_counts
 
 STATE_FILE = "state.json"
-TRAINER_FILE = "trainer.pt"
+OPTIMIZER_FILE = "optimizer.pt"
 ADAPTER = "adapter"
 FOLDER = ("vlm_checkpoints",)
 ROW_COLUMNS = ["sample_id", "image", "task", "conversations", "text", "answer", "captions", "label"]
@@ -172,22 +178,35 @@ def _full_state(model, optimizer) -> tuple[dict, dict]:
 
 
 def _save(folder: str, model, weights: dict, optimizer_state: dict, scheduler, position: dict, history: list[dict]) -> None:
-    model.save_pretrained(os.path.join(folder, ADAPTER), state_dict=weights)
-    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), **position}, os.path.join(folder, TRAINER_FILE))
+    model.save_pretrained(os.path.join(folder, ADAPTER), state_dict=weights, safe_serialization=True)
+    save_torch_state({"optimizer": optimizer_state}, os.path.join(folder, OPTIMIZER_FILE))
     with open(os.path.join(folder, STATE_FILE), "w") as f:
-        json.dump({**position, "history": history}, f)
+        json.dump({**position, "scheduler": scheduler.state_dict(), "history": history}, f)
+
+
+def check_step_checkpoint(folder: str) -> dict:
+    """Read every file of a step checkpoint the safe way (CheckpointError naming a bad one); return its state.json."""
+    state = read_json_file(os.path.join(folder, STATE_FILE))
+    check_adapter_folder(os.path.join(folder, ADAPTER))
+    load_torch_state(os.path.join(folder, OPTIMIZER_FILE))
+    return state
 
 
 def _restore_adapter(model, folder: str) -> tuple[dict, list[dict]]:
-    """Adapter weights into the (not yet wrapped) model; the trainer state and history."""
+    """Adapter weights into the (not yet wrapped) model; the trainer state (optimizer, schedule,
+    position) and history."""
     from peft import set_peft_model_state_dict
     from peft.utils import load_peft_weights
 
+    state = check_step_checkpoint(folder)
     set_peft_model_state_dict(model, load_peft_weights(os.path.join(folder, ADAPTER), device="cpu"))
-    state = torch.load(os.path.join(folder, TRAINER_FILE), map_location="cpu", weights_only=False)
-    with open(os.path.join(folder, STATE_FILE)) as f:
-        history = json.load(f)["history"]
-    return state, history
+    state["optimizer"] = load_torch_state(os.path.join(folder, OPTIMIZER_FILE))["optimizer"]
+    return state, state.pop("history")
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of worker `rank` for optimizer step `step` (1-based), resumed or not."""
+    return (seed * 1_000_003 + rank * 10_007 + step) % (2**63)
 
 
 def _restore_optimizer(model, optimizer, scheduler, state: dict) -> None:
@@ -255,6 +274,8 @@ def vlm_train_loop(config: dict) -> None:
         wrapped.train()
         pending, started = [], time.perf_counter()
         for index, rows in micro_batches(shard, cfg, skip=position["micro_done"]):
+            if not pending:
+                torch.manual_seed(step_seed(cfg.seed, rank, position["step"] + 1))
             pending.append(rows)
             if len(pending) < cfg.grad_accum:
                 continue
@@ -294,6 +315,10 @@ def run_vlm(run: RunDir, cfg: VlmTrainConfig) -> StageResult:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from rsdist.core.raycluster import check_placement
+
+    check_placement("train.vlm.num_workers", cfg.num_workers, "train.vlm.cpus_per_worker", cfg.cpus_per_worker, 1.0 if cluster_gpus() > 0 else 0.0)
+    check_resume_checkpoints(run, (*FOLDER, "ray"), "step_", check_step_checkpoint)
     ids = vlm_training_ids(run)
     per_worker = len(ids) // cfg.num_workers
     if per_worker < cfg.batch_size * cfg.grad_accum:

@@ -49,3 +49,29 @@ def test_unknown_encoder_is_named():
         FeaturesConfig(encoder="clip")
     with pytest.raises(FileNotFoundError, match="hf:/nowhere"):
         build_encoder("hf:/nowhere")
+
+
+def _pickled_weights_folder(tmp_path):
+    """A CLIP folder whose weights are a pickled pytorch_model.bin instead of model.safetensors."""
+    from rsdist.models.safe_files import load_tensors
+
+    enc = build_encoder("clip-tiny")
+    folder = tmp_path / "clip-bin"
+    enc.text_tower.save_pretrained(folder)
+    enc.tokenizer.save_pretrained(folder)
+    weights = load_tensors(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save(weights, folder / "pytorch_model.bin")
+    return enc, folder
+
+
+def test_hf_folders_load_safetensors_only_unless_named_hf_pickle(tmp_path):
+    enc, folder = _pickled_weights_folder(tmp_path)
+    with pytest.raises(FileNotFoundError) as e:
+        build_encoder(f"hf:{folder}")
+    assert str(e.value) == (f"features.encoder: {folder} has no safetensors weights (*.safetensors); rsdist does not load pickled weights from "
+                            f"hf:<folder> (they can run code): convert the folder, or name it hf-pickle:{folder} if you trust it")
+    loaded = build_encoder(f"hf-pickle:{folder}")  # the explicit setting for a trusted folder
+    pixels = torch.randint(0, 256, (1, 3, 32, 32)).float()
+    torch.testing.assert_close(loaded.encode_image_features(pixels), enc.encode_image_features(pixels))
+    assert FeaturesConfig(encoder=f"hf-pickle:{folder}").encoder.startswith("hf-pickle:")

@@ -50,4 +50,29 @@ def test_weights_and_a_teacher_hook_steer_the_quota():
 def test_load_teacher_names_the_problem():
     with pytest.raises(ValueError, match="select.teacher"):
         load_teacher("no_colon")
-    assert callable(load_teacher("numpy:mean"))
+    teacher = load_teacher("rsdist.select.teachers:each_failure")
+    emb = np.eye(3, dtype=np.float32)
+    queries, weights = teacher(emb, ["a", "b", "c"])
+    assert np.array_equal(queries, emb) and weights.tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("spec", ["numpy:mean", "os:system", "builtins:exec", "rsdist_evil:run", "rsdist:main",
+                                  "rsdist.select.error_driven:nearest_to_failures", "rsdist.cli:main", "rsdist.nosuch:f"])
+def test_only_marked_teachers_of_the_rsdist_package_load(spec):
+    with pytest.raises(ValueError, match=r"^select\.teacher: ") as e:
+        load_teacher(spec)
+    assert "\n" not in str(e.value) and "rsdist.<module>:<function>" in str(e.value) or "has no module" in str(e.value)
+
+
+def test_a_teacher_outside_the_package_is_never_imported(tmp_path, monkeypatch):
+    """A module on the path whose import would leave a marker file: naming it is refused before any import."""
+    marker = tmp_path / "imported"
+    (tmp_path / "planted_teacher.py").write_text(f"open({str(marker)!r}, 'w').close()\ndef teach(e, i):\n    return e, None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from rsdist.config import ConfigError, SelectConfig
+
+    with pytest.raises(ValueError, match="select.teacher"):
+        load_teacher("planted_teacher:teach")
+    with pytest.raises(ConfigError, match="select.teacher"):
+        SelectConfig(method="error-driven", teacher="planted_teacher:teach")
+    assert not marker.exists()

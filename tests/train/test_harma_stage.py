@@ -32,7 +32,7 @@ def test_harma_run_trains_checkpoints_resumes_and_evaluates(ray_session, run_dir
     meta1 = run_dir.read_json("checkpoints", "final", "train_meta.json")
     assert first.extra["method"] == "harma" and meta1["method"] == "harma"
     assert meta1["harma"] == {"hidden": 16, "heads": 2, "mini_dim": 8, "gate_init": 0.6, "margin": 0.2}
-    assert run_dir.exists("checkpoints", "final", "harma.pt")
+    assert run_dir.exists("checkpoints", "final", "harma.safetensors")
     assert not run_dir.exists("checkpoints", "final", "text_adapter")
     # Only adapters, heads and the scale train; full fine-tuning would train the whole encoder.
     assert 0 < meta1["trainable_params"] < meta1["full_finetune_params"] < meta1["total_params"]

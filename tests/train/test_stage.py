@@ -12,7 +12,7 @@ import torch
 from rsdist.config import TrainConfig
 from rsdist.train import stage as train
 from rsdist.core.rows import pick_caption, training_rows
-from rsdist.models.tuned import load_trained
+from rsdist.models.tuned import load_heads, load_trained
 from tests.train.runs import make_run
 
 
@@ -65,7 +65,7 @@ def test_train_writes_final_checkpoint_and_resumes_after_last_epoch(ray_session,
     assert first.extra["epochs"] == 1 and len(meta1["history"]) == 1
     assert 0 < first.extra["trainable_params"] < first.extra["total_params"]
     assert run_dir.exists("checkpoints", "final", "text_adapter", "adapter_config.json")
-    assert run_dir.exists("checkpoints", "final", "heads.pt")
+    assert run_dir.exists("checkpoints", "final", "heads.safetensors")
 
     # Same run directory, two epochs: continues at epoch 2, keeps epoch 1's record untouched.
     second = train.run(run_dir, small_config(epochs=2))
@@ -142,8 +142,7 @@ def test_best_val_keeps_the_epoch_with_the_best_validation_mR(ray_session, run_d
     assert len(scores) == 4 and meta["epochs"] == 4
     assert scores[meta["kept_epoch"] - 1] == max(scores) and result.extra["kept_epoch"] == meta["kept_epoch"]
     # final/ holds the kept epoch's heads: scored on the validation rows again, they give its mR.
-    kept = torch.load(run_dir.path("checkpoints", "final", "heads.pt"), weights_only=False)
-    assert kept["epoch"] == meta["kept_epoch"]
+    assert load_heads(run_dir.path("checkpoints", "final"))[1]["epoch"] == meta["kept_epoch"]
     model = load_trained("tiny", 16, run_dir.path("checkpoints", "final"))
     again = evaluate_model(model, join_captions(run_dir, feature_rows(run_dir, split="val")), [], EvalConfig(), frozen_text_features("tiny", 0, cfg.max_text_tokens))
     assert again["mR"] == pytest.approx(max(scores), abs=1e-6)
@@ -164,7 +163,7 @@ def test_resumed_best_val_run_still_weighs_the_epochs_before_the_resume(ray_sess
     assert max(before) > max(scores[2:])  # at this learning rate the best epoch is one before the resume
     assert meta["kept_epoch"] <= 2 and scores[meta["kept_epoch"] - 1] == max(scores)
     assert result.extra["kept_epoch"] == meta["kept_epoch"]
-    assert torch.load(run_dir.path("checkpoints", "final", "heads.pt"), weights_only=False)["epoch"] == meta["kept_epoch"]
+    assert load_heads(run_dir.path("checkpoints", "final"))[1]["epoch"] == meta["kept_epoch"]
 
 
 def test_best_val_without_validation_rows_names_the_setting(ray_session, run_dir):
