@@ -96,7 +96,7 @@ def stage_settings(stage: Stage, cfg: RunConfig, data: DataConfig):
 def check_resources(cfg: RunConfig, only: list[str] | None = None) -> None:
     """Before any stage runs: refuse, naming the setting, workers or actors of the stages to run that
     the Ray cluster can never place (each stage's `placement` check; Ray would wait for them forever)."""
-    for stage in job_stages():
+    for stage in job_stages(cfg):
         if stage.placement is not None and (only is None or stage.name in only):
             stage.placement(getattr(cfg, stage.section))
 

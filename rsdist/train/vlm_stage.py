@@ -27,10 +27,18 @@ def resources(cfg: TrainConfig) -> Resources:
     return Resources(num_cpus=cfg.vlm.cpus_per_worker, num_gpus=1.0 if cluster_gpus() > 0 else 0.0)
 
 
+def check_resources(cfg: TrainConfig) -> None:
+    """Refuse, naming the setting, training workers the cluster can never place."""
+    from rsdist.core.raycluster import check_placement
+
+    res = resources(cfg)
+    check_placement("train.vlm.num_workers", cfg.vlm.num_workers, "train.vlm.cpus_per_worker", res.num_cpus, res.num_gpus)
+
+
 def run(run: RunDir, cfg: TrainConfig) -> StageResult:
     from rsdist.train.vlm_loop import run_vlm
 
     return run_vlm(run, cfg.vlm)
 
 
-STAGE = Stage(name="train", folder=FOLDER, reads=("selection", "shards"), section="train", resources=resources, run=run, resumable=True)
+STAGE = Stage(name="train", folder=FOLDER, reads=("selection", "shards"), section="train", resources=resources, run=run, resumable=True, placement=check_resources)

@@ -172,14 +172,14 @@ def test_vlm_step_checkpoints_refuse_a_planted_pickle(name, tmp_path):
 
 
 def test_vlm_eval_refuses_a_planted_adapter(tmp_path):
-    from rsdist.eval.vlm import read_adapter
+    from rsdist.eval.vlm_stage import read_adapter
 
     run = RunDir(str(tmp_path / "run"))
     _vlm_step_checkpoint(tmp_path / "step")
-    shutil.copytree(tmp_path / "step" / "adapter", run.path("checkpoints", "vlm", "final", "adapter"))
+    shutil.copytree(tmp_path / "step" / "adapter", run.path("vlm_checkpoints", "final", "adapter"))
     assert set(read_adapter(run)) == {"adapter_config.json", "adapter_model.safetensors"}
     marker = tmp_path / "ran"
-    plant(run.path("checkpoints", "vlm", "final", "adapter", "adapter_model.safetensors"), str(marker))
-    with pytest.raises(CheckpointError, match=r"checkpoints/vlm/final/adapter/adapter_model.safetensors: not a safetensors file"):
+    plant(run.path("vlm_checkpoints", "final", "adapter", "adapter_model.safetensors"), str(marker))
+    with pytest.raises(CheckpointError, match=r"vlm_checkpoints/final/adapter/adapter_model.safetensors: not a safetensors file"):
         read_adapter(run)
     assert not marker.exists()
