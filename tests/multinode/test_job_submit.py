@@ -82,6 +82,7 @@ def ids(path: str) -> list[str]:
     return [sid for f in sorted(glob.glob(os.path.join(path, "*.parquet"))) for sid in pq.read_table(f, columns=["sample_id"]).column("sample_id").to_pylist()]
 
 
+@pytest.mark.skipif(os.environ.get("RSDIST_NODE_LOSS_TESTS") != "1", reason="node-loss run: minutes on 2 cores, and it waits for a replacement node that an overloaded machine may never start; RSDIST_NODE_LOSS_TESTS=1 runs it")
 def test_submitted_job_on_a_fresh_run_dir_survives_lost_nodes(cluster, tmp_path):
     run_dir = str(tmp_path / "run")
     job_id = submit(cluster, tmp_path, SETTINGS, run_dir)
