@@ -291,6 +291,7 @@ class TrainConfig:
     harma_mini_dim: int = _help("HarMA: width of the shared mini-adapter (0 = none).", default=64)
     harma_gate_init: float = _help("HarMA: initial gate logit (the paper's code uses 0.6).", default=0.6)
     harma_margin: float = _help("HarMA: margin of the weighted triplet loss.", default=0.2)
+    read_block_rows: int = _help("Rows per Ray Data block of the training rows the read tasks yield (a block holds rows x (image_dim + captions x caption bytes); docs/train.md gives the sizing rule).", default=4096)
 
     def __post_init__(self) -> None:
         for name in ("num_workers", "epochs", "batch_size", "embed_dim", "lora_r", "lora_alpha", "max_text_tokens", "max_logit_scale", "checkpoints_to_keep"):
@@ -302,6 +303,7 @@ class TrainConfig:
         _positive("train.cpus_per_worker", self.cpus_per_worker)
         _positive("train.shuffle_buffer", self.shuffle_buffer, allow_zero=True)
         _positive("train.max_failures", self.max_failures, allow_zero=True)
+        _positive("train.read_block_rows", self.read_block_rows)
         if not self.lora_targets:
             raise ConfigError("train.lora_targets: must name at least one module (e.g. query, key, value)")
         _choice("train.method", self.method, TRAIN_METHODS)
@@ -322,6 +324,7 @@ class EvalConfig:
     prompt: str = _help("Zero-shot class prompt; '{label}' is replaced by the class name in words.", default="an aerial photograph of {label}")
     max_text_tokens: int = _help("Captions and prompts are truncated to this many tokens (match train.max_text_tokens).", default=48)
     baseline: bool = _help("Also evaluate the untrained model (heads at initialisation, no adapter) for comparison.", default=True)
+    read_block_rows: int = _help("Rows per Ray Data block of the held-out rows the read tasks yield; each encoding actor holds one block and its embeddings (docs/train.md gives the sizing rule).", default=4096)
     failure_rank: int = _help("With validation rows (split 'val', data.val_fraction): a validation image fails when its own caption is not among the first failure_rank captions retrieved for it, or one of its captions does not retrieve it among the first failure_rank images; the failures (weight = share of its queries missed) go to <run>/eval/failures.parquet for error-driven selection. 0 = write none.", default=5)
 
     def __post_init__(self) -> None:
@@ -334,6 +337,7 @@ class EvalConfig:
             raise ConfigError(f"eval.prompt: {self.prompt!r} must contain '{{label}}'")
         _positive("eval.max_text_tokens", self.max_text_tokens)
         _positive("eval.failure_rank", self.failure_rank, allow_zero=True)
+        _positive("eval.read_block_rows", self.read_block_rows)
 
 
 @dataclass
