@@ -31,8 +31,8 @@ once (first occurrence, as the input shard's order), and renames the output into
 every row of the shard is present; the stage fails loudly if a shard comes back incomplete.
 
 Memory: a model actor holds one batch (`features.batch_size` rows, with its 1 + K perturbed
-images); a write task one result block (one batch); a commit task one part at a time (one batch)
-plus the shard's sample_id set; the driver one interval list per pending shard. See docs/features.md.
+images); a write task one result block (one batch); a commit task one row group of its output
+(the whole shard below ROW_GROUP_ROWS rows) plus the shard's sample_id set; the driver one interval list per pending shard. See docs/features.md.
 
 Resources (`plan_pool`): decided from `ray.cluster_resources()`. With GPUs: one actor per GPU
 (`num_gpus=1`). Without: about CPUs / threads_per_actor actors sharing CPUs minus a reserve (half a
@@ -68,6 +68,9 @@ CPU_STAGE = Resources(num_cpus=0.25)
 WRITE_STAGE = Resources(num_cpus=0.25)
 PARTS = "_parts"  # features/_parts/<shard>/<start>-<stop>.parquet: written rows waiting for their shard's commit
 ROW = "row"  # a row's position in its input shard, carried through the pass
+# Rows per parquet row group of an output file: pyarrow's write_table default, so a shard's file has
+# the row groups the in-driver writer gave it (the cluster stage's units are row groups).
+ROW_GROUP_ROWS = 1024 * 1024
 # Fault injection for tests: when set to a local file path, the first write task that creates the
 # file commits one part, leaves a half-written one and kills its own process (then Ray retries it).
 CRASH_ONCE_ENV = "RSDIST_FEATURES_CRASH_ONCE"
@@ -275,7 +278,8 @@ def commit_shard(run: RunDir, shard: str, n_rows: int) -> int:
     """Merge a shard's parts into `features/<shard>` (rows in shard order, each sample_id once, the
     first occurrence kept), written under a temporary name and renamed only when every row
     [0, n_rows) was found; then remove the parts. Parts overlap when a task was retried with other
-    batch bounds: each row is taken from the first part that covers it. Memory: one part at a time.
+    batch bounds: each row is taken from the first part that covers it. Memory: one row group
+    (ROW_GROUP_ROWS rows; a whole shard below that, as the in-driver writer held).
     Returns the rows written."""
     folder = run.path(NAME, PARTS, parts_folder(shard))
     parts = []
@@ -288,7 +292,16 @@ def commit_shard(run: RunDir, shard: str, n_rows: int) -> int:
     cursor, seen, written = 0, set(), 0
     final = run.path(NAME, shard)
     tmp = run.temp_path(final)
-    writer = None
+    writer, buffered = None, []
+
+    def flush(fh) -> None:
+        nonlocal writer, buffered
+        table = pa.concat_tables(buffered).combine_chunks()
+        buffered = []
+        if writer is None:
+            writer = pq.ParquetWriter(fh, table.schema, compression=compression(table.schema))
+        writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+
     try:
         with run.fs.open(tmp, "wb") as fh:
             for start, neg_stop, path in sorted(parts):
@@ -302,11 +315,13 @@ def commit_shard(run: RunDir, shard: str, n_rows: int) -> int:
                 cursor = stop
                 ids = table.column("sample_id").to_pylist()
                 keep = [i for i, sid in enumerate(ids) if not (sid in seen or seen.add(sid))]
-                table = table.drop_columns([ROW]).take(pa.array(keep, pa.int64())) if len(keep) < len(ids) else table.drop_columns([ROW])
-                if writer is None:
-                    writer = pq.ParquetWriter(fh, table.schema, compression=compression(table.schema))
-                writer.write_table(table)
-                written += table.num_rows
+                table = table.drop_columns([ROW])
+                buffered.append(table.take(pa.array(keep, pa.int64())) if len(keep) < len(ids) else table)
+                written += buffered[-1].num_rows
+                if sum(t.num_rows for t in buffered) >= ROW_GROUP_ROWS:
+                    flush(fh)
+            if buffered:
+                flush(fh)
             if writer is not None:
                 writer.close()
         if cursor < n_rows or writer is None:

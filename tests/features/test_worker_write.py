@@ -70,6 +70,8 @@ def test_worker_written_output_equals_the_driver_collected_one(ray_session, run_
         written = run_dir.read_table("features", name)
         assert written.schema == reference[name].schema
         assert written.equals(reference[name]), name  # same columns, same values, bit for bit
+        # one row group per shard, as the in-driver writer made (k-means units are row groups)
+        assert features.pq.ParquetFile(run_dir.path("features", name)).metadata.num_row_groups == 1
     assert not run_dir.exists("features", features.PARTS)  # the parts are gone once committed
 
 
