@@ -26,8 +26,8 @@ import yaml
 from rsdist.config import ConfigError, RunConfig, apply_sets, config_from_dict, config_to_dict, load_config
 from rsdist.pipeline import STAGE_NAMES
 
-BENCHES = {"ingest": "rsdist.io.bench", "features": "rsdist.features.bench", "kmeans": "rsdist.cluster.bench", "select": "rsdist.select.bench", "train": "rsdist.train.bench",
-           "vlm-train": "rsdist.train.vlm_bench"}
+BENCHES = {"ingest": "rsdist.bench.ingest", "features": "rsdist.bench.features", "kmeans": "rsdist.bench.kmeans", "select": "rsdist.bench.select", "train": "rsdist.bench.train",
+           "vlm-train": "rsdist.bench.vlm_train"}
 
 
 def build_config(path: str | None, overrides: dict[str, object], sets: list[str]) -> RunConfig:
@@ -92,7 +92,7 @@ def make_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="rewrite report.md from a run's summary.json")
     rep.add_argument("--out", required=True, help="run directory")
 
-    from rsdist.train.vlm_cli import add_parser as add_vlm_parser
+    from rsdist.vlm_cli import add_parser as add_vlm_parser
 
     add_vlm_parser(sub)
 
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(figures, sort_keys=True, default=float))
             return 0
         if args.command == "vlm":
-            from rsdist.train.vlm_cli import main as vlm_main
+            from rsdist.vlm_cli import main as vlm_main
 
             return vlm_main(args)
         if args.command == "experiment":
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"table": report["table"]}, default=float))
             return 0
         if args.command == "report":
-            from rsdist.io.rundir import RunDir
+            from rsdist.core.rundir import RunDir
             from rsdist.report import write_report
 
             run = RunDir(args.out)

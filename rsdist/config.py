@@ -77,6 +77,7 @@ class DataConfig:
     val_fraction: float = _help("Share of samples held out for validation when the data has no split of its own: split 'val', never selected or trained on, read by train.keep_epoch 'best-val'; the window [test_offset + test_fraction, + val_fraction) (mod 1), next to the held-out one. 0 = none.", default=0.0)
     shard_rows: int = _help("Rows per canonical parquet shard.", default=512)
     max_image_bytes: int = _help("Images larger than this are quarantined as too-large.", default=32 * 1024 * 1024)
+    captions_per_image: int = _help("captions-txt per-image layout: caption lines per file name (RSICD, UCM and Sydney captions: 5); other counts are an error, not a guess.", default=5)
     synthetic_per_class: int = _help("Unique scenes per class in the generated demo set.", default=40)
     engine: str = _help(f"How ingest reads images, one of {INGEST_ENGINES}: 'ray' = one Ray Data task per shard reads, decodes and writes it, 'local' = this process, 'auto' = Ray when it is up and the source has at least `parallel_min_records` records.", default="auto")
     parallel_min_records: int = _help("With engine 'auto', the fewest records worth a Ray Data pass.", default=2000)
@@ -91,6 +92,8 @@ class DataConfig:
             raise ConfigError(f"data.val_fraction: {self.val_fraction} plus data.test_fraction={self.test_fraction} must leave a training pool (sum below 1)")
         _positive("data.shard_rows", self.shard_rows)
         _positive("data.max_image_bytes", self.max_image_bytes)
+        if not isinstance(self.captions_per_image, int) or isinstance(self.captions_per_image, bool) or self.captions_per_image < 1:
+            raise ConfigError(f"data.captions_per_image: {self.captions_per_image!r} must be a whole number >= 1")
         _positive("data.synthetic_per_class", self.synthetic_per_class)
         _choice("data.engine", self.engine, INGEST_ENGINES)
         _positive("data.parallel_min_records", self.parallel_min_records)
@@ -165,8 +168,8 @@ class ClusterConfig:
     max_iter: int = _help("Maximum iterations (mini-batches, or full passes in lloyd mode).", default=100)
     tol: float = _help("Stop when the centroids move less than this (mean L2); 0 disables.", default=1e-4)
     max_no_improvement: int = _help("Mini-batch: stop after this many iterations without improvement of the smoothed batch inertia (lloyd mode stops when the inertia changes by less than tol, relative); 0 disables.", default=10)
-    overlap: bool = _help("Mini-batch: send the next batch out before merging the current one, so actors assign while the driver updates (each batch meets centroids one update old); about 5 ms of 30 an iteration on 2 cores (docs/cluster.md).", default=True)
-    shared_memory: bool = _help("Mini-batch: when every shard actor runs on the driver's node, move centroids and sums through memory-mapped files in /dev/shm instead of Ray's object store (24.6 -> 20.0 ms an iteration at k = 1,000 on 2 cores, docs/cluster.md); other set-ups use the object store either way.", default=True)
+    overlap: bool = _help("Mini-batch: send the next batch out before merging the current one, so actors assign while the driver updates (each batch meets centroids one update old; docs/cluster.md).", default=True)
+    shared_memory: bool = _help("Mini-batch: when every shard actor runs on the driver's node, move centroids and sums through memory-mapped files in /dev/shm instead of Ray's object store (docs/cluster.md); other set-ups use the object store either way.", default=True)
     reassign_ratio: float = _help("Re-seed clusters whose count falls below this fraction of the largest cluster's (empty clusters always are).", default=0.01)
     backend: str = _help(f"Distance arithmetic, one of {CLUSTER_BACKENDS}: 'auto' = torch on the actor's device; cupy / cuml need a GPU actor and rsdist[gpu].", default="auto")
     precision: str = _help(f"Nearest-centroid product of the torch backend, one of {CLUSTER_PRECISIONS}: 'bfloat16' finds the winner in bf16 and recomputes its distance in float32; 'auto' = bfloat16 where the device has native bf16 (AVX512-BF16/AMX CPUs, bf16 GPUs), else float32.", default="auto")
@@ -202,7 +205,7 @@ class ClusterConfig:
 
 @dataclass
 class SelectConfig:
-    method: str = _help(f"Selection strategy, one of {SELECT_METHODS}. The default, 'alignment-mmd' (in each cluster, greedy MMD among the image-text pairs whose caption a leave-one-out ridge map from the picture predicts best; the budget split over clusters by select.quota), beat random by 2.0 random sd at 33% over ten held-out sets of two caption pools of RSICD-on-AID (1.5 at 20%), where the published methods as published lost to random (docs/results.md).", default="alignment-mmd")
+    method: str = _help(f"Selection strategy, one of {SELECT_METHODS}. The default, 'alignment-mmd', runs greedy MMD in each cluster among the image-text pairs whose caption a leave-one-out ridge map from the picture predicts best, the budget split over clusters by select.quota (every method: docs/select.md).", default="alignment-mmd")
     budget: float = _help("Samples to keep: a fraction in (0, 1] of the training pool, or a count > 1.", default=1 / 3)
     quota: str = _help(f"How the budget is split over clusters, one of {QUOTA_RULES}.", default="proportional")
     keep: str = _help(f"Which end of the score each cluster keeps, one of {KEEP_RULES}; 'both' (caption-diversity only) alternates between the two ends.", default="highest")
@@ -220,7 +223,7 @@ class SelectConfig:
     within_clusters: bool = _help("scalselect and coincide: spend the budget over clusters by select.quota and rank inside each cluster, instead of by the method's own rule (scalselect: the global top leverage; coincide: its cluster probabilities). Keeps the pool's scene mix.", default=False)
     candidates: float = _help("typicality-mmd and alignment-mmd: each cluster's greedy MMD picks its quota among its candidates x quota images of highest caption typicality / image-text alignment (at least the quota).", default=2.0)
     alignment_direction: str = _help(f"alignment-mmd: which held-out ridge map scores a pair, one of {ALIGNMENT_DIRECTIONS}: the picture predicting the caption, or the mean of that and the caption predicting the picture.", default="image-to-text")
-    alignment_score: str = _help(f"alignment-mmd: how a pair's held-out prediction is scored, one of {ALIGNMENT_SCORES}: its cosine with the pair's own caption, or the log-probability of the own caption among the captions of its cluster (a softmax of the prediction's cosines at select.alignment_temperature; the cluster is the contrastive batch, so a caption that fits its cluster-mates' pictures as well as its own scores low). At 20% 'contrastive' beat random by 2.3 random sd over fifty pairs on RSICD-on-AID (the cosine 1.8) at 1.5 zero-shot points less than the cosine; at 33% the two are level; under LoRA at 20% it fell below random on zero-shot accuracy (docs/results.md, 'A contrastive alignment score', '20% under LoRA').", default="cosine")
+    alignment_score: str = _help(f"alignment-mmd: how a pair's held-out prediction is scored, one of {ALIGNMENT_SCORES}: its cosine with the pair's own caption, or the log-probability of the own caption among the captions of its cluster (a softmax of the prediction's cosines at select.alignment_temperature; the cluster is the contrastive batch, so a caption that fits its cluster-mates' pictures as well as its own scores low). 'contrastive' favours pairs whose caption tells their picture apart from the rest of the cluster; 'cosine' favours pairs whose caption the picture predicts, scene-typical sentences included.", default="cosine")
     alignment_temperature: float = _help("alignment-mmd with alignment_score 'contrastive': the softmax temperature; 0.07 is CLIP's initial one, where the heads' learnable temperature starts.", default=0.07)
     mmd_width: float = _help("coincide, typicality-mmd and alignment-mmd: width w of the greedy MMD's kernel exp(-||x - y||^2 / (2 w^2)) on the unit rows of select.space; 1.0 is COINCIDE's (its density's) kernel, smaller widths spread the picks over more of a cluster's modes.", default=1.0)
     mmd_block_rows: int = _help("coincide, typicality-mmd and alignment-mmd: a cluster of more rows than this picks by greedy MMD in random blocks of at most this many rows (kernel memory block^2, work linear in the cluster size); 0 = whole clusters, an m x m kernel for m rows (80 GB at m = 100,000).", default=4096)
@@ -265,7 +268,21 @@ class SelectConfig:
 
 
 @dataclass
-class TrainConfig:
+class LoraFields:
+    """The LoRA settings every tuned model shares (dual encoder: train.*, VLM: train.vlm.*)."""
+
+    lora_r: int = _help("LoRA rank.", default=8)
+    lora_alpha: int = _help("LoRA alpha.", default=16)
+    lora_dropout: float = _help("LoRA dropout.", default=0.0)
+
+    def check_lora(self, section: str) -> None:
+        _positive(f"{section}.lora_r", self.lora_r)
+        _positive(f"{section}.lora_alpha", self.lora_alpha)
+        _fraction(f"{section}.lora_dropout", self.lora_dropout, lo_open=False)
+
+
+@dataclass
+class TrainConfig(LoraFields):
     method: str = _help("Tuning method of the dual encoder: 'lora' (LoRA on the text tower + heads), 'harma' (HarMA gated adapters + heads, HarMA loss) or 'heads' (both towers frozen, only the projection heads learn: a linear probe whose text features are computed once before training).", default="lora")
     num_workers: int = _help("Ray Train workers (data-parallel).", default=2)
     epochs: int = _help("Passes over the selected subset.", default=5)
@@ -273,9 +290,6 @@ class TrainConfig:
     lr: float = _help("AdamW learning rate.", default=2e-3)
     weight_decay: float = _help("AdamW weight decay.", default=0.01)
     embed_dim: int = _help("Output size of the projection heads.", default=256)
-    lora_r: int = _help("LoRA rank.", default=8)
-    lora_alpha: int = _help("LoRA alpha.", default=16)
-    lora_dropout: float = _help("LoRA dropout.", default=0.0)
     lora_targets: list[str] = _help("Text-tower modules that get LoRA adapters.", default_factory=lambda: ["query", "key", "value"])
     max_text_tokens: int = _help("Captions are truncated to this many tokens.", default=48)
     cpus_per_worker: float = _help("CPUs each worker asks Ray for (fractional keeps small hosts moving).", default=0.5)
@@ -294,11 +308,11 @@ class TrainConfig:
     read_block_rows: int = _help("Rows per Ray Data block of the training rows the read tasks yield (a block holds rows x (image_dim + captions x caption bytes); docs/train.md gives the sizing rule).", default=4096)
 
     def __post_init__(self) -> None:
-        for name in ("num_workers", "epochs", "batch_size", "embed_dim", "lora_r", "lora_alpha", "max_text_tokens", "max_logit_scale", "checkpoints_to_keep"):
+        self.check_lora("train")
+        for name in ("num_workers", "epochs", "batch_size", "embed_dim", "max_text_tokens", "max_logit_scale", "checkpoints_to_keep"):
             _positive(f"train.{name}", getattr(self, name))
         _positive("train.lr", self.lr)
         _positive("train.weight_decay", self.weight_decay, allow_zero=True)
-        _fraction("train.lora_dropout", self.lora_dropout, lo_open=False)
         _fraction("train.warmup_fraction", self.warmup_fraction, lo_open=False)
         _positive("train.cpus_per_worker", self.cpus_per_worker)
         _positive("train.shuffle_buffer", self.shuffle_buffer, allow_zero=True)
@@ -407,8 +421,8 @@ def config_from_dict(values: dict) -> RunConfig:
     return _build(RunConfig, values, "")
 
 
-def load_config(path: str) -> RunConfig:
-    """Read a YAML config file into a RunConfig."""
+def load_yaml(path: str) -> dict:
+    """A YAML settings file (any fsspec URI) as a dict; malformed YAML is a ConfigError naming the file."""
     import fsspec
 
     with fsspec.open(path, "r") as f:
@@ -416,7 +430,14 @@ def load_config(path: str) -> RunConfig:
             values = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}".splitlines()[0]) from None
-    return config_from_dict(values)
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings sections, found {type(values).__name__}")
+    return values
+
+
+def load_config(path: str) -> RunConfig:
+    """Read a YAML config file into a RunConfig."""
+    return config_from_dict(load_yaml(path))
 
 
 def apply_sets(values: dict, items: list[str], form: str = "section.field=value") -> None:

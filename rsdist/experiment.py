@@ -34,11 +34,8 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
-import yaml
-
-from rsdist.config import SELECT_METHODS, ConfigError, RunConfig, SelectConfig, _choice, _help, config_from_dict
-from rsdist.io.rundir import RunDir
+from rsdist.config import SELECT_METHODS, ConfigError, RunConfig, SelectConfig, _choice, _help, config_from_dict, load_yaml
+from rsdist.core.rundir import RunDir
 
 log = logging.getLogger("rsdist")
 
@@ -124,11 +121,7 @@ class ExperimentConfig:
 
 
 def load_experiment(path: str, out: str | None = None) -> tuple[RunConfig, ExperimentConfig]:
-    with fsspec.open(path, "r") as f:
-        try:
-            values = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}".splitlines()[0]) from None
+    values = load_yaml(path)
     exp_values = values.pop("experiment", {}) or {}
     if out:
         values["run_dir"] = out

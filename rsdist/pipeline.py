@@ -1,6 +1,7 @@
-"""Wires the stages from a config: ingest -> features -> cluster -> select -> train -> eval -> report.
+"""The job: the stages' declared contracts (rsdist.stage.Stage) in flow order, ingest -> features ->
+cluster -> select -> train -> eval -> report.
 
-Each stage reads the previous stage's output from the run directory and writes its own folder.
+Each stage reads earlier stages' output from the run directory and writes its own folder.
 A stage's fingerprint hashes its own settings and the fingerprint of the stage before it, so
 changing a setting re-runs that stage and everything after it, and nothing before it. A killed
 job, run again, skips every stage whose output is complete.
@@ -11,28 +12,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import rsdist
 from rsdist.config import DataConfig, RunConfig, config_to_dict
-from rsdist.io.rundir import RunDir
-from rsdist.stage import StageResult, completed, fingerprint, run_stage
+from rsdist.core.rundir import RunDir
+from rsdist.stage import Stage, StageResult, completed, fingerprint, run_stage
 
 log = logging.getLogger("rsdist")
 
 SYNTHETIC_FOLDER = "synthetic_source"
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """One step of the pipeline: its name, its output folder, what its output depends on, its body."""
-
-    name: str
-    folder: str
-    settings: object
-    body: Callable[[RunDir], StageResult]
-    resumable: bool = False
 
 
 def resolve_data(run: RunDir, data: DataConfig) -> DataConfig:
@@ -50,27 +39,31 @@ def resolve_data(run: RunDir, data: DataConfig) -> DataConfig:
     return dataclasses.replace(data, source=run.url(SYNTHETIC_FOLDER), format="captions-txt")
 
 
-def stage_specs(cfg: RunConfig, data: DataConfig) -> list[StageSpec]:
-    """The pipeline's stages in order, with the settings each one's output depends on."""
+def job_stages() -> list[Stage]:
+    """The job's stages in flow order, as each declares itself (its module's STAGE)."""
     from rsdist.cluster import stage as cluster
     from rsdist.eval import stage as evaluate
     from rsdist.features import stage as features
-    from rsdist.io import ingest
+    from rsdist.ingest import stage as ingest
     from rsdist.select import stage as select
     from rsdist.train import stage as train
 
-    encoder = cfg.features.encoder
-    return [
-        StageSpec("ingest", "shards", data, lambda run: ingest.run(run, data), resumable=True),
-        StageSpec("features", "features", cfg.features, lambda run: features.run(run, cfg.features), resumable=True),
-        StageSpec("cluster", "clusters", cfg.cluster, lambda run: cluster.run(run, cfg.cluster), resumable=True),
-        StageSpec("select", "selection", cfg.select, lambda run: select.run(run, cfg.select)),
-        StageSpec("train", "checkpoints", cfg.train, lambda run: train.run(run, cfg.train, encoder), resumable=True),
-        StageSpec("eval", "eval", cfg.eval, lambda run: evaluate.run(run, cfg.eval, encoder)),
-    ]
+    return [ingest.STAGE, features.STAGE, cluster.STAGE, select.STAGE, train.STAGE, evaluate.STAGE]
 
 
 STAGE_NAMES = ("ingest", "features", "cluster", "select", "train", "eval")
+
+
+def stage_settings(stage: Stage, cfg: RunConfig, data: DataConfig):
+    """The settings section a stage's output depends on (`data` with 'synthetic' resolved)."""
+    return data if stage.section == "data" else getattr(cfg, stage.section)
+
+
+def check_inputs(run: RunDir, stage: Stage) -> None:
+    """Every folder the stage reads must hold a complete output."""
+    for folder in stage.reads:
+        if completed(run, folder) is None:
+            raise RuntimeError(f"{run.url(folder)}: stage {stage.name} reads it, but it has no complete output; run the stage that writes it first")
 
 
 def run_pipeline(cfg: RunConfig, only: list[str] | None = None, force: bool = False, run: RunDir | None = None,
@@ -84,7 +77,7 @@ def run_pipeline(cfg: RunConfig, only: list[str] | None = None, force: bool = Fa
     same output another way, under the same fingerprint (an experiment's second split takes its
     features from the first split's run: rsdist/features/resplit.py).
     """
-    from rsdist.raycluster import init_ray
+    from rsdist.core.raycluster import init_ray
     from rsdist.report import build_summary, write_report
 
     for name in [*(only or []), *(bodies or {})]:
@@ -94,23 +87,28 @@ def run_pipeline(cfg: RunConfig, only: list[str] | None = None, force: bool = Fa
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     data = resolve_data(run, cfg.data)
     run.write_json({"rsdist": rsdist.__version__, **config_to_dict(cfg)}, "config.json")
-    specs = [dataclasses.replace(s, body=(bodies or {}).get(s.name, s.body)) for s in stage_specs(cfg, data)]
+    stages = job_stages()
     records: dict[str, dict] = {}
     upstream = rsdist.__version__
     started = time.perf_counter()
-    for i, spec in enumerate(specs, 1):
-        fp = fingerprint(spec.name, spec.settings, upstream)
-        if only is not None and spec.name not in only:
-            done = completed(run, spec.folder)
+    for i, stage in enumerate(stages, 1):
+        settings = stage_settings(stage, cfg, data)
+        fp = fingerprint(stage.name, settings, upstream)
+        if only is not None and stage.name not in only:
+            done = completed(run, stage.folder)
             if done is None:
-                if any(STAGE_NAMES.index(o) > STAGE_NAMES.index(spec.name) for o in only):
-                    raise RuntimeError(f"{run.url(spec.folder)}: stage {spec.name} has no complete output; run `rsdist {spec.name}` first")
+                if any(STAGE_NAMES.index(o) > STAGE_NAMES.index(stage.name) for o in only):
+                    raise RuntimeError(f"{run.url(stage.folder)}: stage {stage.name} has no complete output; run `rsdist {stage.name}` first")
                 continue
-            records[spec.name] = {**done, "skipped": True}
+            records[stage.name] = {**done, "skipped": True}
             upstream = done["fingerprint"]
             continue
-        log.info("[%d/%d] %s", i, len(specs), spec.name)
-        records[spec.name] = run_stage(run, spec.folder, fp, lambda spec=spec: spec.body(run), force=force, resumable=spec.resumable)
+        log.info("[%d/%d] %s", i, len(stages), stage.name)
+        check_inputs(run, stage)
+        body = (bodies or {}).get(stage.name) or (lambda run, stage=stage, settings=settings: stage.run(run, settings))
+        resources = dataclasses.asdict(stage.resources(settings))
+        log.info("stage %s: each worker asks for %s", stage.name, resources)
+        records[stage.name] = {**run_stage(run, stage.folder, fp, lambda body=body: body(run), force=force, resumable=stage.resumable), "resources": resources}
         upstream = fp
     summary = build_summary(run, cfg, records, wall_seconds=time.perf_counter() - started)
     if not write_summary:

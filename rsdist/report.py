@@ -10,7 +10,7 @@ import io
 import logging
 
 from rsdist.config import RunConfig
-from rsdist.io.rundir import RunDir
+from rsdist.core.rundir import RunDir
 
 log = logging.getLogger("rsdist")
 

@@ -1,10 +1,14 @@
-"""What every stage shares: declared resources, a result record, and skip-when-complete.
+"""The stage contract, and what every stage shares: resources, a result record, skip-when-complete.
 
-A stage is a module with a `run(run: RunDir, cfg) -> StageResult` function that reads the previous
-stage's output from the run directory and writes its own folder. `run_stage` wraps it: when the
-folder holds a `_SUCCESS.json` whose fingerprint matches (same settings, same upstream outputs),
-the stage is skipped, so a killed job resumes where it stopped. Otherwise the folder is cleared,
-the stage runs, and the marker is written last.
+A stage is a module that declares itself once as `STAGE = Stage(...)`: its name, the one folder of
+the run directory it owns (nothing else writes or clears it), the folders it reads, the section of
+the settings tree it takes, what one of its workers asks Ray for, and its `run(run, settings)`.
+`rsdist.pipeline` builds the job from these declarations: it checks that what a stage reads is
+complete, records the stage's resources, and calls `run_stage`. When the stage's folder holds a
+`_SUCCESS.json` whose fingerprint matches (same settings, same upstream outputs), the stage is
+skipped, so a killed job resumes where it stopped. Otherwise the folder is cleared (kept, for a
+resumable stage interrupted with the same fingerprint), the stage runs, and the marker is written
+last. A stage learns what an earlier one decided (the encoder, dimensions) from the run directory.
 """
 
 from __future__ import annotations
@@ -17,12 +21,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from rsdist.io.rundir import RunDir
+from rsdist.core.rundir import RunDir
 
 log = logging.getLogger("rsdist")
 
 MARKER = "_SUCCESS.json"
 STARTED = "_STARTED.json"
+# Part of every fingerprint: a release that changes what a stage writes for the same settings bumps
+# it, and run directories made before re-run each stage once.
+CONTRACT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,19 @@ class StageResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the job, declared once in its module as `STAGE`; the pipeline reads nothing else."""
+
+    name: str  # the stage's name on the command line and in summary.json
+    folder: str  # the one run-directory folder it owns: it writes only there, and only it clears it
+    reads: tuple[str, ...]  # the folders of earlier stages it reads (each must hold a complete output)
+    section: str  # the section of the settings tree (RunConfig attribute) its output depends on
+    resources: Callable[[Any], Resources]  # settings -> what one worker (task, actor, Train worker) asks for
+    run: Callable[[RunDir, Any], StageResult]  # (run directory, settings) -> counts; writes `folder`
+    resumable: bool = False  # keeps the partial output of an interrupted run with the same fingerprint
+
+
 def _default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
@@ -50,25 +70,8 @@ def _default(f: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
-# Defaults that a release changed, as they were before: (dataclass name, field) -> old default.
-# A fingerprint counts a field that differs from this value, so a run directory made before the
-# change (where the old default was in force and so left out of the fingerprint) is not taken for
-# one made with the new default, and a setting that names the old value explicitly still matches it.
-FINGERPRINT_DEFAULTS: dict[tuple[str, str], Any] = {
-    ("SelectConfig", "method"): "shift",  # then "cluster-random", "coincide-within", now "alignment-mmd" (docs/results.md)
-}
-# Not listed: SelectConfig.mmd_block_rows arrived with default 4096, which picks exactly as before
-# (whole clusters) for clusters of up to 4,096 rows; a run made before it with larger clusters
-# keeps its whole-cluster greedy MMD selection, which is the exact version of the blocked one.
-
-
-def _fingerprint_default(x: Any, f: dataclasses.Field) -> Any:
-    return FINGERPRINT_DEFAULTS.get((type(x).__name__, f.name), _default(f))
-
-
 def _settings(x: Any) -> Any:
-    """A dataclass as the fields that differ from their defaults (nested dataclasses likewise);
-    for a default a release changed, from the old default (FINGERPRINT_DEFAULTS)."""
+    """A dataclass as the fields that differ from their defaults (nested dataclasses likewise)."""
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
         out = {}
         for f in dataclasses.fields(x):
@@ -77,7 +80,7 @@ def _settings(x: Any) -> Any:
                 value = _settings(value)
                 if value:
                     out[f.name] = value
-            elif value != _fingerprint_default(x, f):
+            elif value != _default(f):
                 out[f.name] = value
         return out
     return x
@@ -88,9 +91,9 @@ def fingerprint(*parts: Any) -> str:
 
     Dataclass settings count by their non-default fields, so a release that adds a setting (at a
     default that keeps the old behaviour) does not invalidate finished stages of existing runs; a
-    release that changes a default records the old one in FINGERPRINT_DEFAULTS.
+    release that changes a default, or what a stage writes, bumps CONTRACT_VERSION.
     """
-    blob = json.dumps([_settings(p) for p in parts], sort_keys=True, default=str)
+    blob = json.dumps([CONTRACT_VERSION, *(_settings(p) for p in parts)], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -26,6 +26,6 @@ def ray_session():
 
 @pytest.fixture
 def run_dir(tmp_path):
-    from rsdist.io.rundir import RunDir
+    from rsdist.core.rundir import RunDir
 
     return RunDir(str(tmp_path / "run"))

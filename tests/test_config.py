@@ -71,7 +71,7 @@ def test_set_overrides_parse_yaml_values_and_name_bad_items():
 
 
 def test_vlm_job_overrides_share_the_set_syntax():
-    from rsdist.train.vlm_job import load_job
+    from rsdist.vlm_job import load_job
 
     job = load_job(None, ["train.vlm.lr=0.001", "train.vlm.epochs=2"], "vqa")
     assert job.train.vlm.lr == 0.001 and job.train.vlm.epochs == 2 and job.eval.vlm.task == "vqa"

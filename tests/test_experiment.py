@@ -6,7 +6,7 @@ import pytest
 
 from rsdist.config import ConfigError, config_from_dict
 from rsdist.experiment import ExperimentConfig, aggregate, build_base, split_config, cell_config, load_experiment, paired_against_random, paired_by_split, pooled_sd, render_paired, run_experiment
-from rsdist.io.rundir import RunDir
+from rsdist.core.rundir import RunDir
 from rsdist.select.budget import budget_count
 from tests.test_pipeline import tiny_settings
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from rsdist.config import config_from_dict
-from rsdist.io.rundir import RunDir
+from rsdist.core.rundir import RunDir
 from rsdist.pipeline import run_pipeline
 from rsdist.select.budget import budget_count
 

@@ -85,10 +85,16 @@ def test_fingerprint_counts_settings_by_their_non_default_fields():
     assert fingerprint(Old(a=2)) != fingerprint(Old())
 
 
-def test_a_changed_default_is_not_taken_for_the_old_one():
-    """select.method's default changed from 'shift': runs made before the change (whose fingerprint
-    left the then-default out) match an explicit 'shift', not the new default."""
-    assert _settings(SelectConfig(method="shift")) == {}
-    assert _settings(SelectConfig()) == {"method": "alignment-mmd"}
-    assert fingerprint(SelectConfig(method="shift")) == fingerprint(SelectConfig(method="shift", budget=1 / 3))
+def test_a_default_counts_by_value_and_the_contract_version_invalidates_old_runs(monkeypatch):
+    """Settings at their defaults are left out of the fingerprint, whatever they name; a release that
+    changes a default or what a stage writes bumps CONTRACT_VERSION, so older run directories re-run
+    each stage once instead of being taken for new ones."""
+    from rsdist import stage
+
+    assert _settings(SelectConfig()) == {}
+    assert _settings(SelectConfig(method="shift")) == {"method": "shift"}
+    assert fingerprint(SelectConfig()) == fingerprint(SelectConfig(method=SelectConfig().method))
     assert fingerprint(SelectConfig()) != fingerprint(SelectConfig(method="shift"))
+    before = fingerprint(SelectConfig(), "up")
+    monkeypatch.setattr(stage, "CONTRACT_VERSION", stage.CONTRACT_VERSION + 1)
+    assert fingerprint(SelectConfig(), "up") != before

@@ -37,6 +37,7 @@ import torch
 
 from rsdist.cluster.backends import matmul_dtype
 from rsdist.cluster.exchange import SLOTS, SharedExchange, open_shared_exchange
+from rsdist.core.tables import unit_rows
 
 log = logging.getLogger("rsdist")
 
@@ -66,10 +67,6 @@ class FitResult:
 def auto_k(n: int) -> int:
     """About sqrt(N / 2), clamped to [2, N]."""
     return int(min(max(2, round(math.sqrt(n / 2))), n))
-
-
-def normalise_rows(c: np.ndarray) -> np.ndarray:
-    return c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
 
 
 def share(total: int, sizes: list[int]) -> list[int]:
@@ -247,7 +244,7 @@ class KMeansDriver:
             c = kmeans_pp(self.sample(max(m, self.k)), self.k, self.rng, metric, bf16=self.bf16)
         else:
             c = self.kmeans_parallel()
-        return normalise_rows(c) if metric == "cosine" else c
+        return unit_rows(c) if metric == "cosine" else c
 
     def kmeans_parallel(self) -> np.ndarray:
         """k-means||: oversample ~2k rows per round by distance to the candidates, weight, recluster."""
@@ -279,7 +276,7 @@ class KMeansDriver:
         start = time.perf_counter()
         c = np.ascontiguousarray(init if init is not None else self.initial_centroids(), dtype=np.float32)
         if self.cfg.metric == "cosine":
-            c = normalise_rows(c)
+            c = unit_rows(c)
         method = "given" if init is not None else self.init_method()
         init_seconds = time.perf_counter() - start
         with heap_reuse():
@@ -334,7 +331,7 @@ class KMeansDriver:
         where = np.flatnonzero(starved)[:n]
         c[where] = pool[self.rng.choice(len(pool), size=n, replace=False)]
         if self.cfg.metric == "cosine":
-            c[where] = normalise_rows(c[where])
+            c[where] = unit_rows(c[where])
         rest = v[~starved]
         v[where] = rest.min() if len(rest) else 1.0
         return n
@@ -457,7 +454,7 @@ class KMeansDriver:
             full = counts > 0
             new[full] = sums[full] / counts[full, None]
             if self.cfg.metric == "cosine":
-                new[full] = normalise_rows(new[full])
+                new[full] = unit_rows(new[full])
             empty = np.flatnonzero(~full)
             if len(empty):
                 reseeded += len(empty)
@@ -481,4 +478,4 @@ class KMeansDriver:
         rows = np.concatenate([p[0] for p in parts])
         dists = np.concatenate([p[1] for p in parts])
         rows = rows[np.argsort(-dists, kind="stable")[:m]]
-        return normalise_rows(rows) if self.cfg.metric == "cosine" else rows
+        return unit_rows(rows) if self.cfg.metric == "cosine" else rows

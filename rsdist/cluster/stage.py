@@ -26,8 +26,8 @@ import numpy as np
 from rsdist.cluster.engine import FitResult, KMeansDriver, auto_k
 from rsdist.cluster.shards import ShardActor, Unit, plan_units, split_units
 from rsdist.config import ClusterConfig
-from rsdist.io.rundir import RunDir
-from rsdist.stage import Resources, StageResult
+from rsdist.core.rundir import RunDir
+from rsdist.stage import Resources, Stage, StageResult
 
 log = logging.getLogger("rsdist")
 
@@ -36,7 +36,7 @@ NAME = "clusters"
 
 def actor_resources(cfg: ClusterConfig) -> Resources:
     """Per-actor resources from the cluster's resources: a GPU each when the cluster has GPUs."""
-    from rsdist.raycluster import cluster_gpus
+    from rsdist.core.raycluster import cluster_gpus
 
     gpus = cfg.gpus_per_actor
     if gpus < 0:
@@ -45,7 +45,7 @@ def actor_resources(cfg: ClusterConfig) -> Resources:
 
 
 def actor_count(cfg: ClusterConfig, res: Resources, units: int) -> int:
-    from rsdist.raycluster import cluster_cpus, cluster_gpus
+    from rsdist.core.raycluster import cluster_cpus, cluster_gpus
 
     if cfg.num_actors:
         n = cfg.num_actors
@@ -166,3 +166,6 @@ def run(run: RunDir, cfg: ClusterConfig) -> StageResult:
     }
     run.write_json({**{str(c): int(v) for c, v in enumerate(labels["counts"])}, **summary}, NAME, "sizes.json")
     return StageResult(rows_in=n, rows_out=labels["rows"], extra={**summary, **timings, "resumed_units": labels["skipped_units"]})
+
+
+STAGE = Stage(name="cluster", folder=NAME, reads=("features",), section="cluster", resources=actor_resources, run=run, resumable=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from rsdist.eval.metrics import image_to_text_ranks, text_to_image_ranks
+from rsdist.core.metrics import image_to_text_ranks, text_to_image_ranks
 
 SCHEMA = pa.schema([("sample_id", pa.string()), ("weight", pa.float64()), ("i2t_rank", pa.int64()), ("t2i_rank", pa.int64())])
 

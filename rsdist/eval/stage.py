@@ -39,16 +39,17 @@ import torch
 
 from rsdist.config import EvalConfig
 from rsdist.eval.failures import failure_table
-from rsdist.eval.metrics import class_prompts, classification_accuracy, retrieval_metrics
-from rsdist.io.rundir import RunDir
+from rsdist.core.metrics import class_prompts, classification_accuracy, retrieval_metrics
+from rsdist.core.rundir import RunDir
 from rsdist.models.text_cache import frozen_text_features
-from rsdist.stage import Resources, StageResult
-from rsdist.train.data import split_rows
-from rsdist.train.model import load_trained
+from rsdist.stage import Resources, Stage, StageResult
+from rsdist.core.rows import features_encoder, split_rows
+from rsdist.core.tables import embedding_matrix
+from rsdist.models.tuned import load_trained
 
 log = logging.getLogger("rsdist")
 
-STAGE = "eval"
+FOLDER = "eval"
 FINAL = ("checkpoints", "final")
 
 RESOURCES = Resources(num_cpus=1.0)
@@ -101,8 +102,7 @@ def encode_images(encoder, image_emb: np.ndarray, batch_size: int) -> torch.Tens
 
 
 def image_matrix(rows: pa.Table) -> np.ndarray:
-    emb = rows.column("image_emb").combine_chunks()
-    return np.array(emb.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(emb), -1)
+    return embedding_matrix(rows.column("image_emb"), "image_emb", "eval")
 
 
 def similarity(encoder, rows: pa.Table, cfg: EvalConfig, frozen=None) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
@@ -164,8 +164,8 @@ def write_validation_failures(run: RunDir, rows: pa.Table, encoder, cfg: EvalCon
         return None
     _, sim, text_image = similarity(encoder, rows, cfg, frozen)
     table = failure_table(rows.column("sample_id").to_pylist(), sim, text_image, cfg.failure_rank)
-    run.write_table(table, STAGE, "failures.parquet")
-    log.info("eval: %d of %d validation images fail at rank %d -> %s", table.num_rows, rows.num_rows, cfg.failure_rank, run.url(STAGE, "failures.parquet"))
+    run.write_table(table, FOLDER, "failures.parquet")
+    log.info("eval: %d of %d validation images fail at rank %d -> %s", table.num_rows, rows.num_rows, cfg.failure_rank, run.url(FOLDER, "failures.parquet"))
     return {"images": rows.num_rows, "failures": table.num_rows, "failure_rank": cfg.failure_rank, "mR": retrieval_metrics(sim, text_image, cfg.recall_ks)["mR"]}
 
 
@@ -204,7 +204,7 @@ def count_split_rows(run: RunDir, splits: tuple[str, ...]) -> list[tuple[str, in
     """Per features file: its rows of `splits`, counted by Ray tasks."""
     import ray
 
-    from rsdist.train.data import count_wanted
+    from rsdist.core.rows import count_wanted
 
     files = run.parquet_files("features")
     if not files:
@@ -219,7 +219,7 @@ def project_on_workers(run: RunDir, cfg: EvalConfig, counts: list[tuple[str, int
     import pyarrow.fs as pafs
     import ray
 
-    from rsdist.train.data import worker_dataset
+    from rsdist.core.rows import worker_dataset
 
     items = [{"file": f, "skip": 0, "take": n} for f, n in counts if n]
     ds = worker_dataset(run, items, False, splits, cfg.read_block_rows)
@@ -228,15 +228,15 @@ def project_on_workers(run: RunDir, cfg: EvalConfig, counts: list[tuple[str, int
         ProjectRows, batch_size=None, batch_format="pyarrow",
         fn_constructor_kwargs={"run": run, "encoder": encoder, "embed_dim": meta["embed_dim"], "seed": meta.get("seed", 0), "trained": trained, "frozen_text": frozen_text, "cfg": cfg},
         compute=ray.data.ActorPoolStrategy(size=max(1, min(len(items), int(cpus // 2)))), num_cpus=0.5)
-    run.remove(STAGE, EMBEDDINGS, name)
-    ds.write_parquet(run.path(STAGE, EMBEDDINGS, name), filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(run.fs)))
+    run.remove(FOLDER, EMBEDDINGS, name)
+    ds.write_parquet(run.path(FOLDER, EMBEDDINGS, name), filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(run.fs)))
 
 
 def read_embeddings(run: RunDir, name: str) -> pa.Table:
     """eval/embeddings/<name>/ in the features order (item, pos)."""
     import pyarrow.parquet as pq
 
-    folder = run.path(STAGE, EMBEDDINGS, name)
+    folder = run.path(FOLDER, EMBEDDINGS, name)
     files = sorted(p for p in run.fs.find(folder) if p.endswith(".parquet"))
     tables = []
     for f in files:
@@ -269,8 +269,8 @@ def metrics_on_worker(run: RunDir, cfg: EvalConfig, encoder: str, meta: dict, na
     if failures and cfg.failure_rank and val.num_rows:
         _, sim, text_image = embedded_similarity(val)
         table = failure_table(val.column("sample_id").to_pylist(), sim, text_image, cfg.failure_rank)
-        run.write_table(table, STAGE, "failures.parquet")
-        log.info("eval: %d of %d validation images fail at rank %d -> %s", table.num_rows, val.num_rows, cfg.failure_rank, run.url(STAGE, "failures.parquet"))
+        run.write_table(table, FOLDER, "failures.parquet")
+        log.info("eval: %d of %d validation images fail at rank %d -> %s", table.num_rows, val.num_rows, cfg.failure_rank, run.url(FOLDER, "failures.parquet"))
         out["validation"] = {"images": val.num_rows, "failures": table.num_rows, "failure_rank": cfg.failure_rank, "mR": retrieval_metrics(sim, text_image, cfg.recall_ks)["mR"]}
     return out
 
@@ -284,10 +284,11 @@ def evaluate_on_workers(run: RunDir, cfg: EvalConfig, encoder: str, meta: dict, 
     return ray.get(task.remote(run, cfg, encoder, meta, name, trained, frozen_text, "val" in splits))
 
 
-def run(run: RunDir, cfg: EvalConfig, encoder: str) -> StageResult:
+def run(run: RunDir, cfg: EvalConfig) -> StageResult:
     """Evaluate `<run>/checkpoints/final` (and the untrained model) on the held-out rows, on Ray
     workers: read and projection tasks write the embeddings to eval/embeddings/, one task computes
     the metrics; the driver gets the metrics only."""
+    encoder = features_encoder(run)
     if not run.exists(*FINAL, "train_meta.json"):
         raise FileNotFoundError(f"{run.url(*FINAL)}: no trained checkpoint (run the train stage first)")
     meta = run.read_json(*FINAL, "train_meta.json")
@@ -312,10 +313,13 @@ def run(run: RunDir, cfg: EvalConfig, encoder: str) -> StageResult:
         report["untrained"] = evaluate_on_workers(run, cfg, encoder, meta, "untrained", False, True, ("test",), test_counts)["metrics"]
         log.info("eval: untrained mR %.2f, zero-shot %.2f%%", report["untrained"]["mR"], report["untrained"].get("zero_shot_acc", float("nan")))
     report["seconds"] = round(time.perf_counter() - started, 3)
-    run.write_json(report, STAGE, "metrics.json")
+    run.write_json(report, FOLDER, "metrics.json")
     flat = {k: v for k, v in trained.items() if not isinstance(v, dict)}
     if cfg.baseline:
         flat["untrained_mR"] = report["untrained"]["mR"]
         if "zero_shot_acc" in report["untrained"]:
             flat["untrained_zero_shot_acc"] = report["untrained"]["zero_shot_acc"]
     return StageResult(rows_in=n_test, rows_out=n_test, extra={"metrics": flat})
+
+
+STAGE = Stage(name="eval", folder=FOLDER, reads=("checkpoints", "features", "shards"), section="eval", resources=lambda cfg: RESOURCES, run=run)

@@ -9,7 +9,7 @@ is compared to `answer` by normalised exact match, per question type (`meta.ques
 RSVQA reader writes it) and averaged over types.
 Model: the base model VLM training used (`<run>/checkpoints/vlm/final/train_meta.json`) with its
 LoRA adapter (`adapter`), or any model name with `adapter: false`. Generation: batched, greedy,
-left-padded, the family's training template with its generation prompt (`rsdist.train.vlm_models`).
+left-padded, the family's training template with its generation prompt (`rsdist.models.vlm`).
 Large sets run on Ray: a Ray Data `map_batches` over the rows with an actor pool of `num_actors`
 generators (one GPU each when the cluster has GPUs, bf16 there); `num_actors: 0` runs in-process.
 Output: `<run>/eval/vlm_<task>.json` (metrics, the settings and model that produced them) and
@@ -31,7 +31,7 @@ import torch
 
 from rsdist.config import ConfigError, _choice, _help, _positive
 from rsdist.eval.vlm_metrics import TASKS, classification_metrics, match_class, vqa_matches, vqa_metrics
-from rsdist.io.rundir import RunDir
+from rsdist.core.rundir import RunDir
 
 SCENE_PROMPT = "Classify the image from the following classes. Answer in one word or a short phrase."
 VQA_PROMPT = "Answer the question using a single word or phrase."
@@ -87,7 +87,7 @@ def question_type(meta: str | None) -> str | None:
 
 def eval_rows(run: RunDir, cfg: VlmEvalConfig) -> pa.Table:
     """Shard rows of `cfg.split` the task can score, sorted by sample_id, at most `max_rows`."""
-    from rsdist.train.data import _filtered
+    from rsdist.core.rows import _filtered
 
     def keep(batch: pa.RecordBatch):
         in_split = pc.fill_null(pc.equal(batch.column("split"), cfg.split), False)
@@ -106,7 +106,7 @@ def eval_rows(run: RunDir, cfg: VlmEvalConfig) -> pa.Table:
 
 def task_inputs(rows: pa.Table, cfg: VlmEvalConfig) -> tuple[pa.Table, dict]:
     """(generation inputs: sample_id, image, prompt; what scoring needs: targets, classes or types)."""
-    from rsdist.io.readers import readable_label
+    from rsdist.core.schema import readable_label
 
     if cfg.task == "scene":
         targets = [readable_label(label) for label in rows.column("label").to_pylist()]
@@ -130,7 +130,7 @@ def generation_messages(prompt: str, image) -> list[dict]:
 @torch.no_grad()
 def generate_answers(model, processor, images: list, prompts: list[str], max_new_tokens: int) -> list[str]:
     """Greedy answers of one left-padded batch, decoded without special tokens and stripped."""
-    from rsdist.train.vlm_models import end_token_id, family_of
+    from rsdist.models.vlm import end_token_id, family_of
 
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"
@@ -148,7 +148,7 @@ def generate_answers(model, processor, images: list, prompts: list[str], max_new
 
 def load_for_eval(model_name: str, seed: int, adapter_files: dict[str, bytes] | None, use_gpu: bool, bf16: bool):
     """(model, processor) ready to generate: the base model, the adapter merged in when given."""
-    from rsdist.train.vlm_models import load_vlm
+    from rsdist.models.vlm import load_vlm
 
     model, processor = load_vlm(model_name, seed=seed)
     if adapter_files:
@@ -173,7 +173,7 @@ class VlmGenerator:
         self.max_pixels, self.min_pixels, self.max_new_tokens = max_pixels, min_pixels, max_new_tokens
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from rsdist.train.vlm import decode_image
+        from rsdist.models.vlm import decode_image
 
         rows = batch.select(["sample_id", "image"]).to_pylist()
         images = [decode_image(r, self.max_pixels, self.min_pixels) for r in rows]
@@ -192,7 +192,7 @@ def generate_all(inputs: pa.Table, cfg: VlmEvalConfig, model: str, seed: int, ad
     else:
         import ray
 
-        from rsdist.raycluster import cluster_gpus
+        from rsdist.core.raycluster import cluster_gpus
 
         gpus = cluster_gpus() > 0
         ds = ray.data.from_arrow(inputs).map_batches(VlmGenerator, batch_size=cfg.batch_size, batch_format="pyarrow",

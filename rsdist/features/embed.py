@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from rsdist.features.perturb import perturb_batch
 from rsdist.features.vlm_embed import VlmEmbedder, VlmSpec
-from rsdist.models.dual import DualEncoder, build_encoder
+from rsdist.models.dual import DualEncoder
+from rsdist.models.encoders import build_encoder
 
 log = logging.getLogger("rsdist")
 

@@ -17,7 +17,6 @@ the cores the actor already holds). With GPU actors they run here, off the GPU's
 
 from __future__ import annotations
 
-import io
 import json
 import posixpath
 from typing import Sequence
@@ -25,15 +24,17 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from rsdist.core.images import decode_rgb
 from rsdist.features.perturb import IMAGE_PERTURBATIONS, perturb_batch, perturb_texts
 
 
 def decode_resized(data: bytes, size: int) -> np.ndarray:
-    """Encoded image bytes -> RGB uint8 [size, size, 3] (bilinear; JPEG decoded at reduced scale when much larger)."""
-    img = Image.open(io.BytesIO(data))
-    if img.format == "JPEG":
-        img.draft("RGB", (size, size))  # decode at >= size, cheaper for big JPEGs
-    img = img.convert("RGB")
+    """Encoded image bytes -> RGB uint8 [size, size, 3] (bilinear; JPEG decoded at reduced scale when much larger).
+
+    16-bit and float images (shards written before ingest converted them) go through the same
+    conversion ingest applies (`rsdist.core.images.decode_rgb`), not Pillow's clipping `convert("RGB")`.
+    """
+    img = decode_rgb(data, draft_size=size)  # a big JPEG is decoded at >= size, cheaper
     if img.size != (size, size):
         img = img.resize((size, size), Image.BILINEAR)
     return np.asarray(img, dtype=np.uint8)

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rsdist.config import FeaturesConfig, config_to_dict
-from rsdist.io.rundir import RunDir
+from rsdist.core.rundir import RunDir
 from rsdist.stage import StageResult, completed
 
 log = logging.getLogger("rsdist")

@@ -57,8 +57,8 @@ from rsdist.config import VLM_FEATURES, FeaturesConfig
 from rsdist.features.embed import EmbedModel
 from rsdist.features.preprocess import preprocess_batch, split_perturbations
 from rsdist.features.vlm_embed import VlmSpec
-from rsdist.io.rundir import RunDir, compression
-from rsdist.stage import Resources, StageResult
+from rsdist.core.rundir import RunDir, compression
+from rsdist.stage import Resources, Stage, StageResult
 
 log = logging.getLogger("rsdist")
 
@@ -130,7 +130,7 @@ def read_shard_slice(batch: dict[str, np.ndarray], run: RunDir) -> pa.Table:
     uses, and asks no whole CPU (Ray's own parquet reader and repartition do, which stalls a
     2-CPU host next to the model actors).
     """
-    from rsdist.io.schema import MODEL_INPUT_COLUMNS
+    from rsdist.core.schema import MODEL_INPUT_COLUMNS
 
     tables = []
     for path, start, stop in zip(batch["path"], batch["start"], batch["stop"]):
@@ -547,3 +547,13 @@ def run(run: RunDir, cfg: FeaturesConfig) -> StageResult:
             "shards_resumed": len(inputs) - len(pending),
         },
     )
+
+
+def resources(cfg: FeaturesConfig) -> Resources:
+    """What one model actor asks for (the pool is sized from the cluster: plan_pool)."""
+    import ray
+
+    return plan_pool(cfg, ray.cluster_resources()).resources
+
+
+STAGE = Stage(name="features", folder="features", reads=("shards",), section="features", resources=resources, run=run, resumable=True)

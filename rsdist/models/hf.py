@@ -74,9 +74,9 @@ def _feature_dims(model: nn.Module) -> tuple[int, int]:
 def _tiny(kind: str, seed: int):
     from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
 
-    from rsdist.models.dual import _tokenizer
+    from rsdist.models.dual import minilm_tokenizer
 
-    tokenizer = _tokenizer()  # the BERT word-piece vocabulary of the composite encoder
+    tokenizer = minilm_tokenizer()  # the BERT word-piece vocabulary of the composite encoder
     text = dict(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                 max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from rsdist.models.dual import build_encoder
+from rsdist.models.encoders import build_encoder
 
 # Encoders whose towers are random (seeded) rather than pretrained: their features depend on the seed.
 RANDOM_TOWERS = ("tiny", "clip-tiny", "siglip-tiny")

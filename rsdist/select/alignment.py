@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rsdist.config import ALIGNMENT_DIRECTIONS, ALIGNMENT_SCORES
+from rsdist.core.tables import unit_rows
 from rsdist.select.scalselect import GramAccumulator
 
 RIDGE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -101,12 +102,6 @@ def _held_out_residual(z: np.ndarray, y: np.ndarray, ridge: RidgeMap, j: int) ->
     fitted = (z * inverse) @ ridge.projected_cross
     leverage = (z * z * inverse).sum(axis=1) + 1.0 / ridge.n
     return (y - fitted) / (1.0 - leverage)[:, None]
-
-
-def unit_rows(m: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length; a zero row stays zero (its cosines are 0)."""
-    norms = np.linalg.norm(m, axis=1, keepdims=True)
-    return m / np.where(norms > 0, norms, 1.0)
 
 
 def contrastive_scores(predicted: np.ndarray, outputs: np.ndarray, groups: np.ndarray, temperature: float, block_rows: int = 0, seed: int = 0) -> np.ndarray:

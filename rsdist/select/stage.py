@@ -37,17 +37,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rsdist.config import SelectConfig
-from rsdist.io.rundir import RunDir
+from rsdist.core.rundir import RunDir
 from rsdist.select.budget import budget_count
-from rsdist.select.alignment import RIDGE_GRID, pair_alignment, unit_rows
+from rsdist.select.alignment import RIDGE_GRID, pair_alignment
+from rsdist.core.tables import embedding_columns, space_vectors
 from rsdist.select.captions import caption_information, caption_select, caption_typicality
 from rsdist.select.coincide import coincide_select, mmd_among_top
 from rsdist.select.error_driven import error_driven_select, load_teacher
 from rsdist.select.scalselect import GramAccumulator, dominant_subspace, leverage_scores, scalselect_select
 from rsdist.select.semdedup import redundancy, semdedup_select, with_dedup_filter
 from rsdist.select.strategies import Selection, cluster_quotas, cluster_random_select, group_index, random_select, shift_select
-from rsdist.stage import Resources, StageResult
-from rsdist.train.data import caption_rows
+from rsdist.stage import Resources, Stage, StageResult
+from rsdist.core.rows import caption_rows
 
 log = logging.getLogger("rsdist")
 
@@ -90,37 +91,9 @@ def read_pool(run: RunDir) -> Pool:
     return Pool(ids, labels, groups)
 
 
-def embedding_columns(space: str) -> list[str]:
-    return {"joint": ["image_emb", "text_emb"], "image": ["image_emb"], "text": ["text_emb"]}.get(space, [space])
-
-
-def _matrix(col: pa.ChunkedArray | pa.Array, name: str, where: str) -> np.ndarray:
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    if arr.null_count:
-        raise ValueError(f"{where}: column {name} has {arr.null_count} null rows")
-    if pa.types.is_fixed_size_list(arr.type):
-        dim = arr.type.list_size
-    elif pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
-        lengths = pc.list_value_length(arr).to_numpy()
-        dim = int(lengths[0]) if len(lengths) else 0
-        if len(lengths) and np.any(lengths != dim):
-            raise ValueError(f"{where}: column {name} has rows of different lengths")
-    else:
-        raise ValueError(f"{where}: column {name} is {arr.type}, not a list of floats")
-    return np.asarray(arr.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(arr), dim)
-
-
 def embedding_of(table: pa.Table, space: str, where: str) -> np.ndarray:
-    """Unit rows of `space`: 'joint' concatenates the unit image and text embeddings (/ sqrt 2)."""
-    for name in embedding_columns(space):
-        if name not in table.column_names:
-            raise ValueError(f"{where}: no column {name!r} (needed by select.space={space!r})")
-    if space == "joint":
-        img = unit_rows(_matrix(table.column("image_emb"), "image_emb", where))
-        txt = unit_rows(_matrix(table.column("text_emb"), "text_emb", where))
-        return np.concatenate([img, txt], axis=1) / np.sqrt(2.0)
-    name = embedding_columns(space)[0]
-    return unit_rows(_matrix(table.column(name), name, where))
+    """Unit rows of `space` (rsdist.core.tables.space_vectors)."""
+    return space_vectors(table, space, where)
 
 
 def _positions(pool: Pool, ids: pa.Array, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -278,7 +251,7 @@ def choose(run: RunDir, pool: Pool, cfg: SelectConfig, budget: int) -> Selection
             sub_red = type(red)(red.max_cos[rows], red.duplicate_of[rows])
             return semdedup_select(k, g, sub_red, b, ids)
         if method == "coincide":
-            from rsdist.raycluster import cluster_cpus, init_ray
+            from rsdist.core.raycluster import cluster_cpus, init_ray
 
             init_ray()
             parts = cfg.num_tasks or max(1, int(2 * cluster_cpus()))
@@ -342,3 +315,6 @@ def run(run: RunDir, cfg: SelectConfig) -> StageResult:
     write_outputs(run, pool, cfg, budget, sel)
     extra = {"method": cfg.method, "budget": cfg.budget, "budget_count": budget, "selected": sel.count, "pool": pool.size}
     return StageResult(rows_in=pool.size, rows_out=sel.count, extra=extra)
+
+
+STAGE = Stage(name="select", folder="selection", reads=("features", "clusters", "shards"), section="select", resources=lambda cfg: RESOURCES, run=run)

@@ -27,12 +27,12 @@ import time
 import numpy as np
 import torch
 
-from rsdist.eval.metrics import retrieval_metrics
-from rsdist.models.dual import build_encoder
-from rsdist.train.data import pick_caption, pick_caption_index
-from rsdist.train.harma import harma_loss
+from rsdist.core.metrics import retrieval_metrics
+from rsdist.models.encoders import build_encoder
+from rsdist.core.rows import pick_caption, pick_caption_index
+from rsdist.models.harma import harma_loss
 from rsdist.train.loss import info_nce
-from rsdist.train.model import ContrastivePair, clamp_logit_scale, count_parameters, load_adapter_weights, load_heads_file, make_tunable, save_trained
+from rsdist.models.tuned import ContrastivePair, clamp_logit_scale, count_parameters, load_adapter_weights, load_heads_file, make_tunable, save_trained
 
 STATE_FILE = "state.json"
 

@@ -35,16 +35,16 @@ import time
 import torch
 
 from rsdist.config import TrainConfig
-from rsdist.io.rundir import RunDir
-from rsdist.raycluster import cluster_gpus
-from rsdist.stage import Resources, StageResult
-from rsdist.train.data import MANIFEST, count_wanted, manifest_summary, rank_items, worker_dataset
+from rsdist.core.rundir import RunDir
+from rsdist.core.raycluster import cluster_gpus
+from rsdist.stage import Resources, Stage, StageResult
+from rsdist.core.rows import MANIFEST, count_wanted, features_encoder, manifest_summary, rank_items, worker_dataset
 from rsdist.train.loop import STATE_FILE, rank_dataset, train_loop_per_worker
-from rsdist.train.model import ADAPTER_DIR, HARMA_FILE, HARMA_SETTINGS, HEADS_FILE
+from rsdist.models.tuned import ADAPTER_DIR, HARMA_FILE, HARMA_SETTINGS, HEADS_FILE
 
 log = logging.getLogger("rsdist")
 
-STAGE = "checkpoints"
+FOLDER = "checkpoints"
 FINAL = "final"
 META_FILE = "train_meta.json"
 READ_CPUS = 0.25  # each read / count task of the training rows
@@ -58,7 +58,7 @@ def resources(cfg: TrainConfig) -> Resources:
 def storage_path(run: RunDir, *parts: str) -> str:
     """Where Ray Train keeps its run (`<run>/<parts>`, default checkpoints/ray): an absolute local
     path, or the run directory's URI on cloud storage."""
-    parts = parts or (STAGE, "ray")
+    parts = parts or (FOLDER, "ray")
     protocol = run.fs.protocol if isinstance(run.fs.protocol, str) else run.fs.protocol[0]
     if protocol == "memory":
         # Ray Train workers are other processes: they cannot see the driver's in-memory filesystem.
@@ -122,19 +122,19 @@ def method_settings(cfg: TrainConfig) -> dict:
 
 def write_final(run: RunDir, checkpoint_dir: str, meta: dict) -> None:
     """Copy the last epoch checkpoint's adapter and heads (without optimizer state) to `final/`."""
-    run.remove(STAGE, FINAL)
+    run.remove(FOLDER, FINAL)
     if os.path.exists(os.path.join(checkpoint_dir, HARMA_FILE)):
         with open(os.path.join(checkpoint_dir, HARMA_FILE), "rb") as f:
-            run.write_bytes(f.read(), STAGE, FINAL, HARMA_FILE)
+            run.write_bytes(f.read(), FOLDER, FINAL, HARMA_FILE)
     elif os.path.isdir(os.path.join(checkpoint_dir, ADAPTER_DIR)):
-        run.write_local_folder(os.path.join(checkpoint_dir, ADAPTER_DIR), STAGE, FINAL, ADAPTER_DIR)
+        run.write_local_folder(os.path.join(checkpoint_dir, ADAPTER_DIR), FOLDER, FINAL, ADAPTER_DIR)
     state = torch.load(os.path.join(checkpoint_dir, HEADS_FILE), map_location="cpu", weights_only=False)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, HEADS_FILE)
         torch.save({"heads": state["heads"], "epoch": state["epoch"]}, path)
         with open(path, "rb") as f:
-            run.write_bytes(f.read(), STAGE, FINAL, HEADS_FILE)
-    run.write_json(meta, STAGE, FINAL, META_FILE)
+            run.write_bytes(f.read(), FOLDER, FINAL, HEADS_FILE)
+    run.write_json(meta, FOLDER, FINAL, META_FILE)
 
 
 def read_state(checkpoint_dir: str) -> dict:
@@ -185,8 +185,9 @@ def training_datasets(run: RunDir, cfg: TrainConfig, encoder: str) -> tuple[dict
     return datasets, n_rows, n_selected
 
 
-def run(run: RunDir, cfg: TrainConfig, encoder: str) -> StageResult:
+def run(run: RunDir, cfg: TrainConfig) -> StageResult:
     """Train on the selected rows; resume from `<run>/checkpoints/ray` when an earlier run stopped."""
+    encoder = features_encoder(run)
     datasets, n_rows, n_selected = training_datasets(run, cfg, encoder)
     log.info("train: %d selected rows, %d workers, %d epochs", n_rows, cfg.num_workers, cfg.epochs)
     trainer = make_trainer(run, cfg, encoder, datasets, n_rows)
@@ -243,3 +244,6 @@ def run(run: RunDir, cfg: TrainConfig, encoder: str) -> StageResult:
             "train_seconds": meta["train_seconds"],
         },
     )
+
+
+STAGE = Stage(name="train", folder=FOLDER, reads=("selection", "features", "shards"), section="train", resources=resources, run=run, resumable=True)

@@ -17,14 +17,14 @@ frozen or LoRA (`vision`), projector trainable (saved with the adapter through p
 from __future__ import annotations
 
 import contextlib
-import io
-import math
 import re
 from dataclasses import dataclass
 
 import torch
 
-from rsdist.config import ConfigError, _choice, _fraction, _help, _positive
+from rsdist.config import ConfigError, LoraFields, _choice, _fraction, _help, _positive
+from rsdist.models.tuned import lora_config
+from rsdist.models.vlm import decode_image
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE = "<image>"
@@ -34,12 +34,10 @@ STRATEGY_CHOICES = ("ddp", "fsdp")
 
 
 @dataclass
-class VlmTrainConfig:
+class VlmTrainConfig(LoraFields):
     model: str = _help("Image-text-to-text model: 'qwen2-vl-tiny', 'llava-tiny', 'llava-next-tiny', 'idefics3-tiny' (random, for tests) or 'hf:<folder>' (local checkpoint).", default="qwen2-vl-tiny")
     vision: str = _help("Vision tower: 'frozen' or 'lora' (LoRA on its blocks' linears).", default="frozen")
     projector: str = _help("Vision-language projector: 'trainable' (fully) or 'frozen'.", default="trainable")
-    lora_r: int = _help("LoRA rank.", default=8)
-    lora_alpha: int = _help("LoRA alpha.", default=16)
     lora_dropout: float = _help("LoRA dropout.", default=0.05)
     lm_targets: list[str] = _help("Language-model Linear names that get LoRA (attention + MLP projections).",
                                   default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
@@ -68,16 +66,16 @@ class VlmTrainConfig:
         _choice("train.vlm.vision", self.vision, VISION_CHOICES)
         _choice("train.vlm.projector", self.projector, PROJECTOR_CHOICES)
         _choice("train.vlm.strategy", self.strategy, STRATEGY_CHOICES)
-        from rsdist.train.vlm_models import TINY
+        from rsdist.models.vlm import TINY
 
         if not (self.model in TINY or self.model.startswith("hf:")):
             raise ConfigError(f"train.vlm.model: {self.model!r} is not one of: {', '.join(TINY)}, hf:<folder>")
-        for name in ("lora_r", "lora_alpha", "max_pixels", "min_pixels", "max_tokens", "batch_size", "grad_accum", "epochs", "checkpoint_every", "checkpoints_to_keep", "num_workers", "cpus_per_worker", "lr"):
+        self.check_lora("train.vlm")
+        for name in ("max_pixels", "min_pixels", "max_tokens", "batch_size", "grad_accum", "epochs", "checkpoint_every", "checkpoints_to_keep", "num_workers", "cpus_per_worker", "lr"):
             _positive(f"train.vlm.{name}", getattr(self, name))
         _positive("train.vlm.weight_decay", self.weight_decay, allow_zero=True)
         _positive("train.vlm.max_failures", self.max_failures, allow_zero=True)
         _positive("train.vlm.max_steps", self.max_steps, allow_zero=True)
-        _fraction("train.vlm.lora_dropout", self.lora_dropout, lo_open=False)
         _fraction("train.vlm.warmup_fraction", self.warmup_fraction, lo_open=False)
         if self.min_pixels > self.max_pixels:
             raise ConfigError(f"train.vlm.min_pixels: {self.min_pixels} must be <= train.vlm.max_pixels={self.max_pixels}")
@@ -86,18 +84,6 @@ class VlmTrainConfig:
 
 
 # -- rows -> chat messages ------------------------------------------------------------------------
-def fit_pixel_budget(image, max_pixels: int, min_pixels: int = 0):
-    """`image` (PIL) resized, aspect kept, so that min_pixels <= width * height <= max_pixels."""
-    w, h = image.size
-    area = w * h
-    if min_pixels <= area <= max_pixels:
-        return image
-    scale = math.sqrt((max_pixels if area > max_pixels else min_pixels) / area)
-    size = (max(1, int(w * scale)), max(1, int(h * scale)))
-    if area > max_pixels:  # rounding must not push the area back over the budget
-        while size[0] * size[1] > max_pixels:
-            size = (max(1, size[0] - 1), size[1]) if size[0] >= size[1] else (size[0], max(1, size[1] - 1))
-    return image.resize(size)
 
 
 def row_turns(row: dict) -> list[dict]:
@@ -142,18 +128,6 @@ def to_messages(row: dict, image=None) -> list[dict]:
     return messages
 
 
-def decode_image(row: dict, max_pixels: int, min_pixels: int):
-    """The row's image as RGB PIL within the pixel budget, or None for a text-only row."""
-    data = row.get("image")
-    if not data:
-        return None
-    from PIL import Image
-
-    try:
-        image = Image.open(io.BytesIO(data)).convert("RGB")
-    except Exception as e:
-        raise ValueError(f"sample {row.get('sample_id')}: image cannot be decoded ({e})") from e
-    return fit_pixel_budget(image, max_pixels, min_pixels)
 
 
 def encode_batch(processor, rows: list[dict], max_pixels: int, min_pixels: int = 0, max_tokens: int | None = None) -> dict:
@@ -217,9 +191,9 @@ def lora_target_regex(family, cfg: VlmTrainConfig) -> str:
 
 def apply_lora(model, cfg: VlmTrainConfig):
     """Freeze the model, add LoRA to the chosen parts, make the projector trainable when asked."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    from rsdist.train.vlm_models import family_of
+    from rsdist.models.vlm import family_of
 
     family = family_of(model)  # a one-line error for an unsupported family
     pattern = lora_target_regex(family, cfg)
@@ -227,7 +201,7 @@ def apply_lora(model, cfg: VlmTrainConfig):
     if not any(n.startswith(family.lm + ".") for n in names):
         raise ValueError(f"train.vlm.lm_targets: {', '.join(cfg.lm_targets)} match no module of the language model ({family.lm})")
     modules_to_save = [family.projector.rsplit(".", 1)[-1]] if cfg.projector == "trainable" else None
-    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=pattern, modules_to_save=modules_to_save, bias="none")
+    config = lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, pattern, modules_to_save)
     for p in model.parameters():
         p.requires_grad_(False)
     return get_peft_model(model, config)
@@ -235,7 +209,7 @@ def apply_lora(model, cfg: VlmTrainConfig):
 
 def parameter_counts(model) -> dict:
     """Trainable and total parameters, and the trainable share in percent."""
-    from rsdist.train.model import count_parameters
+    from rsdist.models.tuned import count_parameters
 
     trainable, total = count_parameters(model)
     return {"trainable_params": trainable, "total_params": total, "trainable_percent": round(100.0 * trainable / max(total, 1), 4)}

@@ -39,8 +39,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from rsdist.io.rundir import RunDir
-from rsdist.raycluster import cluster_gpus
+from rsdist.core.rundir import RunDir
+from rsdist.core.raycluster import cluster_gpus
 from rsdist.stage import StageResult
 from rsdist.train.loop import warmup_then_linear
 from rsdist.train.stage import storage_path
@@ -49,21 +49,18 @@ from rsdist.train.vlm import VlmTrainConfig, accumulate_gradients, apply_lora, e
 STATE_FILE = "state.json"
 TRAINER_FILE = "trainer.pt"
 ADAPTER = "adapter"
-STAGE = ("checkpoints", "vlm")
+FOLDER = ("checkpoints", "vlm")
 ROW_COLUMNS = ["sample_id", "image", "conversations", "text", "answer", "captions"]
 
 
 # -- rows: manifest x shards, streamed --------------------------------------------------------------
 def vlm_training_ids(run: RunDir) -> pa.Array:
     """Ids of the selected, non-test shard rows in shard order; reads only sample_id and split."""
-    from rsdist.train.data import _filtered, selected_ids
+    from rsdist.core.rows import _filtered, check_selected_found, selected_ids
 
     ids = selected_ids(run)
     rows = _filtered(run, "shards", ["sample_id", "split"], lambda b: pc.is_in(b.column("sample_id"), value_set=ids))
-    if rows.num_rows < len(ids):
-        have = set(rows.column("sample_id").to_pylist())
-        missing = next(s for s in ids.to_pylist() if s not in have)
-        raise ValueError(f"{run.url('selection', 'manifest.parquet')}: selected sample {missing} has no row in {run.url('shards')}")
+    check_selected_found(run, ids, rows.column("sample_id"), "shards")
     rows = rows.filter(pc.invert(pc.fill_null(pc.equal(rows.column("split"), "test"), False)))
     return rows.column("sample_id").combine_chunks()
 
@@ -113,7 +110,7 @@ def shard_with_fsdp(model, device, mixed_precision: bool):
     sharded unit that some workers run and others skip would leave the collectives mismatched."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from rsdist.train.vlm_models import family_of
+    from rsdist.models.vlm import family_of
 
     lm = model.get_submodule("base_model.model." + family_of(model).lm)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
@@ -208,7 +205,7 @@ def vlm_train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from rsdist.train.vlm_models import load_vlm
+    from rsdist.models.vlm import load_vlm
 
     cfg = VlmTrainConfig(**{k: config[k] for k in (f.name for f in dataclasses.fields(VlmTrainConfig))})
     rank = ray.train.get_context().get_world_rank()
@@ -296,7 +293,7 @@ def run_vlm(run: RunDir, cfg: VlmTrainConfig) -> StageResult:
     if per_worker < cfg.batch_size * cfg.grad_accum:
         raise ValueError(f"train.vlm: {len(ids)} training rows over {cfg.num_workers} workers is less than one optimizer step (batch_size x grad_accum)")
     steps_per_epoch = optimizer_steps_per_epoch(per_worker, cfg.batch_size, cfg.grad_accum)
-    storage = storage_path(run, *STAGE, "ray")
+    storage = storage_path(run, *FOLDER, "ray")
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # a fixed row order makes "skip the micro-batches done" exact
     trainer = TorchTrainer(
@@ -315,9 +312,9 @@ def run_vlm(run: RunDir, cfg: VlmTrainConfig) -> StageResult:
     with result.checkpoint.as_directory() as folder:
         with open(os.path.join(folder, STATE_FILE)) as f:
             state = json.load(f)
-        run.remove(*STAGE, "final")
-        run.write_local_folder(os.path.join(folder, ADAPTER), *STAGE, "final", ADAPTER)
+        run.remove(*FOLDER, "final")
+        run.write_local_folder(os.path.join(folder, ADAPTER), *FOLDER, "final", ADAPTER)
     meta = {**{k: result.metrics[k] for k in ("trainable_params", "total_params", "trainable_percent")}, "steps": state["step"], "epochs_done": state["epoch"],
             "history": state["history"], "train_rows": len(ids), "seconds": round(time.perf_counter() - started, 3), "settings": dataclasses.asdict(cfg)}
-    run.write_json(meta, *STAGE, "final", "train_meta.json")
+    run.write_json(meta, *FOLDER, "final", "train_meta.json")
     return StageResult(rows_in=len(ids), rows_out=len(ids), extra={"steps": state["step"], "trainable_params": meta["trainable_params"], "total_params": meta["total_params"]})

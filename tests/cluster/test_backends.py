@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from rsdist.cluster.backends import CPU_CHUNK_ROWS, TorchBackend, make_backend, matmul_dtype, rows_per_chunk
-from rsdist.cluster.bench import bench, device_blobs
-from rsdist.cluster.shards import full_sums, l2_normalise, space_vectors
+from rsdist.bench.kmeans import bench, device_blobs
+from rsdist.cluster.shards import full_sums
+from rsdist.core.tables import space_vectors, unit_rows
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
@@ -70,7 +71,7 @@ def test_gpu_backends_fall_back_without_a_gpu():
 def test_space_vectors_write_in_place_and_check_the_width():
     import pyarrow as pa
 
-    from rsdist.cluster.bench import fixed_list
+    from rsdist.bench.kmeans import fixed_list
 
     rng = np.random.default_rng(1)
     img, txt = rng.standard_normal((5, 4)).astype(np.float32), rng.standard_normal((5, 3)).astype(np.float32)
@@ -78,7 +79,7 @@ def test_space_vectors_write_in_place_and_check_the_width():
     buf = np.full((7, 7), -1.0, np.float32)
     got = space_vectors(table, "joint", "t.parquet", out=buf[1:6])
     assert np.shares_memory(got, buf)
-    want = np.concatenate([l2_normalise(img), l2_normalise(txt)], axis=1) / np.sqrt(2)
+    want = np.concatenate([unit_rows(img), unit_rows(txt)], axis=1) / np.sqrt(2)
     np.testing.assert_allclose(buf[1:6], want, rtol=1e-6)
     assert (buf[0] == -1).all() and (buf[6] == -1).all()
     with pytest.raises(ValueError, match=r"t.parquet: vectors of 7 values in space 'joint', expected 6"):

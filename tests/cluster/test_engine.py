@@ -10,11 +10,12 @@ import pytest
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
-from rsdist.cluster.bench import write_blob_features
+from rsdist.bench.kmeans import write_blob_features
 from rsdist.cluster.engine import KMeansDriver, _glibc, auto_k, heap_reuse, kmeans_pp, share
-from rsdist.cluster.shards import ShardActor, l2_normalise, plan_units, split_units, space_vectors
+from rsdist.cluster.shards import ShardActor, plan_units, split_units
+from rsdist.core.tables import space_vectors, unit_rows
 from rsdist.config import ClusterConfig
-from rsdist.io.rundir import RunDir
+from rsdist.core.rundir import RunDir
 
 K = 8
 ROWS = 3000
@@ -135,9 +136,9 @@ def test_kmeans_parallel_init(blobs):
 
 def test_bf16_kmeans_pp_seeds_every_blob_once():
     rng = np.random.default_rng(5)
-    centers = l2_normalise(rng.standard_normal((40, 32)).astype(np.float32))
+    centers = unit_rows(rng.standard_normal((40, 32)).astype(np.float32))
     truth = rng.integers(0, 40, 4000)
-    x = l2_normalise(centers[truth] + rng.standard_normal((4000, 32)).astype(np.float32) * 0.02)
+    x = unit_rows(centers[truth] + rng.standard_normal((4000, 32)).astype(np.float32) * 0.02)
     for metric in ("euclidean", "cosine"):
         for gram_bytes in (0, 1 << 40):  # per-step products, and the Gram matrix computed once
             c = kmeans_pp(x, 40, np.random.default_rng(0), metric, bf16=True, gram_bytes=gram_bytes)
@@ -148,7 +149,7 @@ def test_bf16_kmeans_pp_seeds_every_blob_once():
 def test_kmeans_pp_gram_matrix_picks_the_rows_per_step_products_pick(metric):
     rng = np.random.default_rng(8)
     x = rng.standard_normal((900, 24)).astype(np.float32)
-    x = l2_normalise(x) if metric == "cosine" else x
+    x = unit_rows(x) if metric == "cosine" else x
     weights = rng.random(900) + 0.5
     per_step = kmeans_pp(x, 30, np.random.default_rng(1), metric, weights=weights, gram_bytes=0)
     gram = kmeans_pp(x, 30, np.random.default_rng(1), metric, weights=weights, gram_bytes=1 << 40)
@@ -160,7 +161,7 @@ def test_helpers():
     assert s[1] == 0 and sum(s) == 10 and s[2] > s[0]
     assert sum(share(7, [1, 1, 1])) == 7 and share(7, [1, 1, 1]) == [3, 2, 2]
     assert auto_k(1) == 1 and auto_k(3) == 2 and auto_k(20000) == 100
-    v = l2_normalise(np.array([[3.0, 4.0], [0.0, 0.0]], np.float32))
+    v = unit_rows(np.array([[3.0, 4.0], [0.0, 0.0]], np.float32))
     np.testing.assert_allclose(v[0], [0.6, 0.8])
 
 
@@ -188,7 +189,7 @@ def test_merge_sums_equals_dense_sums():
 def test_sculley_update_moves_each_touched_centroid_by_its_learning_rate(metric):
     rng = np.random.default_rng(1)
     k, d = 12, 5
-    c = l2_normalise(rng.standard_normal((k, d)).astype(np.float32))
+    c = unit_rows(rng.standard_normal((k, d)).astype(np.float32))
     v = rng.integers(1, 20, k).astype(np.float64)
     idx = np.array([0, 3, 7])
     results = [{"idx": idx, "sums": rng.standard_normal((3, d)).astype(np.float32), "counts": np.array([2, 1, 4])}]
@@ -197,7 +198,7 @@ def test_sculley_update_moves_each_touched_centroid_by_its_learning_rate(metric)
     eta = (results[0]["counts"] / v_expect[idx])[:, None]
     expect[idx] += eta * (results[0]["sums"] / results[0]["counts"][:, None] - expect[idx])
     if metric == "cosine":
-        expect[idx] = l2_normalise(expect[idx])
+        expect[idx] = unit_rows(expect[idx])
     before = c.copy()
     driver = KMeansDriver([], [], k, ClusterConfig(k=k, metric=metric))
     movement = driver._update_sculley(c, v, results)

@@ -11,7 +11,7 @@ import numpy as np
 import psutil
 
 from rsdist.cluster import run as cluster_run
-from rsdist.cluster.bench import write_blob_features
+from rsdist.bench.kmeans import write_blob_features
 from rsdist.cluster.engine import kmeans_pp
 from rsdist.config import ClusterConfig
 

@@ -12,8 +12,9 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from rsdist.cluster import run as cluster_run
-from rsdist.cluster.bench import write_blob_features
-from rsdist.cluster.shards import embedding_matrix, space_vectors, train_rows
+from rsdist.bench.kmeans import write_blob_features
+from rsdist.cluster.shards import train_rows
+from rsdist.core.tables import embedding_matrix, space_vectors
 from rsdist.config import ClusterConfig, ConfigError
 from rsdist.stage import MARKER, fingerprint, run_stage
 

@@ -36,12 +36,12 @@ def test_failures_are_the_images_with_a_missed_query_weighted_by_the_share_misse
 def test_eval_writes_the_validation_failures_error_driven_reads(ray_session, run_dir):
     ids = make_run(run_dir, n_train=40, n_test=12, n_val=15)
     write_checkpoint(run_dir, steps=0)
-    evaluate.run(run_dir, EvalConfig(batch_size=8, failure_rank=3), "tiny")
+    evaluate.run(run_dir, EvalConfig(batch_size=8, failure_rank=3))
     report = run_dir.read_json("eval", "metrics.json")
     table = pq.read_table(run_dir.path("eval", "failures.parquet"))
     # The same failures as scoring the validation rows directly with the checkpoint's model.
-    from rsdist.train.data import split_rows
-    from rsdist.train.model import load_trained
+    from rsdist.core.rows import split_rows
+    from rsdist.models.tuned import load_trained
 
     rows = split_rows(run_dir, "val")
     _, sim, text_image = evaluate.similarity(load_trained("tiny", 16, run_dir.path("checkpoints", "final")), rows, EvalConfig(batch_size=8))
@@ -57,7 +57,7 @@ def test_eval_writes_the_validation_failures_error_driven_reads(ray_session, run
 def test_no_validation_rows_or_rank_zero_write_no_failures_and_remove_earlier_ones(ray_session, run_dir):
     make_run(run_dir, n_train=40, n_test=12)
     write_checkpoint(run_dir, steps=0)
-    evaluate.run(run_dir, EvalConfig(batch_size=8), "tiny")
+    evaluate.run(run_dir, EvalConfig(batch_size=8))
     assert not run_dir.exists("eval", "failures.parquet") and "validation" not in run_dir.read_json("eval", "metrics.json")
     make_run(run_dir, n_train=40, n_test=12, n_val=6)
     run_eval_stage(run_dir, EvalConfig(batch_size=8))
@@ -69,4 +69,4 @@ def test_no_validation_rows_or_rank_zero_write_no_failures_and_remove_earlier_on
 
 
 def run_eval_stage(run_dir, cfg: EvalConfig) -> dict:
-    return run_stage(run_dir, evaluate.STAGE, fingerprint(cfg), lambda: evaluate.run(run_dir, cfg, "tiny"))
+    return run_stage(run_dir, evaluate.FOLDER, fingerprint(cfg), lambda: evaluate.run(run_dir, cfg))

@@ -7,8 +7,8 @@ import pytest
 
 from rsdist.config import EvalConfig
 from rsdist.eval import stage as evaluate
-from rsdist.train import data
-from rsdist.train.model import load_trained
+from rsdist.core import rows as data
+from rsdist.models.tuned import load_trained
 from tests.eval.test_stage import write_checkpoint
 from tests.train.runs import make_run
 
@@ -27,7 +27,7 @@ def test_metrics_on_workers_equal_the_in_process_ones(ray_session, run_dir, monk
         monkeypatch.setattr(evaluate, name, refuse)
     for name in ("feature_rows", "caption_rows", "join_captions", "_filtered"):
         monkeypatch.setattr(data, name, refuse)
-    result = evaluate.run(run_dir, cfg, "tiny")
+    result = evaluate.run(run_dir, cfg)
     report = run_dir.read_json("eval", "metrics.json")
     for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR", "zero_shot_acc"):
         assert report["trained"][key] == pytest.approx(expected[key], abs=1e-9), key

@@ -7,16 +7,16 @@ import torch
 
 from rsdist.config import EvalConfig
 from rsdist.eval import stage as evaluate
-from rsdist.models.dual import build_encoder
+from rsdist.models.encoders import build_encoder
 from rsdist.train.loss import info_nce
-from rsdist.train.model import make_trainable, save_trained
+from rsdist.models.tuned import make_trainable, save_trained
 from tests.train.runs import CLASSES, make_run
 
 
 def write_checkpoint(run, steps: int = 0, embed_dim: int = 16) -> None:
     """A final checkpoint of the tiny encoder; `steps` of full-batch InfoNCE on the train rows first."""
-    from rsdist.eval.metrics import label_words
-    from rsdist.train.data import feature_rows, join_captions
+    from rsdist.core.metrics import label_words
+    from rsdist.core.rows import feature_rows, join_captions
 
     encoder = make_trainable(build_encoder("tiny", embed_dim=embed_dim, seed=0), 4, 8, 0.0, ["query", "key", "value"])
     rows = join_captions(run, feature_rows(run, split="train"))
@@ -37,7 +37,7 @@ def write_checkpoint(run, steps: int = 0, embed_dim: int = 16) -> None:
 def test_eval_writes_metrics_for_trained_and_untrained(ray_session, run_dir):
     make_run(run_dir, n_train=40, n_test=12)
     write_checkpoint(run_dir, steps=0)
-    result = evaluate.run(run_dir, EvalConfig(batch_size=8), "tiny")
+    result = evaluate.run(run_dir, EvalConfig(batch_size=8))
     report = run_dir.read_json("eval", "metrics.json")
     assert result.rows_in == result.rows_out == 12
     for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mR", "zero_shot_acc"):
@@ -53,7 +53,7 @@ def test_eval_writes_metrics_for_trained_and_untrained(ray_session, run_dir):
 def test_training_on_the_train_split_raises_held_out_recall(ray_session, run_dir):
     make_run(run_dir, n_train=40, n_test=12)
     write_checkpoint(run_dir, steps=60)
-    evaluate.run(run_dir, EvalConfig(batch_size=16), "tiny")
+    evaluate.run(run_dir, EvalConfig(batch_size=16))
     report = run_dir.read_json("eval", "metrics.json")
     assert report["trained"]["mR"] > report["untrained"]["mR"] + 10
 
@@ -61,7 +61,7 @@ def test_training_on_the_train_split_raises_held_out_recall(ray_session, run_dir
 def test_eval_without_checkpoint_names_the_path(run_dir):
     make_run(run_dir, n_train=8, n_test=4)
     with pytest.raises(FileNotFoundError, match="checkpoints/final"):
-        evaluate.run(run_dir, EvalConfig(), "tiny")
+        evaluate.run(run_dir, EvalConfig())
 
 
 def test_no_held_out_rows_is_one_clear_error(run_dir):
@@ -72,7 +72,7 @@ def test_no_held_out_rows_is_one_clear_error(run_dir):
 
 def test_cached_frozen_text_features_give_the_same_metrics(run_dir):
     from rsdist.models.text_cache import FrozenTextFeatures
-    from rsdist.train.model import load_trained
+    from rsdist.models.tuned import load_trained
 
     make_run(run_dir, n_train=20, n_test=12)
     model = load_trained("tiny", 16, None)

@@ -10,9 +10,9 @@ import pytest
 
 from rsdist.config import ConfigError
 from rsdist.eval.vlm import SCENE_PROMPT, VQA_PROMPT, VlmEvalConfig, eval_rows, generate_answers, run_vlm_eval, task_inputs
-from rsdist.io.schema import CANONICAL_SCHEMA, empty_row, make_sample_id
+from rsdist.core.schema import CANONICAL_SCHEMA, empty_row, make_sample_id
 from rsdist.train.vlm import VlmTrainConfig, apply_lora
-from rsdist.train.vlm_models import load_vlm
+from rsdist.models.vlm import load_vlm
 from tests.train.test_vlm import png
 
 LABELS = ["Airport", "DenseResidential", "Forest", "Airport", "Forest"]

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from rsdist.io.schema import CANONICAL_SCHEMA, empty_row, make_sample_id
+from rsdist.core.schema import CANONICAL_SCHEMA, empty_row, make_sample_id
 
 WORDS = "many green trees are around a white building near a parking lot with cars and a road".split()
 

@@ -5,7 +5,7 @@ import pytest
 
 from rsdist.config import config_from_dict
 from rsdist.features import resplit
-from rsdist.io.rundir import RunDir
+from rsdist.core.rundir import RunDir
 from rsdist.pipeline import run_pipeline
 from rsdist.stage import completed
 from tests.test_pipeline import tiny_settings

@@ -7,7 +7,7 @@ import torch
 
 from rsdist.config import ConfigError, FeaturesConfig
 from rsdist.features.embed import image_features, mean_text_features
-from rsdist.models.dual import build_encoder
+from rsdist.models.encoders import build_encoder
 
 
 @pytest.mark.parametrize("name", ["clip-tiny", "siglip-tiny"])

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rsdist.config import ConfigError, SelectConfig, config_from_dict
-from rsdist.io.schema import make_sample_id
+from rsdist.core.schema import make_sample_id
 from rsdist.select import stage as select
 from rsdist.stage import fingerprint, run_stage
 
@@ -106,7 +106,7 @@ def test_alignment_mmd_reads_its_space_and_the_alignment_of_the_pool(run_dir, di
 
 
 def test_same_inputs_give_the_same_manifest(tmp_path):
-    from rsdist.io.rundir import RunDir
+    from rsdist.core.rundir import RunDir
 
     tables = []
     for name in ("a", "b"):
@@ -229,7 +229,7 @@ def test_within_clusters_spends_the_proportional_quota(run_dir, ray_session, met
 
 def test_coincide_within_is_coincide_with_within_clusters(tmp_path, ray_session):
     """coincide-within is a name for coincide with within_clusters: the same manifest."""
-    from rsdist.io.rundir import RunDir
+    from rsdist.core.rundir import RunDir
 
     tables = []
     for name, cfg in (("alias", SelectConfig(method="coincide-within", budget=0.25)), ("spelled", SelectConfig(method="coincide", within_clusters=True, budget=0.25))):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from rsdist.io.schema import CANONICAL_SCHEMA, empty_row, make_sample_id
+from rsdist.core.schema import CANONICAL_SCHEMA, empty_row, make_sample_id
 
 CLASSES = ["DenseResidential", "Forest", "Airport", "BareLand"]
 WORDS = {
@@ -62,5 +62,6 @@ def make_run(run, n_train: int = 40, n_test: int = 12, select: int = 24, dim: in
         "reason": ["constructed" for _ in train_ids],
     })
     run.write_table(manifest, "selection", "manifest.parquet")
+    run.write_json({"encoder": "tiny", "embed_dim": dim}, "features", "features_meta.json")
     return {"train": train_ids, "selected": sorted(chosen), "test": [r["sample_id"] for r in rows[n_train:n_train + n_test]],
             "val": [r["sample_id"] for r in rows[n_train + n_test:]]}

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from rsdist.models.dual import build_encoder
-from rsdist.train.harma import attach_harma, harma_loss
-from rsdist.train.model import count_parameters
+from rsdist.models.encoders import build_encoder
+from rsdist.models.harma import attach_harma, harma_loss
+from rsdist.models.tuned import count_parameters
 
 TEXTS = ["many houses and roads", "a forest of green trees with a river", "an airport", "bare land"]
 

@@ -8,7 +8,7 @@ import torch
 from rsdist.config import ConfigError, EvalConfig, TrainConfig
 from rsdist.eval import stage as evaluate
 from rsdist.train import stage as train
-from rsdist.train.model import load_trained
+from rsdist.models.tuned import load_trained
 from tests.train.runs import make_run
 
 
@@ -28,7 +28,7 @@ def test_method_is_validated():
 def test_harma_run_trains_checkpoints_resumes_and_evaluates(ray_session, run_dir):
     make_run(run_dir, n_train=40, n_test=8, select=32)
 
-    first = train.run(run_dir, harma_config(epochs=1), "tiny")
+    first = train.run(run_dir, harma_config(epochs=1))
     meta1 = run_dir.read_json("checkpoints", "final", "train_meta.json")
     assert first.extra["method"] == "harma" and meta1["method"] == "harma"
     assert meta1["harma"] == {"hidden": 16, "heads": 2, "mini_dim": 8, "gate_init": 0.6, "margin": 0.2}
@@ -38,7 +38,7 @@ def test_harma_run_trains_checkpoints_resumes_and_evaluates(ray_session, run_dir
     assert 0 < meta1["trainable_params"] < meta1["full_finetune_params"] < meta1["total_params"]
     assert meta1["total_params"] - meta1["full_finetune_params"] < meta1["trainable_params"]
 
-    second = train.run(run_dir, harma_config(epochs=2), "tiny")
+    second = train.run(run_dir, harma_config(epochs=2))
     meta2 = run_dir.read_json("checkpoints", "final", "train_meta.json")
     assert second.extra["epochs"] == 2
     assert [h["epoch"] for h in meta2["history"]] == [1, 2]
@@ -49,7 +49,7 @@ def test_harma_run_trains_checkpoints_resumes_and_evaluates(ray_session, run_dir
     assert trained.harma is not None
     assert any(float(a.up.weight.detach().abs().sum()) > 0 for a in trained.harma.text), "adapters did not move from the identity"
 
-    result = evaluate.run(run_dir, EvalConfig(batch_size=8), "tiny")
+    result = evaluate.run(run_dir, EvalConfig(batch_size=8))
     report = run_dir.read_json("eval", "metrics.json")
     assert report["settings"]["method"] == "harma"
     assert result.rows_in == 8
@@ -58,8 +58,8 @@ def test_harma_run_trains_checkpoints_resumes_and_evaluates(ray_session, run_dir
 
 def test_harma_on_an_hf_clip_model_is_identity_at_start():
     torch.manual_seed(0)
-    from rsdist.models.dual import build_encoder
-    from rsdist.train.model import make_tunable
+    from rsdist.models.encoders import build_encoder
+    from rsdist.models.tuned import make_tunable
 
     encoder = build_encoder("clip-tiny", embed_dim=16)
     tokens = encoder.tokenize(["an airport", "many green trees in a forest"])

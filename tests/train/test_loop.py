@@ -7,9 +7,9 @@ import torch
 
 from rsdist.config import EvalConfig
 from rsdist.eval.stage import evaluate_model
-from rsdist.models.dual import build_encoder
+from rsdist.models.encoders import build_encoder
 from rsdist.models.text_cache import FrozenTextFeatures
-from rsdist.train.data import feature_rows, join_captions, with_caption_features
+from rsdist.core.rows import feature_rows, join_captions, with_caption_features
 from rsdist.train.loop import load_validation, validation_mR
 from tests.train.runs import make_run
 

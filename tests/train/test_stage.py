@@ -11,8 +11,8 @@ import torch
 
 from rsdist.config import TrainConfig
 from rsdist.train import stage as train
-from rsdist.train.data import pick_caption, training_rows
-from rsdist.train.model import load_trained
+from rsdist.core.rows import pick_caption, training_rows
+from rsdist.models.tuned import load_trained
 from tests.train.runs import make_run
 
 
@@ -59,7 +59,7 @@ def test_caption_draw_is_seeded_and_uses_every_caption():
 def test_train_writes_final_checkpoint_and_resumes_after_last_epoch(ray_session, run_dir):
     make_run(run_dir, n_train=40, n_test=8, select=32)
 
-    first = train.run(run_dir, small_config(epochs=1), "tiny")
+    first = train.run(run_dir, small_config(epochs=1))
     meta1 = run_dir.read_json("checkpoints", "final", "train_meta.json")
     assert first.rows_in == 32 and first.rows_out == 32
     assert first.extra["epochs"] == 1 and len(meta1["history"]) == 1
@@ -68,7 +68,7 @@ def test_train_writes_final_checkpoint_and_resumes_after_last_epoch(ray_session,
     assert run_dir.exists("checkpoints", "final", "heads.pt")
 
     # Same run directory, two epochs: continues at epoch 2, keeps epoch 1's record untouched.
-    second = train.run(run_dir, small_config(epochs=2), "tiny")
+    second = train.run(run_dir, small_config(epochs=2))
     meta2 = run_dir.read_json("checkpoints", "final", "train_meta.json")
     assert second.extra["epochs"] == 2
     assert [h["epoch"] for h in meta2["history"]] == [1, 2]
@@ -87,7 +87,7 @@ def test_train_writes_final_checkpoint_and_resumes_after_last_epoch(ray_session,
 
 
 def test_memory_run_dir_is_refused_with_one_line_naming_it():
-    from rsdist.io.rundir import RunDir
+    from rsdist.core.rundir import RunDir
 
     with pytest.raises(ValueError) as e:
         train.storage_path(RunDir("memory://train-refused"))
@@ -95,9 +95,9 @@ def test_memory_run_dir_is_refused_with_one_line_naming_it():
 
 
 def test_caption_features_match_the_text_tower_per_caption(run_dir):
-    from rsdist.models.dual import build_encoder
+    from rsdist.models.encoders import build_encoder
     from rsdist.models.text_cache import FrozenTextFeatures
-    from rsdist.train.data import with_caption_features
+    from rsdist.core.rows import with_caption_features
 
     make_run(run_dir, n_train=8, n_test=0, select=4)
     rows, _ = training_rows(run_dir)
@@ -116,7 +116,7 @@ def test_caption_features_match_the_text_tower_per_caption(run_dir):
 
 def test_heads_method_trains_only_the_heads_and_saves_no_adapter(ray_session, run_dir):
     make_run(run_dir, n_train=40, n_test=8, select=32)
-    result = train.run(run_dir, small_config(method="heads", epochs=2), "tiny")
+    result = train.run(run_dir, small_config(method="heads", epochs=2))
     meta = run_dir.read_json("checkpoints", "final", "train_meta.json")
     encoder = load_trained("tiny", 16, None)
     heads = sum(p.numel() for m in (encoder.image_head, encoder.text_head) for p in m.parameters()) + 1
@@ -132,11 +132,11 @@ def test_best_val_keeps_the_epoch_with_the_best_validation_mR(ray_session, run_d
     from rsdist.config import EvalConfig
     from rsdist.eval.stage import evaluate_model
     from rsdist.models.text_cache import frozen_text_features
-    from rsdist.train.data import feature_rows, join_captions
+    from rsdist.core.rows import feature_rows, join_captions
 
     make_run(run_dir, n_train=40, n_test=8, select=32, n_val=12)
     cfg = small_config(method="heads", epochs=4, lr=5e-2, keep_epoch="best-val", checkpoints_to_keep=1)
-    result = train.run(run_dir, cfg, "tiny")
+    result = train.run(run_dir, cfg)
     meta = run_dir.read_json("checkpoints", "final", "train_meta.json")
     scores = [h["val_mR"] for h in meta["history"]]
     assert len(scores) == 4 and meta["epochs"] == 4
@@ -155,9 +155,9 @@ def test_resumed_best_val_run_still_weighs_the_epochs_before_the_resume(ray_sess
     manager must remember the scores of the checkpoints it kept before)."""
     make_run(run_dir, n_train=40, n_test=8, select=32, n_val=12)
     cfg = dict(method="heads", lr=0.3, keep_epoch="best-val", checkpoints_to_keep=1)
-    train.run(run_dir, small_config(epochs=2, **cfg), "tiny")
+    train.run(run_dir, small_config(epochs=2, **cfg))
     before = [h["val_mR"] for h in run_dir.read_json("checkpoints", "final", "train_meta.json")["history"]]
-    result = train.run(run_dir, small_config(epochs=4, **cfg), "tiny")
+    result = train.run(run_dir, small_config(epochs=4, **cfg))
     meta = run_dir.read_json("checkpoints", "final", "train_meta.json")
     scores = [h["val_mR"] for h in meta["history"]]
     assert scores[:2] == before and len(scores) == 4
@@ -170,5 +170,5 @@ def test_resumed_best_val_run_still_weighs_the_epochs_before_the_resume(ray_sess
 def test_best_val_without_validation_rows_names_the_setting(ray_session, run_dir):
     make_run(run_dir, n_train=16, n_test=4, select=8)
     with pytest.raises(ValueError, match="data.val_fraction") as e:
-        train.run(run_dir, small_config(method="heads", keep_epoch="best-val"), "tiny")
+        train.run(run_dir, small_config(method="heads", keep_epoch="best-val"))
     assert "\n" not in str(e.value)

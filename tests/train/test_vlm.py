@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from rsdist.config import ConfigError
-from rsdist.train.vlm import VlmTrainConfig, apply_lora, encode_batch, fit_pixel_budget, parameter_counts, to_messages
-from rsdist.train.vlm_models import tiny_qwen2_vl
+from rsdist.models.vlm import fit_pixel_budget
+from rsdist.train.vlm import VlmTrainConfig, apply_lora, encode_batch, parameter_counts, to_messages
+from rsdist.models.vlm import tiny_qwen2_vl
 
 
 def png(w: int, h: int, seed: int = 0) -> bytes:

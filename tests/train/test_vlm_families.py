@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rsdist.train.vlm import VlmTrainConfig, apply_lora, encode_batch
-from rsdist.train.vlm_models import end_token_id, family_of, load_vlm
+from rsdist.models.vlm import end_token_id, family_of, load_vlm
 from tests.train.test_vlm import ROWS, two_step_losses
 
 FAMILY_MODELS = ["llava-tiny", "llava-next-tiny", "idefics3-tiny"]
@@ -78,7 +78,7 @@ def test_a_local_checkpoint_loads_with_its_family_template_for_training_and_feat
     from transformers import LlamaConfig
 
     from rsdist.features.vlm_embed import load_feature_vlm
-    from rsdist.train.vlm_models import FAMILIES
+    from rsdist.models.vlm import FAMILIES
 
     model, processor = load_vlm("llava-tiny", seed=4)
     processor.chat_template = "{{ messages }}"  # the checkpoint's own template, which loading replaces

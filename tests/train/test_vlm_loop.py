@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from rsdist.io.schema import CANONICAL_SCHEMA, empty_row, make_sample_id
+from rsdist.core.schema import CANONICAL_SCHEMA, empty_row, make_sample_id
 from rsdist.train.vlm import VlmTrainConfig
 from rsdist.train.vlm_loop import run_vlm, vlm_training_dataset, vlm_training_ids
 from tests.train.test_vlm import png

@@ -24,7 +24,7 @@ def _free_port() -> int:
 def _train(strategy: str, rank: int) -> tuple[list[float], dict]:
     from rsdist.train.vlm import VlmTrainConfig, accumulate_gradients, apply_lora, encode_batch
     from rsdist.train.vlm_loop import _full_state, gradient_sync, shard_with_fsdp, sync_replicated_grads
-    from rsdist.train.vlm_models import load_vlm
+    from rsdist.models.vlm import load_vlm
     from tests.train.test_vlm import ROWS
 
     base, processor = load_vlm("llava-tiny", seed=0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rsdist.train.vlm import VlmTrainConfig, accumulate_gradients, apply_lora, enable_gradient_checkpointing, encode_batch, supervised_tokens
-from rsdist.train.vlm_models import load_vlm
+from rsdist.models.vlm import load_vlm
 from tests.train.test_vlm import ROWS, png
 
 # Four rows with answers of different lengths, one text-only: micro-batches differ in padding and token counts.

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from rsdist.config import TrainConfig
-from rsdist.train import data
+from rsdist.core import rows as data
 from rsdist.train import stage as train
 from tests.train.runs import make_run
 
@@ -64,7 +64,7 @@ def test_the_train_stage_driver_never_builds_the_row_table(ray_session, run_dir,
 
     for name in ("training_rows", "validation_rows", "feature_rows", "caption_rows", "join_captions", "split_rows", "_filtered", "selected_ids"):
         monkeypatch.setattr(data, name, refuse)
-    result = train.run(run_dir, _cfg(method="heads", keep_epoch="best-val", epochs=2), "tiny")
+    result = train.run(run_dir, _cfg(method="heads", keep_epoch="best-val", epochs=2))
     meta = run_dir.read_json("checkpoints", "final", "train_meta.json")
     assert result.rows_in == 16 and meta["train_rows"] == 16
     assert len(meta["history"]) == 2 and all("val_mR" in h for h in meta["history"])
