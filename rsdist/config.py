@@ -454,6 +454,7 @@ class TrainConfig(LoraFields):
     harma_mini_dim: int = _help("HarMA: width of the shared mini-adapter (0 = none).", default=64)
     harma_gate_init: float = _help("HarMA: initial gate logit (the paper's code uses 0.6).", default=0.6)
     harma_margin: float = _help("HarMA: margin of the weighted triplet loss.", default=0.2)
+    read_block_rows: int = _help("Rows per Ray Data block of the training rows the read tasks yield (a block holds rows x (image_dim + captions x caption bytes); docs/train.md gives the sizing rule).", default=4096)
 
     def __post_init__(self) -> None:
         self.check_lora("train")
@@ -468,6 +469,7 @@ class TrainConfig(LoraFields):
         _memory("train.memory_per_worker_gb", self.memory_per_worker_gb)
         _positive("train.shuffle_buffer", self.shuffle_buffer, allow_zero=True)
         _positive("train.max_failures", self.max_failures, allow_zero=True)
+        _positive("train.read_block_rows", self.read_block_rows)
         if not self.lora_targets:
             raise ConfigError("train.lora_targets: must name at least one module (e.g. query, key, value)")
         _choice("train.model", self.model, TUNED_MODELS)
@@ -490,6 +492,7 @@ class EvalConfig:
     prompt: str = _help("Zero-shot class prompt; '{label}' is replaced by the class name in words.", default="an aerial photograph of {label}")
     max_text_tokens: int = _help("Captions and prompts are truncated to this many tokens (match train.max_text_tokens).", default=48)
     baseline: bool = _help("Also evaluate the untrained model (heads at initialisation, no adapter) for comparison.", default=True)
+    read_block_rows: int = _help("Rows per Ray Data block of the held-out rows the read tasks yield; each encoding actor holds one block and its embeddings (docs/train.md gives the sizing rule).", default=4096)
     vlm: VlmEvalConfig = _help("Evaluation by generation, when train.model is 'vlm'.", default_factory=VlmEvalConfig)
     failure_rank: int = _help("With validation rows (split 'val', data.val_fraction): a validation image fails when its own caption is not among the first failure_rank captions retrieved for it, or one of its captions does not retrieve it among the first failure_rank images; the failures (weight = share of its queries missed) go to <run>/eval/failures.parquet for error-driven selection. 0 = write none.", default=5)
 
@@ -503,6 +506,7 @@ class EvalConfig:
             raise ConfigError(f"eval.prompt: {self.prompt!r} must contain '{{label}}'")
         _positive("eval.max_text_tokens", self.max_text_tokens)
         _positive("eval.failure_rank", self.failure_rank, allow_zero=True)
+        _positive("eval.read_block_rows", self.read_block_rows)
 
 
 @dataclass
@@ -514,10 +518,6 @@ class RayConfig:
 
     def __post_init__(self) -> None:
         _positive("ray.demand_timeout_s", self.demand_timeout_s)
-        if self.num_cpus is not None:
-            _positive("ray.num_cpus", self.num_cpus)
-
-    def __post_init__(self) -> None:
         if self.num_cpus is not None:
             _positive("ray.num_cpus", self.num_cpus)
             if not isinstance(self.num_cpus, int):

@@ -157,3 +157,160 @@ def with_caption_features(rows: pa.Table, text_features) -> pa.Table:
     ends = np.cumsum([len(caps) for caps in captions])
     flat = [part.reshape(-1) for part in np.split(table, ends[:-1])] if captions else []
     return rows.append_column("caption_feats", pa.array(flat, type=pa.list_(pa.float32())))
+
+
+# -- rows read on Ray workers ------------------------------------------------------------------------
+# Training and evaluation read their rows with Ray Data tasks over the run directory: one task per
+# features file keeps the wanted rows (the selected non-test rows, or the rows of given splits),
+# joins each row's captions from the input shard of the same name (the features stage writes one
+# output file per input shard, rows in its order) and yields blocks of at most `block_rows` rows.
+# The driver holds file names and per-file row counts only.
+
+FEATURE_COLUMNS = ["sample_id", "split", "label", "image_emb"]
+
+
+def selected_id_set(run: RunDir) -> pa.Array:
+    """On a worker: the manifest's selected ids (as many as the budget), read by row groups."""
+    import pyarrow.parquet as pq
+
+    if not run.exists(*MANIFEST):
+        raise FileNotFoundError(f"{run.url(*MANIFEST)}: selection manifest not found (run the select stage first)")
+    parts = []
+    with run.fs.open(run.path(*MANIFEST), "rb") as fh:
+        for batch in pq.ParquetFile(fh).iter_batches(batch_size=65536, columns=["sample_id", "selected"]):
+            if batch.column("selected").null_count:
+                raise ValueError(f"{run.url(*MANIFEST)}: column 'selected' has null values")
+            parts.append(pc.filter(batch.column("sample_id"), batch.column("selected")))
+    return pa.concat_arrays(parts) if parts else pa.array([], pa.string())
+
+
+def _wanted_mask(batch: pa.RecordBatch, ids: pa.Array | None, splits: tuple[str, ...] | None) -> pa.Array:
+    if ids is not None:  # selected rows, never the test split
+        mask = pc.and_(pc.is_in(batch.column("sample_id"), value_set=ids), pc.fill_null(pc.not_equal(batch.column("split"), "test"), True))
+    else:
+        mask = pc.is_in(batch.column("split"), value_set=pa.array(splits, pa.string()))
+    return pc.fill_null(mask, False)
+
+
+def wanted_features(run: RunDir, path: str, ids: pa.Array | None, splits: tuple[str, ...] | None) -> tuple[pa.Table, int]:
+    """The wanted rows of one features file (FEATURE_COLUMNS, file order) and, with `ids`, how many
+    of its rows are selected (test rows included), which tells a missing feature row apart."""
+    import pyarrow.parquet as pq
+
+    parts, selected = [], 0
+    with run.fs.open(path, "rb") as fh:
+        for batch in pq.ParquetFile(fh).iter_batches(batch_size=8192, columns=FEATURE_COLUMNS):
+            missing = [c for c in FEATURE_COLUMNS if c not in batch.schema.names]
+            if missing:
+                raise ValueError(f"{run.fs.unstrip_protocol(path)}: missing column(s) {', '.join(missing)}")
+            if ids is not None:
+                selected += pc.sum(pc.is_in(batch.column("sample_id"), value_set=ids)).as_py() or 0
+            parts.append(pa.Table.from_batches([batch]).filter(_wanted_mask(batch, ids, splits)))
+    table = pa.concat_tables(parts).combine_chunks() if parts else pa.table({c: [] for c in FEATURE_COLUMNS})
+    return table, selected
+
+
+def shard_captions(run: RunDir, features_path: str, ids: pa.Array) -> pa.Table:
+    """Captions (sample_id, captions) of `ids` from the input shard named like `features_path`."""
+    import pyarrow.parquet as pq
+
+    shard = run.path("shards", features_path.rsplit("/", 1)[-1])
+    if not run.fs.exists(shard):
+        raise ValueError(f"{run.url('shards')}: no shard {features_path.rsplit('/', 1)[-1]} for {run.fs.unstrip_protocol(features_path)}")
+    parts = []
+    with run.fs.open(shard, "rb") as fh:
+        for batch in pq.ParquetFile(fh).iter_batches(batch_size=8192, columns=["sample_id", "captions", "text"]):
+            parts.append(pa.Table.from_batches([batch]).filter(pc.is_in(batch.column("sample_id"), value_set=ids)))
+    table = pa.concat_tables(parts) if parts else pa.table({"sample_id": [], "captions": [], "text": []})
+    captions = []
+    for sid, caps, text in zip(table.column("sample_id").to_pylist(), table.column("captions").to_pylist(), table.column("text").to_pylist()):
+        caps = [c for c in (caps or []) if c and c.strip()]
+        if not caps and text and text.strip():
+            caps = [text]
+        if not caps:
+            raise ValueError(f"{run.url('shards')}: sample {sid} has no caption (captions and text are empty)")
+        captions.append(caps)
+    return pa.table({"sample_id": table.column("sample_id"), "captions": pa.array(captions, type=pa.list_(pa.string()))})
+
+
+def with_shard_captions(run: RunDir, features_path: str, rows: pa.Table) -> pa.Table:
+    """`rows` with a `captions` column, in the rows' order (see join_captions)."""
+    caps = shard_captions(run, features_path, rows.column("sample_id"))
+    pos = pc.index_in(rows.column("sample_id"), value_set=caps.column("sample_id"))
+    if pos.null_count:
+        missing = pc.filter(rows.column("sample_id"), pc.is_null(pos))[0].as_py()
+        raise ValueError(f"{run.url('shards')}: sample {missing} is in features but not in the shards")
+    return rows.append_column("captions", caps.column("captions").take(pos))
+
+
+def count_wanted(run: RunDir, path: str, selected: bool, splits: tuple[str, ...] | None) -> tuple[int, int]:
+    """Ray task: (wanted rows, selected rows) of one features file."""
+    ids = selected_id_set(run) if selected else None
+    table, n_selected = wanted_features(run, path, ids, splits)
+    return table.num_rows, n_selected
+
+
+def manifest_summary(run: RunDir) -> tuple[int, str | None]:
+    """Ray task: (selected rows in the manifest, the first selected id with no features row or None)."""
+    import pyarrow.parquet as pq
+
+    ids = selected_id_set(run)
+    found = np.zeros(len(ids), dtype=bool)
+    for path in run.parquet_files("features"):
+        with run.fs.open(path, "rb") as fh:
+            for batch in pq.ParquetFile(fh).iter_batches(batch_size=65536, columns=["sample_id"]):
+                pos = pc.index_in(batch.column("sample_id"), value_set=ids).drop_null().to_numpy()
+                found[pos] = True
+    missing = np.flatnonzero(~found)
+    return len(ids), (ids[int(missing[0])].as_py() if len(missing) else None)
+
+
+def read_rows(batch: dict, run: RunDir, selected: bool, splits: tuple[str, ...] | None, block_rows: int, caption_features: tuple | None = None):
+    """Ray Data read task over items {file, skip, take, item}: the wanted rows [skip, skip + take) of
+    each features file with their captions (and, with `caption_features` = (encoder, seed,
+    max_tokens), the frozen text tower's `caption_feats`), yielded in blocks of at most `block_rows`
+    rows. Evaluation rows also carry `item` and `pos` (the row's place in the item), by which a
+    consumer restores the features order whatever order the blocks arrive in."""
+    ids = selected_id_set(run) if selected else None
+    for path, skip, take, item in zip(batch["file"], batch["skip"], batch["take"], batch["item"]):
+        rows, _ = wanted_features(run, str(path), ids, splits)
+        rows = rows.slice(int(skip), int(take))
+        for start in range(0, rows.num_rows, block_rows):
+            block = with_shard_captions(run, str(path), rows.slice(start, block_rows))
+            if selected:
+                block = block.select(["sample_id", "image_emb", "captions"])
+            else:
+                block = block.select(["sample_id", "split", "label", "image_emb", "captions"])
+                block = block.append_column("item", pa.array(np.full(block.num_rows, int(item)), pa.int64()))
+                block = block.append_column("pos", pa.array(np.arange(start, start + block.num_rows), pa.int64()))
+            if caption_features is not None:
+                from rsdist.models.text_cache import frozen_text_features
+
+                block = with_caption_features(block, frozen_text_features(*caption_features))
+            yield block
+
+
+def rank_items(counts: list[tuple[str, int]], workers: int) -> list[list[dict]]:
+    """Split the wanted rows, in file order, into `workers` equal contiguous ranges (the remainder
+    dropped, as Ray Train's equal split does): per rank, the {file, skip, take} items to read."""
+    total = sum(n for _, n in counts)
+    per = total // workers
+    ranks: list[list[dict]] = [[] for _ in range(workers)]
+    offset = 0
+    for path, n in counts:
+        for r in range(workers):
+            lo, hi = max(r * per, offset), min((r + 1) * per, offset + n)
+            if hi > lo:
+                ranks[r].append({"file": path, "skip": lo - offset, "take": hi - lo})
+        offset += n
+    return ranks
+
+
+def worker_dataset(run: RunDir, items: list[dict], selected: bool, splits: tuple[str, ...] | None, block_rows: int, caption_features: tuple | None = None):
+    """A lazy Ray Dataset of `read_rows` over `items` (one read task per item)."""
+    import ray.data
+
+    items = [{**it, "item": i} for i, it in enumerate(items)]
+    return ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
+        read_rows, batch_size=1, batch_format="numpy", num_cpus=0.25,
+        fn_kwargs={"run": run, "selected": selected, "splits": splits, "block_rows": block_rows, "caption_features": caption_features})

@@ -126,6 +126,15 @@ class RunDir:
         head, tail = posixpath.split(final)
         return posixpath.join(head, f".tmp-{uuid.uuid4().hex[:8]}-{tail}")
 
+    def temp_path(self, final: str) -> str:
+        """A temporary path next to `final` (a path inside the run) that `commit` renames into place;
+        `parquet_files` never lists it."""
+        return self._tmp_name(final)
+
+    def commit(self, tmp: str, final: str) -> None:
+        """Move a finished temporary file to its final path (atomic on a local disk)."""
+        self._commit(tmp, final)
+
     def write_bytes(self, data: bytes, *parts: str) -> str:
         final = self.path(*parts)
         self.fs.makedirs(posixpath.dirname(final), exist_ok=True)

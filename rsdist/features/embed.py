@@ -115,6 +115,8 @@ def embed_batch(
         "shift": np.mean(np.stack(list(shifts.values())), axis=0).astype(np.float32),
     }
     out.update(shifts)
+    if "row" in batch:
+        out["row"] = batch["row"]
     return out
 
 

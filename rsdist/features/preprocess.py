@@ -89,6 +89,8 @@ def preprocess_batch(batch: dict[str, np.ndarray], image_size: int, perturbation
         "pixels": pixels,
         "texts": np.array(texts, dtype=object),
     }
+    if "row" in batch:  # the row's position in its shard (the features stage names its output parts by it)
+        out["row"] = np.asarray(batch["row"], dtype=np.int64)
     if perturb_images and image_names:
         out["perturbed"] = perturb_batch(pixels, ids, image_names, seed)
     for name in text_names:

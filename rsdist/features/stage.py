@@ -15,13 +15,24 @@ The pass: shards cut, in order, into row slices of one model batch (one block ea
 the run's fsspec filesystem (so any run URI works), fused with the CPU stage (decode, resize, text
 perturbations; a quarter CPU per task) -> model actor pool (`EmbedModel`, ActorPoolStrategy of fixed
 size, fractional CPUs, one GPU each when the cluster has GPUs; the image perturbations are made in
-the actor on CPU pools, in the CPU stage for GPU actors) -> the driver takes each output block as it
-arrives and writes a shard's output as soon as all its rows are in, so shards land during the pass.
+the actor on CPU pools, in the CPU stage for GPU actors) -> write step (`write_parts`, tasks of a
+quarter CPU): each result block's rows are written, on the worker, as parts named by the rows they
+hold, `features/_parts/<shard>/<start>-<stop>.parquet` (temporary name, then rename). The driver
+sees one small row per part (shard, start, stop) and keeps, per pending shard, the merged intervals
+of rows written; when a shard's rows are all covered it starts a commit task (`commit_shard`) that
+merges the parts in row order into `features/<shard name>.parquet` (temporary name, then rename)
+and removes them. Rows never pass through the driver; a progress line every ~1/20 of the shards.
 
-Resumable per shard: a shard whose output file exists is not read again. Exactly once: rows are
-keyed by sample_id per shard (a retried block after an actor death cannot add a second copy), and
-a shard is only written when every one of its sample_ids is present; the stage fails loudly if a
-shard comes back incomplete.
+Resumable per shard: a shard whose output file exists is not read again (parts of a killed run are
+removed at the start and redone). Exactly once: a part's name is fixed by its rows, so a retried
+write task (worker or actor death) rewrites the same file or, with other batch bounds, an
+overlapping one; the commit takes each row from the first part that covers it and each sample_id
+once (first occurrence, as the input shard's order), and renames the output into place only when
+every row of the shard is present; the stage fails loudly if a shard comes back incomplete.
+
+Memory: a model actor holds one batch (`features.batch_size` rows, with its 1 + K perturbed
+images); a write task one result block (one batch); a commit task one row group of its output
+(the whole shard below ROW_GROUP_ROWS rows) plus the shard's sample_id set; the driver one interval list per pending shard. See docs/features.md.
 
 Resources (`plan_pool`): per node, from `ray.nodes()`. `features.device` decides GPUs (cuda asks
 for them even before a GPU node exists, so an autoscaler adds one). With GPUs: one actor per
@@ -34,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import posixpath
 import time
 from dataclasses import dataclass
@@ -48,7 +60,7 @@ from rsdist.features.embed import EmbedModel
 from rsdist.features.preprocess import preprocess_batch, split_perturbations
 from rsdist.features.vlm_embed import VlmSpec
 from rsdist.core.raycluster import Demand, alive_nodes, ensure_demand, use_gpus
-from rsdist.core.rundir import RunDir
+from rsdist.core.rundir import RunDir, compression
 from rsdist.stage import Resources, Stage, StageResult
 
 log = logging.getLogger("rsdist")
@@ -56,6 +68,15 @@ log = logging.getLogger("rsdist")
 NAME = "features"
 META = "features_meta.json"
 CPU_STAGE = Resources(num_cpus=0.25)
+WRITE_STAGE = Resources(num_cpus=0.25)
+PARTS = "_parts"  # features/_parts/<shard>/<start>-<stop>.parquet: written rows waiting for their shard's commit
+ROW = "row"  # a row's position in its input shard, carried through the pass
+# Rows per parquet row group of an output file: pyarrow's write_table default, so a shard's file has
+# the row groups the in-driver writer gave it (the cluster stage's units are row groups).
+ROW_GROUP_ROWS = 1024 * 1024
+# Fault injection for tests: when set to a local file path, the first write task that creates the
+# file commits one part, leaves a half-written one and kills its own process (then Ray retries it).
+CRASH_ONCE_ENV = "RSDIST_FEATURES_CRASH_ONCE"
 
 
 @dataclass(frozen=True)
@@ -126,7 +147,8 @@ def perturb_in_cpu_stage(cfg: FeaturesConfig, plan: PoolPlan) -> bool:
 
 
 def read_shard_slice(batch: dict[str, np.ndarray], run: RunDir) -> pa.Table:
-    """Ray Data read step: the model-input columns of one row slice of a shard, plus its `path`.
+    """Ray Data read step: the model-input columns of one row slice of a shard, plus its `path` and
+    each row's position in the shard (`row`, which the write step names its parts by).
 
     Reading through the run's own fsspec filesystem (shipped as its URI) works for any URI the run
     uses, and asks no whole CPU (Ray's own parquet reader and repartition do, which stalls a
@@ -139,7 +161,11 @@ def read_shard_slice(batch: dict[str, np.ndarray], run: RunDir) -> pa.Table:
         path = str(path)
         with run.fs.open(path, "rb") as fh:
             table = pq.read_table(fh, columns=MODEL_INPUT_COLUMNS).slice(int(start), int(stop) - int(start))
-        tables.append(table.append_column("path", pa.array([path] * table.num_rows, pa.string())))
+        for i, sid in enumerate(table.column("sample_id").to_pylist()):
+            if not sid:
+                raise ValueError(f"{path}: row {int(start) + i}: sample_id is empty")
+        table = table.append_column("path", pa.array([path] * table.num_rows, pa.string()))
+        tables.append(table.append_column(ROW, pa.array(np.arange(int(start), int(start) + table.num_rows), pa.int64())))
     return pa.concat_tables(tables)
 
 
@@ -159,16 +185,6 @@ def read_and_preprocess_slice(batch: dict[str, np.ndarray], run: RunDir, image_s
 def pq_rows(run: RunDir, path: str) -> int:
     with run.fs.open(path, "rb") as fh:
         return pq.ParquetFile(fh).metadata.num_rows
-
-
-def shard_ids(run: RunDir, path: str) -> list[str]:
-    """The unique sample_ids of one input shard, in file order."""
-    with run.fs.open(path, "rb") as fh:
-        ids = pq.read_table(fh, columns=["sample_id"]).column("sample_id").to_pylist()
-    for i, sid in enumerate(ids):
-        if not sid:
-            raise ValueError(f"{path}: row {i}: sample_id is empty")
-    return list(dict.fromkeys(ids))
 
 
 def vlm_spec(cfg: FeaturesConfig) -> VlmSpec | None:
@@ -208,49 +224,141 @@ def _fixed_list(matrix: np.ndarray, dtype: str) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
 
 
-class ShardCollector:
-    """Gathers result rows per input shard (keyed by sample_id) and hands back each completed shard."""
-
-    def __init__(self, expected: dict[str, list[str]]):
-        self.expected = expected
-        self.rows: dict[str, dict[str, dict]] = {name: {} for name in expected}
-
-    def add(self, batch: dict[str, np.ndarray]) -> list[str]:
-        """Add a result batch; returns the shards that are now complete."""
-        done = []
-        columns = [c for c in batch if c != "shard"]
-        for i, shard in enumerate(batch["shard"]):
-            shard = str(shard)
-            bucket = self.rows.get(shard)
-            if bucket is None:
-                raise RuntimeError(f"features: result row from unexpected shard {shard!r}")
-            sid = str(batch["sample_id"][i])
-            if sid in bucket:
-                continue  # a retried block delivered this row again
-            bucket[sid] = {c: batch[c][i] for c in columns}
-            if len(bucket) == len(self.expected[shard]):
-                done.append(shard)
-        return done
-
-    def pop_table(self, shard: str, schema: pa.Schema, dtype: str) -> pa.Table:
-        bucket = self.rows.pop(shard)
-        rows = [bucket[sid] for sid in self.expected[shard]]
-        cols = {}
-        for f in schema:
-            values = [r[f.name] for r in rows]
-            if pa.types.is_fixed_size_list(f.type):
-                cols[f.name] = _fixed_list(np.stack(values), dtype)
-            elif pa.types.is_floating(f.type):
-                cols[f.name] = pa.array(np.asarray(values, dtype=np.float32))
-            else:
-                cols[f.name] = pa.array([None if v is None else str(v) for v in values], type=f.type)
-        return pa.table(cols, schema=schema)
-
-    def incomplete(self) -> dict[str, int]:
-        return {s: len(self.expected[s]) - len(b) for s, b in self.rows.items()}
+def batch_table(batch: dict[str, np.ndarray], schema: pa.Schema, dtype: str, rows: np.ndarray | None = None) -> pa.Table:
+    """The rows `rows` (default: all) of a result batch as a table of `schema` (embeddings in `dtype`)."""
+    take = np.arange(len(batch["sample_id"])) if rows is None else rows
+    cols = {}
+    for f in schema:
+        values = batch[f.name][take]
+        if pa.types.is_fixed_size_list(f.type):
+            cols[f.name] = _fixed_list(np.stack(list(values)) if values.dtype == object else values, dtype)
+        elif pa.types.is_floating(f.type):
+            cols[f.name] = pa.array(np.asarray(values, dtype=np.float32))
+        elif pa.types.is_integer(f.type):
+            cols[f.name] = pa.array(np.asarray(values, dtype=np.int64))
+        else:
+            cols[f.name] = pa.array([None if v is None else str(v) for v in values], type=f.type)
+    return pa.table(cols, schema=schema)
 
 
-def build_dataset(run: RunDir, slices: list[dict], cfg: FeaturesConfig, plan: PoolPlan):
+def contiguous_runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """Positions [i, j) of `rows` (row numbers of one shard, in batch order) that hold consecutive
+    row numbers: each becomes one part file."""
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    bounds = [0, *breaks.tolist(), len(rows)]
+    return [(bounds[k], bounds[k + 1]) for k in range(len(bounds) - 1)]
+
+
+def parts_folder(shard: str) -> str:
+    """`features/_parts/<shard name without .parquet>/`: where a shard's parts wait for its commit."""
+    return posixpath.splitext(shard)[0]
+
+
+def part_name(start: int, stop: int) -> str:
+    """A part holds the rows [start, stop) of its shard; the name is fixed by the rows, so a retried
+    task rewrites the same file instead of adding one."""
+    return f"{start:012d}-{stop:012d}.parquet"
+
+
+def _crash_once(marker: str | None) -> bool:
+    """True exactly once per marker file (fault injection for tests, see CRASH_ONCE_ENV)."""
+    if not marker:
+        return False
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def write_parts(batch: dict[str, np.ndarray], run: RunDir, shift_names: list[str], dtype: str, vlm_columns: list[str], crash_marker: str | None = None) -> dict[str, np.ndarray]:
+    """Ray Data write step (a task after the actor pool): each run of consecutive rows of one shard
+    in this result batch becomes `features/_parts/<shard>/<start>-<stop>.parquet`, written under a
+    temporary name and renamed. Returns one small row per part (shard, start, stop): what the
+    driver sees of the pass."""
+    image_dim, text_dim, vlm_dims = embedding_dims(batch, vlm_columns)
+    schema = output_schema(image_dim, text_dim, shift_names, dtype, vlm_dims).append(pa.field(ROW, pa.int64()))
+    shards = np.asarray([str(s) for s in batch["shard"]], dtype=object)
+    rows = np.asarray(batch[ROW], dtype=np.int64)
+    out: dict[str, list] = {"shard": [], "start": [], "stop": []}
+    crash = _crash_once(crash_marker)
+    for shard in dict.fromkeys(shards.tolist()):
+        where = np.flatnonzero(shards == shard)
+        for i, j in contiguous_runs(rows[where]):
+            take = where[i:j]
+            start, stop = int(rows[take[0]]), int(rows[take[-1]]) + 1
+            run.write_table(batch_table(batch, schema, dtype, take), NAME, PARTS, parts_folder(shard), part_name(start, stop))
+            if crash:  # the process dies after one part is committed and another is half written
+                with run.fs.open(run.temp_path(run.path(NAME, PARTS, parts_folder(shard), "partial.parquet")), "wb") as fh:
+                    fh.write(b"PAR1")
+                os._exit(1)
+            out["shard"].append(shard)
+            out["start"].append(start)
+            out["stop"].append(stop)
+    return {"shard": np.asarray(out["shard"], dtype=object), "start": np.asarray(out["start"], dtype=np.int64), "stop": np.asarray(out["stop"], dtype=np.int64)}
+
+
+def commit_shard(run: RunDir, shard: str, n_rows: int) -> int:
+    """Merge a shard's parts into `features/<shard>` (rows in shard order, each sample_id once, the
+    first occurrence kept), written under a temporary name and renamed only when every row
+    [0, n_rows) was found; then remove the parts. Parts overlap when a task was retried with other
+    batch bounds: each row is taken from the first part that covers it. Memory: one row group
+    (ROW_GROUP_ROWS rows; a whole shard below that, as the in-driver writer held).
+    Returns the rows written."""
+    folder = run.path(NAME, PARTS, parts_folder(shard))
+    parts = []
+    for path in run.fs.ls(folder, detail=False):
+        base = posixpath.basename(path)
+        if base.startswith(".tmp-") or not base.endswith(".parquet"):
+            continue  # a write that died before its rename
+        start, stop = (int(x) for x in base[: -len(".parquet")].split("-"))
+        parts.append((start, -stop, path))
+    cursor, seen, written = 0, set(), 0
+    final = run.path(NAME, shard)
+    tmp = run.temp_path(final)
+    writer, buffered = None, []
+
+    def flush(fh) -> None:
+        nonlocal writer, buffered
+        table = pa.concat_tables(buffered).combine_chunks()
+        buffered = []
+        if writer is None:
+            writer = pq.ParquetWriter(fh, table.schema, compression=compression(table.schema))
+        writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+
+    try:
+        with run.fs.open(tmp, "wb") as fh:
+            for start, neg_stop, path in sorted(parts):
+                stop = -neg_stop
+                if stop <= cursor:
+                    continue
+                if start > cursor:
+                    break
+                with run.fs.open(path, "rb") as pf:
+                    table = pq.read_table(pf).slice(cursor - start)
+                cursor = stop
+                ids = table.column("sample_id").to_pylist()
+                keep = [i for i, sid in enumerate(ids) if not (sid in seen or seen.add(sid))]
+                table = table.drop_columns([ROW])
+                buffered.append(table.take(pa.array(keep, pa.int64())) if len(keep) < len(ids) else table)
+                written += buffered[-1].num_rows
+                if sum(t.num_rows for t in buffered) >= ROW_GROUP_ROWS:
+                    flush(fh)
+            if buffered:
+                flush(fh)
+            if writer is not None:
+                writer.close()
+        if cursor < n_rows or writer is None:
+            raise RuntimeError(f"features: {shard}: rows {cursor}..{n_rows} have no part under {run.fs.unstrip_protocol(folder)}")
+        run.commit(tmp, final)
+    finally:
+        if run.fs.exists(tmp):
+            run.fs.rm(tmp)
+    run.fs.rm(folder, recursive=True)
+    return written
+
+
+def embedded_dataset(run: RunDir, slices: list[dict], cfg: FeaturesConfig, plan: PoolPlan):
     """The lazy Ray Data pipeline over shard slices: read + preprocess (fused tasks) -> actor pool."""
     import ray
 
@@ -290,6 +398,57 @@ def build_dataset(run: RunDir, slices: list[dict], cfg: FeaturesConfig, plan: Po
     )
 
 
+def build_dataset(run: RunDir, slices: list[dict], cfg: FeaturesConfig, plan: PoolPlan):
+    """`embedded_dataset` -> write step (tasks that write each result batch's rows as parts and
+    return only their bounds)."""
+    image_names, text_names = split_perturbations(cfg.perturbations)
+    spec = vlm_spec(cfg)
+    return embedded_dataset(run, slices, cfg, plan).map_batches(
+        write_parts,
+        batch_size=None,  # each result block as it comes: no re-batching that would hold rows back
+        batch_format="numpy",
+        fn_kwargs={
+            "run": run,
+            "shift_names": image_names + text_names,
+            "dtype": cfg.dtype,
+            "vlm_columns": spec.columns if spec else [],
+            "crash_marker": os.environ.get(CRASH_ONCE_ENV) or None,
+        },
+        num_cpus=WRITE_STAGE.num_cpus,
+    )
+
+
+class ShardProgress:
+    """Which rows of each pending shard have reached a committed part, as merged [start, stop)
+    intervals (a handful per shard however many parts): the driver's whole view of the pass."""
+
+    def __init__(self, shard_rows: dict[str, int]):
+        self.rows = dict(shard_rows)
+        self.covered: dict[str, list[list[int]]] = {name: [] for name in shard_rows}
+
+    def add(self, shard: str, start: int, stop: int) -> bool:
+        """Record a part; True when this part completes its shard (once per shard)."""
+        spans = self.covered.get(shard)
+        if spans is None:
+            raise RuntimeError(f"features: part from unexpected shard {shard!r}")
+        done_before = self.complete(shard)
+        merged: list[list[int]] = []
+        for s, e in sorted([*spans, [start, stop]]):
+            if merged and s <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], e)
+            else:
+                merged.append([s, e])
+        self.covered[shard] = merged
+        return not done_before and self.complete(shard)
+
+    def complete(self, shard: str) -> bool:
+        spans = self.covered[shard]
+        return len(spans) == 1 and spans[0][0] == 0 and spans[0][1] >= self.rows[shard]
+
+    def missing(self) -> dict[str, int]:
+        return {s: self.rows[s] - sum(e - b for b, e in spans) for s, spans in self.covered.items() if not self.complete(s)}
+
+
 def _progress(total: int) -> "Iterator":
     from tqdm.auto import tqdm
 
@@ -306,7 +465,6 @@ def run(run: RunDir, cfg: FeaturesConfig) -> StageResult:
     pending = [p for p in inputs if not run.exists(NAME, out_name[p])]
     rows_in = run.count_rows("shards")
     image_names, text_names = split_perturbations(cfg.perturbations)
-    shift_names = image_names + text_names
     spec = vlm_spec(cfg)
     vlm_columns = spec.columns if spec else []
     use_gpu = use_gpus(cfg.device)
@@ -320,42 +478,60 @@ def run(run: RunDir, cfg: FeaturesConfig) -> StageResult:
     first_at = first_shard_at = None
     rows_before_first_shard = None
     seen = first_n = 0  # rows received; rows in the first block (the steady rate starts after it)
-    image_dim = text_dim = None
-    vlm_dims: dict[str, int] = {}
     start = time.perf_counter()
+    run.remove(NAME, PARTS)  # parts of an earlier, killed run: its shards are redone whole
+    shard_rows = {out_name[p]: pq_rows(run, p) for p in pending}
+    pending = [p for p in pending if shard_rows[out_name[p]]]  # an empty shard has no output file
     if pending:
-        expected = {p: shard_ids(run, p) for p in pending}
-        collector = ShardCollector({out_name[p]: ids for p, ids in expected.items()})
-        todo = sum(len(v) for v in expected.values())
-        slices = plan_slices({p: pq_rows(run, p) for p in pending}, cfg.batch_size)
+        slices = plan_slices({p: shard_rows[out_name[p]] for p in pending}, cfg.batch_size)
         plan = dataclasses.replace(plan, size=min(plan.size, len(slices)))  # no idle actors on small inputs
-        schema = None
-        bar = _progress(todo)
-        # batch_size=None: each output block as it arrives, not re-batched (which would hold rows back)
+        progress = ShardProgress({out_name[p]: shard_rows[out_name[p]] for p in pending})
+        commit = ray.remote(num_cpus=WRITE_STAGE.num_cpus, max_retries=3)(commit_shard)
+        commits: dict = {}  # commit task -> shard
+        every = max(1, len(pending) // 20)  # about twenty progress lines per pass
+        committed = 0
+        bar = _progress(sum(progress.rows.values()))
+
+        def collect(block_until_all: bool) -> None:
+            nonlocal done_rows, committed, first_shard_at
+            while commits:
+                ready, _ = ray.wait(list(commits), num_returns=1, timeout=None if block_until_all else 0)
+                if not ready:
+                    return
+                shard = commits.pop(ready[0])
+                done_rows += ray.get(ready[0])
+                committed += 1
+                if first_shard_at is None:
+                    first_shard_at = time.perf_counter()
+                if committed % every == 0 or committed == len(pending):
+                    log.info("features: %d of %d shards committed (%s last), %d rows", committed, len(pending), shard, done_rows)
+
+        # The driver sees one small row per written part (shard, start, stop), never the features.
         for batch in build_dataset(run, slices, cfg, plan).iter_batches(batch_size=None, batch_format="numpy"):
-            if schema is None:
-                image_dim, text_dim, vlm_dims = embedding_dims(batch, vlm_columns)
-                schema = output_schema(image_dim, text_dim, shift_names, cfg.dtype, vlm_dims)
-            n = len(batch["sample_id"])
+            n = int(np.sum(batch["stop"] - batch["start"])) if len(batch["shard"]) else 0
             seen += n
             if first_at is None:
                 first_at, first_n = time.perf_counter(), n
-            for shard in collector.add(batch):
-                table = collector.pop_table(shard, schema, cfg.dtype)
-                run.write_table(table, NAME, shard)
-                done_rows += table.num_rows
-                if first_shard_at is None:
-                    first_shard_at, rows_before_first_shard = time.perf_counter(), seen
-                log.info("features: wrote %s (%d rows)", shard, table.num_rows)
+            for shard, lo, hi in zip(batch["shard"], batch["start"], batch["stop"]):
+                if progress.add(str(shard), int(lo), int(hi)):
+                    if rows_before_first_shard is None:
+                        rows_before_first_shard = seen
+                    commits[commit.remote(run, str(shard), progress.rows[str(shard)])] = str(shard)
+            collect(block_until_all=False)
             bar.update(n)
+        collect(block_until_all=True)
         bar.close()
-        missing = {s: n for s, n in collector.incomplete().items() if n}
+        missing = {s: n for s, n in progress.missing().items() if n}
         if missing:
             raise RuntimeError(f"features: shards came back incomplete (missing rows per shard): {missing}")
+        run.remove(NAME, PARTS)
     seconds = time.perf_counter() - start
-    if image_dim is None:  # everything was already written by an earlier run
-        first = pq.read_schema(run.fs.open(run.path(NAME, out_name[inputs[0]]), "rb"))
-        image_dim, text_dim, vlm_dims = embedding_dims({f.name: f.type for f in first}, vlm_columns)
+    written = run.parquet_files(NAME)
+    if not written:
+        raise RuntimeError(f"features: no output under {run.url(NAME)} (every input shard is empty)")
+    with run.fs.open(written[0], "rb") as fh:
+        first = pq.read_schema(fh)
+    image_dim, text_dim, vlm_dims = embedding_dims({f.name: f.type for f in first}, vlm_columns)
     meta = {
         "encoder": cfg.encoder,
         "image_dim": int(image_dim),

@@ -1,8 +1,9 @@
 """The Ray Train loop each worker runs: LoRA, HarMA or heads only (`method`) on the selected rows,
 one checkpoint per epoch.
 
-Each worker streams its part of the dataset with `ray.train.get_dataset_shard("train")` (the
-split is equal, so every worker takes the same number of steps, which DDP needs). Per step it
+Each worker streams its own dataset, `ray.train.get_dataset_shard("train_<rank>")`: Ray Data read
+tasks that take the rank's equal contiguous share of the selected rows from the run directory (the
+shares are equal, so every worker takes the same number of steps, which DDP needs). Per step it
 draws one caption per image (seeded by seed, epoch and sample id, so the several captions of an
 image are all used across epochs; with method 'heads' the rows carry the frozen text tower's features
 of every caption, so the tower is not run), and minimises symmetric InfoNCE within its local batch (method
@@ -156,6 +157,11 @@ def validation_mR(encoder, val: dict, max_tokens: int, device, batch_size: int =
     return retrieval_metrics((images @ text.t()).float().cpu().numpy(), val["text_image"])["mR"]
 
 
+def rank_dataset(rank: int) -> str:
+    """The name of the dataset rank `rank` trains on (see rsdist.train.stage.training_datasets)."""
+    return f"train_{rank}"
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -183,7 +189,7 @@ def train_loop_per_worker(config: dict) -> None:
     # DDP wraps after the restore, so all ranks start from the same (restored) weights.
     model = ray.train.torch.prepare_model(ContrastivePair(encoder))
 
-    shard = ray.train.get_dataset_shard("train")
+    shard = ray.train.get_dataset_shard(rank_dataset(rank))
     validate = rank == 0 and config.get("keep_epoch") == "best-val"
     val = load_validation(ray.train.get_dataset_shard("val"), encoder.text_dim) if validate else None
     for epoch in range(start_epoch, config["epochs"]):

@@ -38,10 +38,9 @@ from rsdist.config import TrainConfig
 from rsdist.core.raycluster import Demand, ensure_demand, use_gpus
 from rsdist.core.rundir import RunDir
 from rsdist.stage import Resources, Stage, StageResult
-from rsdist.models.text_cache import frozen_text_features
-from rsdist.core.rows import features_encoder, training_rows, validation_rows, with_caption_features
+from rsdist.core.rows import MANIFEST, count_wanted, features_encoder, manifest_summary, rank_items, worker_dataset
 from rsdist.models.safe_files import save_tensors
-from rsdist.train.loop import STATE_FILE, check_epoch_checkpoint, train_loop_per_worker
+from rsdist.train.loop import STATE_FILE, check_epoch_checkpoint, rank_dataset, train_loop_per_worker
 from rsdist.models.tuned import ADAPTER_DIR, HARMA_FILE, HARMA_SETTINGS, HEADS_FILE, load_heads
 
 log = logging.getLogger("rsdist")
@@ -49,6 +48,7 @@ log = logging.getLogger("rsdist")
 FOLDER = "checkpoints"
 FINAL = "final"
 META_FILE = "train_meta.json"
+READ_CPUS = 0.25  # each read / count task of the training rows
 
 
 def resources(cfg: TrainConfig) -> Resources:
@@ -104,8 +104,10 @@ def checkpoint_config(cfg: TrainConfig):
 
 
 def make_trainer(run: RunDir, cfg: TrainConfig, encoder: str, datasets: dict, train_rows: int):
-    """A TorchTrainer over `datasets`: "train" split equally between the workers, "val" (if
-    present) given whole to each."""
+    """A TorchTrainer over `datasets`: `train_<rank>` read by that rank only, "val" (if present)
+    by rank 0; none is split by Ray (the rows of each rank are fixed by `rank_items`, so which
+    worker trains on which rows does not depend on timing), and every one keeps its order."""
+    from ray.data import ExecutionOptions
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -128,7 +130,7 @@ def make_trainer(run: RunDir, cfg: TrainConfig, encoder: str, datasets: dict, tr
             checkpoint_config=checkpoint_config(cfg),
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
     )
 
 
@@ -185,28 +187,57 @@ def check_resume_checkpoints(run: RunDir, parts: tuple = (FOLDER, "ray"), prefix
     return len(folders)
 
 
+def count_on_workers(run: RunDir, selected: bool, splits: tuple[str, ...] | None) -> list[tuple[str, int, int]]:
+    """Per features file, in order: (path, wanted rows, selected rows), counted by Ray tasks."""
+    import ray
+
+    files = run.parquet_files("features")
+    if not files:
+        raise FileNotFoundError(f"{run.url('features')}: no parquet files (run the features stage first)")
+    task = ray.remote(num_cpus=READ_CPUS)(count_wanted)
+    counts = ray.get([task.remote(run, f, selected, splits) for f in files])
+    return [(f, n, k) for f, (n, k) in zip(files, counts)]
+
+
+def training_datasets(run: RunDir, cfg: TrainConfig, encoder: str) -> tuple[dict, int, int]:
+    """The Ray Datasets the workers read (`train_<rank>`: rank r's equal contiguous share of the
+    selected non-test rows in features-file order; `val` with keep_epoch best-val), the training
+    rows and the selected rows. Rows are read, filtered and joined with captions by Ray tasks."""
+    import ray
+
+    n_selected, missing = ray.get(ray.remote(num_cpus=READ_CPUS)(manifest_summary).remote(run))
+    counts = count_on_workers(run, True, None)
+    if missing is not None:
+        raise ValueError(f"{run.url(*MANIFEST)}: selected sample {missing} has no row in {run.url('features')}")
+    n_test = sum(k for _, _, k in counts) - sum(n for _, n, _ in counts)
+    if n_test:
+        log.warning("train: %d selected rows are in the test split; they are held out and not trained on", n_test)
+    n_rows = sum(n for _, n, _ in counts)
+    if n_rows < cfg.num_workers:
+        raise ValueError(f"train: {n_rows} selected training rows, fewer than train.num_workers={cfg.num_workers}")
+    caption_features = (encoder, cfg.seed, cfg.max_text_tokens) if cfg.method == "heads" else None
+    ranks = rank_items([(f, n) for f, n, _ in counts], cfg.num_workers)
+    datasets = {rank_dataset(r): worker_dataset(run, items, True, None, cfg.read_block_rows, caption_features) for r, items in enumerate(ranks)}
+    if cfg.keep_epoch == "best-val":
+        val_counts = count_on_workers(run, False, ("val",))
+        n_val = sum(n for _, n, _ in val_counts)
+        if n_val == 0:
+            raise ValueError(f"{run.url('features')}: train.keep_epoch 'best-val' needs validation rows (split == 'val'); set data.val_fraction or give the data a val split")
+        log.info("train: %d validation rows score every epoch; the best is kept", n_val)
+        items = [{"file": f, "skip": 0, "take": n} for f, n, _ in val_counts if n]
+        datasets["val"] = worker_dataset(run, items, False, ("val",), cfg.read_block_rows, caption_features)
+    return datasets, n_rows, n_selected
+
+
 def run(run: RunDir, cfg: TrainConfig) -> StageResult:
     """Train on the selected rows; resume from `<run>/checkpoints/ray` when an earlier run stopped."""
-    import ray.data
-
     check_resources(cfg)
     if check_resume_checkpoints(run):
         log.info("train: resuming from the epoch checkpoints in %s", storage_path(run))
     encoder = features_encoder(run)
-    rows, n_selected = training_rows(run)
-    if rows.num_rows < cfg.num_workers:
-        raise ValueError(f"train: {rows.num_rows} selected training rows, fewer than train.num_workers={cfg.num_workers}")
-    log.info("train: %d selected rows, %d workers, %d epochs", rows.num_rows, cfg.num_workers, cfg.epochs)
-    val = validation_rows(run) if cfg.keep_epoch == "best-val" else None
-    if cfg.method == "heads":
-        frozen = frozen_text_features(encoder, cfg.seed, cfg.max_text_tokens)
-        rows = with_caption_features(rows, frozen)
-        val = None if val is None else with_caption_features(val, frozen)
-    datasets = {"train": ray.data.from_arrow(rows)}
-    if val is not None:
-        log.info("train: %d validation rows score every epoch; the best is kept", val.num_rows)
-        datasets["val"] = ray.data.from_arrow(val)
-    trainer = make_trainer(run, cfg, encoder, datasets, rows.num_rows)
+    datasets, n_rows, n_selected = training_datasets(run, cfg, encoder)
+    log.info("train: %d selected rows, %d workers, %d epochs", n_rows, cfg.num_workers, cfg.epochs)
+    trainer = make_trainer(run, cfg, encoder, datasets, n_rows)
     started = time.perf_counter()
     result = trainer.fit()
     seconds = time.perf_counter() - started

@@ -33,7 +33,7 @@ def test_failures_are_the_images_with_a_missed_query_weighted_by_the_share_misse
     assert failure_table(["a", "b", "c"], SIM, TEXT_IMAGE, rank=2).num_rows == 0  # every match within the first two
 
 
-def test_eval_writes_the_validation_failures_error_driven_reads(run_dir):
+def test_eval_writes_the_validation_failures_error_driven_reads(ray_session, run_dir):
     ids = make_run(run_dir, n_train=40, n_test=12, n_val=15)
     write_checkpoint(run_dir, steps=0)
     evaluate.run(run_dir, EvalConfig(batch_size=8, failure_rank=3))
@@ -54,7 +54,7 @@ def test_eval_writes_the_validation_failures_error_driven_reads(run_dir):
     assert 0.0 <= report["validation"]["mR"] <= 100.0
 
 
-def test_no_validation_rows_or_rank_zero_write_no_failures_and_remove_earlier_ones(run_dir):
+def test_no_validation_rows_or_rank_zero_write_no_failures_and_remove_earlier_ones(ray_session, run_dir):
     make_run(run_dir, n_train=40, n_test=12)
     write_checkpoint(run_dir, steps=0)
     evaluate.run(run_dir, EvalConfig(batch_size=8))

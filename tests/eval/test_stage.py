@@ -34,7 +34,7 @@ def write_checkpoint(run, steps: int = 0, embed_dim: int = 16) -> None:
     run.write_json({"encoder": "tiny", "embed_dim": embed_dim, "seed": 0, "epochs": 1}, "checkpoints", "final", "train_meta.json")
 
 
-def test_eval_writes_metrics_for_trained_and_untrained(run_dir):
+def test_eval_writes_metrics_for_trained_and_untrained(ray_session, run_dir):
     make_run(run_dir, n_train=40, n_test=12)
     write_checkpoint(run_dir, steps=0)
     result = evaluate.run(run_dir, EvalConfig(batch_size=8))
@@ -50,7 +50,7 @@ def test_eval_writes_metrics_for_trained_and_untrained(run_dir):
     assert result.extra["metrics"]["mR"] == report["trained"]["mR"]
 
 
-def test_training_on_the_train_split_raises_held_out_recall(run_dir):
+def test_training_on_the_train_split_raises_held_out_recall(ray_session, run_dir):
     make_run(run_dir, n_train=40, n_test=12)
     write_checkpoint(run_dir, steps=60)
     evaluate.run(run_dir, EvalConfig(batch_size=16))
