@@ -45,7 +45,7 @@ from rsdist.models.text_cache import frozen_text_features
 from rsdist.stage import Resources, Stage, StageResult
 from rsdist.core.rows import features_encoder, split_rows
 from rsdist.core.tables import embedding_matrix
-from rsdist.models.tuned import load_trained
+from rsdist.models.tuned import check_checkpoint, load_trained
 
 log = logging.getLogger("rsdist")
 
@@ -294,6 +294,8 @@ def run(run: RunDir, cfg: EvalConfig) -> StageResult:
     meta = run.read_json(*FINAL, "train_meta.json")
     if meta.get("encoder", encoder) != encoder:
         raise ValueError(f"features.encoder: {encoder!r} but the checkpoint was trained with {meta['encoder']!r}")
+    with tempfile.TemporaryDirectory() as tmp:
+        check_checkpoint(local_checkpoint(run, tmp))  # every file read the safe way here, before any worker loads it
     counts = count_split_rows(run, ("test", "val"))
     test_counts = count_split_rows(run, ("test",))
     n_test = sum(n for _, n in test_counts)

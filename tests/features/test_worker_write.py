@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 
 from rsdist.config import FeaturesConfig
+from rsdist.core.raycluster import alive_nodes
 from rsdist.features import stage as features
 from rsdist.features.preprocess import split_perturbations
 
@@ -29,7 +30,7 @@ def driver_collected_tables(run, cfg: FeaturesConfig) -> dict[str, pa.Table]:
     inputs = run.parquet_files("shards")
     shard_rows = {p: features.pq_rows(run, p) for p in inputs}
     slices = features.plan_slices(shard_rows, cfg.batch_size)
-    plan = features.plan_pool(cfg, ray.cluster_resources())
+    plan = features.plan_pool(cfg, alive_nodes(), use_gpu=False)
     plan = features.dataclasses.replace(plan, size=min(plan.size, len(slices)))
     image_names, text_names = split_perturbations(cfg.perturbations)
     buckets: dict[str, dict[str, dict]] = {}
