@@ -101,7 +101,7 @@ def test_whole_job_on_s3_killed_and_resumed(s3_env, tmp_path):
     fs.invalidate_cache()
     for stage in ("shards", "features", "clusters", "selection", "checkpoints", "eval"):
         assert fs.exists(f"rsdist-runs/run/{stage}/_SUCCESS.json"), stage
-    assert fs.exists("rsdist-runs/run/checkpoints/final/heads.pt")
+    assert fs.exists("rsdist-runs/run/checkpoints/final/heads.safetensors")
     assert not [p for p in fs.find("rsdist-runs/run") if "/.tmp-" in p or p.endswith(".partial")]
     import json
 

@@ -97,5 +97,5 @@ def test_a_folder_without_safetensors_weights_is_refused(tmp_path):
     model, processor = load_vlm("llava-tiny")
     model.config.save_pretrained(tmp_path)
     torch.save({}, tmp_path / "pytorch_model.bin")
-    with pytest.raises(FileNotFoundError, match=r"train.vlm.model: .* holds no .safetensors weights"):
+    with pytest.raises(FileNotFoundError, match=r"train.vlm.model: .* has no safetensors weights"):
         load_vlm(f"hf:{tmp_path}")
