@@ -82,9 +82,9 @@ def feature_rows(run: RunDir, ids: pa.Array | None = None, split: str | tuple[st
     return _filtered(run, "features", ["sample_id", "split", "label", "image_emb"], keep)
 
 
-def caption_rows(run: RunDir, ids: pa.Array) -> pa.Table:
-    """Shard rows (sample_id, captions) for the given ids; `text` stands in for empty caption lists."""
-    table = _filtered(run, "shards", ["sample_id", "captions", "text"], lambda b: pc.is_in(b.column("sample_id"), value_set=ids))
+def caption_lists(run: RunDir, table: pa.Table) -> pa.Table:
+    """Shard rows (sample_id, captions, text) as (sample_id, captions): the non-blank captions, or
+    `text` when there are none; a row with neither names its sample."""
     captions = []
     for sid, caps, text in zip(table.column("sample_id").to_pylist(), table.column("captions").to_pylist(), table.column("text").to_pylist()):
         caps = [c for c in (caps or []) if c and c.strip()]
@@ -94,6 +94,12 @@ def caption_rows(run: RunDir, ids: pa.Array) -> pa.Table:
             raise ValueError(f"{run.url('shards')}: sample {sid} has no caption (captions and text are empty)")
         captions.append(caps)
     return pa.table({"sample_id": table.column("sample_id"), "captions": pa.array(captions, type=pa.list_(pa.string()))})
+
+
+def caption_rows(run: RunDir, ids: pa.Array) -> pa.Table:
+    """Shard rows (sample_id, captions) for the given ids; `text` stands in for empty caption lists."""
+    table = _filtered(run, "shards", ["sample_id", "captions", "text"], lambda b: pc.is_in(b.column("sample_id"), value_set=ids))
+    return caption_lists(run, table)
 
 
 def join_captions(run: RunDir, features: pa.Table) -> pa.Table:
@@ -222,15 +228,7 @@ def shard_captions(run: RunDir, features_path: str, ids: pa.Array) -> pa.Table:
         for batch in pq.ParquetFile(fh).iter_batches(batch_size=8192, columns=["sample_id", "captions", "text"]):
             parts.append(pa.Table.from_batches([batch]).filter(pc.is_in(batch.column("sample_id"), value_set=ids)))
     table = pa.concat_tables(parts) if parts else pa.table({"sample_id": [], "captions": [], "text": []})
-    captions = []
-    for sid, caps, text in zip(table.column("sample_id").to_pylist(), table.column("captions").to_pylist(), table.column("text").to_pylist()):
-        caps = [c for c in (caps or []) if c and c.strip()]
-        if not caps and text and text.strip():
-            caps = [text]
-        if not caps:
-            raise ValueError(f"{run.url('shards')}: sample {sid} has no caption (captions and text are empty)")
-        captions.append(caps)
-    return pa.table({"sample_id": table.column("sample_id"), "captions": pa.array(captions, type=pa.list_(pa.string()))})
+    return caption_lists(run, table)
 
 
 def with_shard_captions(run: RunDir, features_path: str, rows: pa.Table) -> pa.Table:
