@@ -1,7 +1,8 @@
 """Benchmark of the pool-sized stages at scale: generate, cluster and select N rows on Ray workers.
 
 `rsdist bench scale --rows N [--dim D] [--k K] [--methods a,b] [--budget B] [--shard-rows S]
-[--rows-per-task R] [--select distributed|inprocess] [--out DIR] [--keep]`
+[--rows-per-task R] [--select distributed|inprocess] [--baseline-rows N0 [--baseline-select
+distributed|inprocess]] [--out DIR] [--keep]`
 
 1. generate: Ray tasks write N rows of synthetic features (features/: sample_id, split, image_emb
    and text_emb of D float32 each, shift) and shard columns (shards/: sample_id, captions, text)
@@ -11,6 +12,11 @@
    pool-wide statistic), through the stage runner, writing selection/manifest.parquet.
    `--select inprocess` runs the single-process select of rsdist.select.inprocess instead (the
    version that reads the pool into the driver), to measure it on the same pool.
+
+4. with --baseline-rows, steps 1-3 run first on a pool of N0 rows (in a temporary directory,
+   removed afterwards) with the select of --baseline-select, and the figures add each stage's
+   seconds per row over the baseline's (`<stage>:per_row_vs_baseline`): ratios measured in one
+   process, minutes apart, which is what a shared machine allows to compare.
 
 Memory is sampled every 0.1 s during the run: the driver's RSS (and its peak from getrusage) and
 the largest RSS of a Ray worker process (the descendants of the driver named `ray::...`, which is
@@ -134,6 +140,66 @@ def _mb(b: float) -> float:
     return round(b / 2**20, 1)
 
 
+def measure(root: str, rows: int, dim: int, k: int, methods: list[str], select_path: str, budget: float, shard_rows: int, rows_per_task: int, seed: int) -> dict:
+    """Generate `rows` rows under `root`, cluster them and run each select method; the figures."""
+    from rsdist.cluster import stage as cluster_stage
+    from rsdist.stage import fingerprint, run_stage
+
+    run = RunDir(root)
+    figures: dict = {"rows": rows, "dim": dim, "select_path": select_path}
+    seconds: dict[str, float] = {}
+    with MemorySampler() as mem:
+        mem.stage = "generate"
+        t0 = time.perf_counter()
+        generate(run, rows, dim, shard_rows, seed)
+        seconds["generate"] = time.perf_counter() - t0
+        mem.stage = "cluster"
+        _say(f"cluster {rows:,} rows")
+        t0 = time.perf_counter()
+        res = run_stage(run, "clusters", fingerprint("bench", rows, k), lambda: cluster_stage.run(run, ClusterConfig(k=k, seed=seed)), force=True)
+        seconds["cluster"] = time.perf_counter() - t0
+        figures["k"] = res.get("k")
+        for method in methods:
+            stage = f"select:{method}"
+            mem.stage = stage
+            _say(f"{stage} ({select_path}, {rows:,} rows)")
+            extra = {"rows_per_task": rows_per_task} if rows_per_task else {}
+            cfg = SelectConfig(method=method, budget=budget, seed=seed, **extra)
+            if select_path == "inprocess":
+                from rsdist.select import inprocess as select_stage
+            else:
+                from rsdist.select import stage as select_stage
+            t0 = time.perf_counter()
+            out = run_stage(run, "selection", fingerprint(stage), lambda: select_stage.run(run, cfg), force=True)
+            seconds[stage] = time.perf_counter() - t0
+            figures[f"{stage}:selected"] = out["rows_out"]
+            figures[f"{stage}:phases"] = {k_: v for k_, v in out.items() if k_.endswith("_seconds") and k_ != "seconds"}
+            _say(f"{stage}: {seconds[stage]:.1f} s")
+    for stage, s in seconds.items():
+        figures[f"{stage}:seconds"] = round(s, 2)
+        figures[f"{stage}:rows_per_s"] = round(rows / max(s, 1e-9), 1)
+        peak = mem.peaks.get(stage, {})
+        figures[f"{stage}:driver_rss_mb"] = _mb(peak.get("driver", 0))
+        figures[f"{stage}:worker_rss_mb"] = _mb(peak.get("worker", 0))
+    select_seconds = [s for k_, s in seconds.items() if k_.startswith("select:")]
+    figures["select_seconds_per_method"] = round(sum(select_seconds) / max(1, len(select_seconds)), 2)
+    figures["worker_peak_rss_mb"] = _mb(max((p["worker"] for p in mem.peaks.values()), default=0))
+    figures["total_seconds"] = round(sum(seconds.values()), 2)
+    figures["seconds_per_million_rows"] = round(sum(seconds.values()) / rows * 1e6, 2)
+    return figures
+
+
+def per_row_ratios(main: dict, baseline: dict) -> dict:
+    """Seconds per row of the main run over those of the baseline run, per stage and in all
+    (1.0: the same time per row; below 1: faster per row than the baseline)."""
+    out = {}
+    for key, secs in main.items():
+        if key.endswith(":seconds") and key in baseline:
+            out[f"{key[: -len(':seconds')]}:per_row_vs_baseline"] = round((secs / main["rows"]) / max(baseline[key] / baseline["rows"], 1e-12), 3)
+    out["total:per_row_vs_baseline"] = round(main["seconds_per_million_rows"] / max(baseline["seconds_per_million_rows"], 1e-12), 3)
+    return out
+
+
 def bench(argv: list[str]) -> dict:
     ap = argparse.ArgumentParser(prog="rsdist bench scale")
     ap.add_argument("--rows", type=int, default=100_000)
@@ -144,60 +210,33 @@ def bench(argv: list[str]) -> dict:
     ap.add_argument("--shard-rows", type=int, default=50_000)
     ap.add_argument("--rows-per-task", type=int, default=0, help="select.rows_per_task; 0 = its default")
     ap.add_argument("--select", choices=("distributed", "inprocess"), default="distributed")
+    ap.add_argument("--baseline-rows", type=int, default=0, help="also run a baseline pool of this many rows first, in the same process, and report per-row time ratios against it (0 = no baseline)")
+    ap.add_argument("--baseline-select", choices=("distributed", "inprocess"), default="inprocess", help="the select path of the baseline run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="run directory (default: a temporary one, removed afterwards)")
     ap.add_argument("--keep", action="store_true", help="keep the run directory")
     args = ap.parse_args(argv)
 
-    from rsdist.cluster import stage as cluster_stage
     from rsdist.core.raycluster import init_ray
-    from rsdist.stage import fingerprint, run_stage
 
     init_ray()
     root = args.out or tempfile.mkdtemp(prefix="rsdist-scale-")
-    run = RunDir(root)
-    figures: dict = {"rows": args.rows, "dim": args.dim, "select_path": args.select, "date": time.strftime("%Y-%m-%d")}
-    seconds: dict[str, float] = {}
+    methods = [m for m in args.methods.split(",") if m]
+    common = dict(dim=args.dim, k=args.k, methods=methods, budget=args.budget, shard_rows=args.shard_rows, rows_per_task=args.rows_per_task, seed=args.seed)
+    figures: dict = {"date": time.strftime("%Y-%m-%d")}
     try:
-        with MemorySampler() as mem:
-            mem.stage = "generate"
-            t0 = time.perf_counter()
-            generate(run, args.rows, args.dim, args.shard_rows, args.seed)
-            seconds["generate"] = time.perf_counter() - t0
-            mem.stage = "cluster"
-            _say("cluster")
-            t0 = time.perf_counter()
-            res = run_stage(run, "clusters", fingerprint("bench", args.rows, args.k), lambda: cluster_stage.run(run, ClusterConfig(k=args.k, seed=args.seed)), force=True)
-            seconds["cluster"] = time.perf_counter() - t0
-            figures["k"] = res.get("k")
-            for method in [m for m in args.methods.split(",") if m]:
-                stage = f"select:{method}"
-                mem.stage = stage
-                _say(stage)
-                extra = {"rows_per_task": args.rows_per_task} if args.rows_per_task else {}
-                cfg = SelectConfig(method=method, budget=args.budget, seed=args.seed, **extra)
-                if args.select == "inprocess":
-                    from rsdist.select import inprocess as select_stage
-                else:
-                    from rsdist.select import stage as select_stage
-                t0 = time.perf_counter()
-                out = run_stage(run, "selection", fingerprint(stage), lambda: select_stage.run(run, cfg), force=True)
-                seconds[stage] = time.perf_counter() - t0
-                figures[f"{stage}:selected"] = out["rows_out"]
-                figures[f"{stage}:phases"] = {k: v for k, v in out.items() if k.endswith("_seconds") and k != "seconds"}
-                _say(f"{stage}: {seconds[stage]:.1f} s")
-        for stage, s in seconds.items():
-            figures[f"{stage}:seconds"] = round(s, 2)
-            figures[f"{stage}:rows_per_s"] = round(args.rows / max(s, 1e-9), 1)
-            peak = mem.peaks.get(stage, {})
-            figures[f"{stage}:driver_rss_mb"] = _mb(peak.get("driver", 0))
-            figures[f"{stage}:worker_rss_mb"] = _mb(peak.get("worker", 0))
-        select_seconds = sum(s for k, s in seconds.items() if k.startswith("select:"))
-        figures["select_seconds_per_method"] = round(select_seconds / max(1, len([k for k in seconds if k.startswith("select:")])), 2)
+        if args.baseline_rows:
+            base_root = os.path.join(tempfile.mkdtemp(prefix="rsdist-scale-base-"), "run")
+            try:
+                baseline = measure(base_root, args.baseline_rows, select_path=args.baseline_select, **common)
+            finally:
+                shutil.rmtree(os.path.dirname(base_root), ignore_errors=True)
+            figures.update({f"baseline:{k_}": v for k_, v in baseline.items()})
+        main = measure(root, args.rows, select_path=args.select, **common)
+        figures.update(main)
+        if args.baseline_rows:
+            figures.update(per_row_ratios(main, baseline))
         figures["driver_peak_rss_mb"] = _mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-        figures["worker_peak_rss_mb"] = _mb(max((p["worker"] for p in mem.peaks.values()), default=0))
-        figures["total_seconds"] = round(sum(seconds.values()), 2)
-        figures["seconds_per_million_rows"] = round(sum(seconds.values()) / args.rows * 1e6, 2)
     finally:
         if not args.keep and args.out is None:
             shutil.rmtree(root, ignore_errors=True)

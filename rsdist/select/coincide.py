@@ -102,23 +102,49 @@ def greedy_mmd(x: np.ndarray, n: int, allowed: np.ndarray | None = None, width: 
         return np.arange(m)
     if allowed is not None and int(allowed.sum()) < n:
         raise ValueError(f"greedy_mmd: {int(allowed.sum())} allowed rows, fewer than the {n} to pick")
-    kern = np.exp(-_sq_dists(x, x) / (2.0 * width * width))
+    rows = np.arange(m) if allowed is None else np.flatnonzero(allowed)
+    kern = kernel_rows(x, rows, width)
+    a = len(rows)
     kc = kern.sum(axis=1)
-    kdiag = np.diag(kern).copy()
-    ks = np.zeros(m)
+    kdiag = kern[np.arange(a), rows].copy()
+    ks = np.zeros(a)
     ss = sc = 0.0
-    free = np.ones(m, dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool).copy()
+    taken = np.zeros(a)  # +inf once a row is picked
+    obj, fit = np.empty(a), np.empty(a)
     picks = np.empty(n, dtype=np.int64)
     for t in range(n):
-        obj = (ss + 2.0 * ks + kdiag) / (t + 1) ** 2 - 2.0 * (sc + kc) / ((t + 1) * m)
-        obj[~free] = np.inf
+        # obj = (ss + 2 ks + kdiag) / (t+1)^2 - 2 (sc + kc) / ((t+1) m), in place, in that order
+        np.multiply(ks, 2.0, out=obj)
+        np.add(obj, ss, out=obj)
+        np.add(obj, kdiag, out=obj)
+        np.divide(obj, (t + 1) ** 2, out=obj)
+        np.add(kc, sc, out=fit)
+        np.multiply(fit, 2.0, out=fit)
+        np.divide(fit, (t + 1) * m, out=fit)
+        np.subtract(obj, fit, out=obj)
+        np.add(obj, taken, out=obj)
         j = int(np.argmin(obj))
-        picks[t] = j
-        free[j] = False
+        picks[t] = rows[j]
+        taken[j] = np.inf
         ss += 2.0 * ks[j] + kdiag[j]
         sc += kc[j]
-        ks += kern[:, j]
+        ks += kern[:, rows[j]]
     return picks
+
+
+def kernel_rows(x: np.ndarray, rows: np.ndarray, width: float) -> np.ndarray:
+    """exp(-||x_i - x_j||^2 / (2 width^2)) for i in `rows` and every j: the rows of the full kernel,
+    bit for bit (the whole Gram product is formed once, as _sq_dists forms it, and only the
+    candidates' rows go through the element-wise steps, in place)."""
+    sq = (x * x).sum(1)
+    gram = 2.0 * x @ x.T
+    if len(rows) < len(x):
+        gram = gram[rows]
+    kern = sq[rows][:, None] + sq[None, :]
+    kern -= gram
+    np.maximum(kern, 0.0, out=kern)
+    kern /= -(2.0 * width * width)
+    return np.exp(kern, out=kern)
 
 
 def blocked_greedy_mmd(

@@ -13,3 +13,13 @@ def test_bench_scale_reports_every_stage_and_the_memory_of_driver_and_workers(ra
         assert fig[f"{stage}:driver_rss_mb"] > 0
     assert fig["worker_peak_rss_mb"] > 0 and fig["driver_peak_rss_mb"] >= fig["select:alignment-mmd:driver_rss_mb"] * 0.9
     assert set(fig["select:alignment-mmd:phases"]) >= {"move_seconds", "statistics_seconds", "decide_seconds", "manifest_seconds"}
+
+
+def test_bench_scale_measures_a_baseline_pool_in_the_same_run(ray_session, tmp_path):
+    fig = bench(["--rows", "2000", "--dim", "8", "--k", "4", "--methods", "alignment-mmd", "--shard-rows", "1000", "--baseline-rows", "1000", "--out", str(tmp_path / "run")])
+    assert fig["baseline:rows"] == 1000 and fig["baseline:select_path"] == "inprocess" and fig["select_path"] == "distributed"
+    assert fig["baseline:select:alignment-mmd:selected"] == 333 and fig["select:alignment-mmd:selected"] == 667
+    for stage in ("generate", "cluster", "select:alignment-mmd", "total"):
+        assert fig[f"{stage}:per_row_vs_baseline"] > 0
+    per_row = (fig["select:alignment-mmd:seconds"] / 2000) / (fig["baseline:select:alignment-mmd:seconds"] / 1000)
+    assert abs(fig["select:alignment-mmd:per_row_vs_baseline"] - per_row) < 0.01

@@ -183,3 +183,37 @@ def test_mmd_among_top_passes_width_and_blocks_to_its_greedy_mmd():
     allowed = np.isin(np.arange(40), np.argsort(-typicality, kind="stable")[:16])
     assert set(np.flatnonzero(sel.selected)) == set(blocked_greedy_mmd(x, 8, allowed, 0.5, 15, 9).tolist())
     assert sel.info["mmd_width"] == 0.5 and sel.info["mmd_block_rows"] == 15
+
+
+def test_greedy_mmd_in_place_over_candidate_rows_picks_what_the_whole_kernel_picks():
+    """The candidates-only, in-place greedy MMD picks the rows of the plain formula over the
+    whole m x m kernel, in the same order (ties included)."""
+    from rsdist.select.coincide import _sq_dists, kernel_rows
+
+    def plain(x, n, allowed, width):
+        m = len(x)
+        kern = np.exp(-_sq_dists(x, x) / (2.0 * width * width))
+        kc, kdiag, ks, ss, sc = kern.sum(axis=1), np.diag(kern).copy(), np.zeros(m), 0.0, 0.0
+        free = allowed.copy()
+        picks = []
+        for t in range(n):
+            obj = (ss + 2.0 * ks + kdiag) / (t + 1) ** 2 - 2.0 * (sc + kc) / ((t + 1) * m)
+            obj[~free] = np.inf
+            j = int(np.argmin(obj))
+            picks.append(j)
+            free[j] = False
+            ss += 2.0 * ks[j] + kdiag[j]
+            sc += kc[j]
+            ks += kern[:, j]
+        return np.array(picks)
+
+    rng = np.random.default_rng(3)
+    for m, d, width in ((40, 3, 1.0), (300, 16, 0.7), (257, 64, 2.0)):
+        x = rng.normal(size=(m, d))
+        x[5] = x[7]  # a tie
+        allowed = rng.random(m) < 0.6
+        n = int(allowed.sum()) // 2
+        assert np.array_equal(greedy_mmd(x, n, allowed, width), plain(x, n, allowed, width))
+        assert np.array_equal(greedy_mmd(x, n, None, width), plain(x, n, np.ones(m, dtype=bool), width))
+        rows = np.flatnonzero(allowed)
+        assert np.array_equal(kernel_rows(x, rows, width), np.exp(-_sq_dists(x, x) / (2.0 * width * width))[rows])
