@@ -21,6 +21,7 @@ import io
 import logging
 import math
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,6 +29,9 @@ from rsdist.cluster.engine import FitResult, KMeansDriver, auto_k
 from rsdist.cluster.shards import ShardActor, Unit, plan_units, split_units
 from rsdist.config import ClusterConfig
 from rsdist.core.rundir import RunDir
+
+if TYPE_CHECKING:
+    from rsdist.core.raycluster import Demand
 from rsdist.stage import Resources, Stage, StageResult
 
 log = logging.getLogger("rsdist")
@@ -52,7 +56,7 @@ def check_resources(cfg: ClusterConfig) -> None:
     check_placement("cluster.num_actors", max(1, cfg.num_actors), "cluster.cpus_per_actor", res.num_cpus, res.num_gpus, "cluster.gpus_per_actor", what="shard actors")
 
 
-def actor_demand(cfg: ClusterConfig, res: Resources) -> "Demand":
+def actor_demand(cfg: ClusterConfig, res: Resources) -> Demand:
     from rsdist.core.raycluster import Demand
 
     settings = {"CPU": "cluster.cpus_per_actor", "GPU": "cluster.device / cluster.gpus_per_actor", "memory": "cluster.memory_per_actor_gb"}

@@ -180,8 +180,8 @@ class ProjectRows:
     (sample_id, split, label, image_emb, captions, item, pos) to its projected image and captions."""
 
     def __init__(self, run: RunDir, encoder: str, embed_dim: int, seed: int, trained: bool, frozen_text: bool, cfg: EvalConfig):
-        self.tmp = tempfile.mkdtemp(prefix="rsdist-eval-")
-        self.model = load_trained(encoder, embed_dim, local_checkpoint(run, self.tmp) if trained else None, seed=seed)
+        with tempfile.TemporaryDirectory(prefix="rsdist-eval-") as tmp:  # the weights are in memory once loaded
+            self.model = load_trained(encoder, embed_dim, local_checkpoint(run, tmp) if trained else None, seed=seed)
         self.frozen = frozen_text_features(encoder, seed, cfg.max_text_tokens) if frozen_text else None
         self.cfg = cfg
 
