@@ -29,10 +29,10 @@ from rsdist.cluster.engine import FitResult, KMeansDriver, auto_k
 from rsdist.cluster.shards import ShardActor, Unit, plan_units, split_units
 from rsdist.config import ClusterConfig
 from rsdist.core.rundir import RunDir
+from rsdist.stage import Resources, Stage, StageResult
 
 if TYPE_CHECKING:
     from rsdist.core.raycluster import Demand
-from rsdist.stage import Resources, Stage, StageResult
 
 log = logging.getLogger("rsdist")
 
