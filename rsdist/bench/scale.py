@@ -196,6 +196,10 @@ def per_row_ratios(main: dict, baseline: dict) -> dict:
     for key, secs in main.items():
         if key.endswith(":seconds") and key in baseline:
             out[f"{key[: -len(':seconds')]}:per_row_vs_baseline"] = round((secs / main["rows"]) / max(baseline[key] / baseline["rows"], 1e-12), 3)
+        if key.endswith(":phases") and key in baseline:
+            for phase, secs_ in main[key].items():
+                if phase in baseline[key]:
+                    out[f"{key[: -len(':phases')]}:{phase[: -len('_seconds')]}:per_row_vs_baseline"] = round((secs_ / main["rows"]) / max(baseline[key][phase] / baseline["rows"], 1e-12), 3)
     out["total:per_row_vs_baseline"] = round(main["seconds_per_million_rows"] / max(baseline["seconds_per_million_rows"], 1e-12), 3)
     return out
 

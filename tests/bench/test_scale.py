@@ -23,3 +23,10 @@ def test_bench_scale_measures_a_baseline_pool_in_the_same_run(ray_session, tmp_p
         assert fig[f"{stage}:per_row_vs_baseline"] > 0
     per_row = (fig["select:alignment-mmd:seconds"] / 2000) / (fig["baseline:select:alignment-mmd:seconds"] / 1000)
     assert abs(fig["select:alignment-mmd:per_row_vs_baseline"] - per_row) < 0.01
+
+
+def test_bench_scale_compares_each_select_phase_with_a_distributed_baseline(ray_session, tmp_path):
+    fig = bench(["--rows", "2000", "--dim", "8", "--k", "4", "--methods", "alignment-mmd", "--shard-rows", "1000", "--baseline-rows", "1000", "--baseline-select", "distributed", "--out", str(tmp_path / "run")])
+    assert fig["baseline:select_path"] == "distributed"
+    for phase in ("move", "statistics", "decide", "manifest"):
+        assert fig[f"select:alignment-mmd:{phase}:per_row_vs_baseline"] > 0
