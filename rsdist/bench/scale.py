@@ -1,7 +1,7 @@
 """Benchmark of the pool-sized stages at scale: generate, cluster and select N rows on Ray workers.
 
 `rsdist bench scale --rows N [--dim D] [--k K] [--methods a,b] [--budget B] [--shard-rows S]
-[--rows-per-task R] [--select distributed|inprocess] [--baseline-rows N0 [--baseline-select
+[--rows-per-task R] [--mmd-block-rows M] [--select distributed|inprocess] [--baseline-rows N0 [--baseline-select
 distributed|inprocess]] [--out DIR] [--keep]`
 
 1. generate: Ray tasks write N rows of synthetic features (features/: sample_id, split, image_emb
@@ -140,7 +140,7 @@ def _mb(b: float) -> float:
     return round(b / 2**20, 1)
 
 
-def measure(root: str, rows: int, dim: int, k: int, methods: list[str], select_path: str, budget: float, shard_rows: int, rows_per_task: int, seed: int) -> dict:
+def measure(root: str, rows: int, dim: int, k: int, methods: list[str], select_path: str, budget: float, shard_rows: int, rows_per_task: int, mmd_block_rows: int, seed: int) -> dict:
     """Generate `rows` rows under `root`, cluster them and run each select method; the figures."""
     from rsdist.cluster import stage as cluster_stage
     from rsdist.stage import fingerprint, run_stage
@@ -164,6 +164,7 @@ def measure(root: str, rows: int, dim: int, k: int, methods: list[str], select_p
             mem.stage = stage
             _say(f"{stage} ({select_path}, {rows:,} rows)")
             extra = {"rows_per_task": rows_per_task} if rows_per_task else {}
+            extra.update({"mmd_block_rows": mmd_block_rows} if mmd_block_rows >= 0 else {})
             cfg = SelectConfig(method=method, budget=budget, seed=seed, **extra)
             if select_path == "inprocess":
                 from rsdist.select import inprocess as select_stage
@@ -213,6 +214,7 @@ def bench(argv: list[str]) -> dict:
     ap.add_argument("--budget", type=float, default=1 / 3)
     ap.add_argument("--shard-rows", type=int, default=50_000)
     ap.add_argument("--rows-per-task", type=int, default=0, help="select.rows_per_task; 0 = its default")
+    ap.add_argument("--mmd-block-rows", type=int, default=-1, help="select.mmd_block_rows; -1 = its default")
     ap.add_argument("--select", choices=("distributed", "inprocess"), default="distributed")
     ap.add_argument("--baseline-rows", type=int, default=0, help="also run a baseline pool of this many rows first, in the same process, and report per-row time ratios against it (0 = no baseline)")
     ap.add_argument("--baseline-select", choices=("distributed", "inprocess"), default="inprocess", help="the select path of the baseline run")
@@ -226,7 +228,7 @@ def bench(argv: list[str]) -> dict:
     init_ray()
     root = args.out or tempfile.mkdtemp(prefix="rsdist-scale-")
     methods = [m for m in args.methods.split(",") if m]
-    common = dict(dim=args.dim, k=args.k, methods=methods, budget=args.budget, shard_rows=args.shard_rows, rows_per_task=args.rows_per_task, seed=args.seed)
+    common = dict(dim=args.dim, k=args.k, methods=methods, budget=args.budget, shard_rows=args.shard_rows, rows_per_task=args.rows_per_task, mmd_block_rows=args.mmd_block_rows, seed=args.seed)
     figures: dict = {"date": time.strftime("%Y-%m-%d")}
     try:
         if args.baseline_rows:

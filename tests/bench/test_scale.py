@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 from rsdist.bench.scale import bench
 
 
@@ -26,7 +29,9 @@ def test_bench_scale_measures_a_baseline_pool_in_the_same_run(ray_session, tmp_p
 
 
 def test_bench_scale_compares_each_select_phase_with_a_distributed_baseline(ray_session, tmp_path):
-    fig = bench(["--rows", "2000", "--dim", "8", "--k", "4", "--methods", "alignment-mmd", "--shard-rows", "1000", "--baseline-rows", "1000", "--baseline-select", "distributed", "--out", str(tmp_path / "run")])
+    fig = bench(["--rows", "2000", "--dim", "8", "--k", "4", "--methods", "alignment-mmd", "--shard-rows", "1000", "--mmd-block-rows", "64", "--baseline-rows", "1000", "--baseline-select", "distributed", "--out", str(tmp_path / "run")])
     assert fig["baseline:select_path"] == "distributed"
     for phase in ("move", "statistics", "decide", "manifest"):
         assert fig[f"select:alignment-mmd:{phase}:per_row_vs_baseline"] > 0
+    with open(os.path.join(fig["run_dir"], "selection", "selection.json")) as f:
+        assert json.load(f)["settings"]["mmd_block_rows"] == 64
