@@ -227,6 +227,18 @@ def ensure_demand(demand: Demand, timeout_s: float | None = None) -> list[dict[s
     raise DemandError(f"{demand.blamed(alive_nodes())}: each worker asks for {_describe(bundle)}; no node that can hold that joined within ray.demand_timeout_s={timeout_s:g}")
 
 
+def elastic_actor_pool(size: int):
+    """A Ray Data actor pool that starts with `size` actors (the stage's plan) and may shrink to
+    one: when a node is lost with some of the actors, the pool goes on with the actors on the
+    nodes left and gives back the room of those it cannot place (the read and write tasks need
+    it), instead of waiting, as a fixed-size pool does, for room for all of them; forever when no
+    node replaces the lost one."""
+    import ray.data
+
+    size = max(1, int(size))
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=size, initial_size=size)
+
+
 def node_resources() -> list[dict[str, float]]:
     """The resources of each live node of the Ray cluster."""
     import ray

@@ -13,8 +13,9 @@ the VLM-internal features of rsdist/features/vlm.py, computed in the same actors
 
 The pass: shards cut, in order, into row slices of one model batch (one block each) -> read through
 the run's fsspec filesystem (so any run URI works), fused with the CPU stage (decode, resize, text
-perturbations; a quarter CPU per task) -> model actor pool (`EmbedModel`, ActorPoolStrategy of fixed
-size, fractional CPUs, one GPU each when the cluster has GPUs; the image perturbations are made in
+perturbations; a quarter CPU per task) -> model actor pool (`EmbedModel`, an elastic ActorPoolStrategy:
+it starts at the planned size and shrinks to the nodes left when a node is lost; fractional CPUs,
+`gpus_per_actor` GPUs each when `features.device` means GPUs; the image perturbations are made in
 the actor on CPU pools, in the CPU stage for GPU actors) -> write step (`write_parts`, tasks of a
 quarter CPU): each result block's rows are written, on the worker, as parts named by the rows they
 hold, `features/_parts/<shard>/<start>-<stop>.parquet` (temporary name, then rename). The driver
@@ -59,7 +60,7 @@ from rsdist.config import VLM_FEATURES, FeaturesConfig
 from rsdist.features.embed import EmbedModel
 from rsdist.features.preprocess import preprocess_batch, split_perturbations
 from rsdist.features.vlm_embed import VlmSpec
-from rsdist.core.raycluster import Demand, alive_nodes, ensure_demand, use_gpus
+from rsdist.core.raycluster import Demand, alive_nodes, elastic_actor_pool, ensure_demand, use_gpus
 from rsdist.core.rundir import RunDir, compression
 from rsdist.stage import Resources, Stage, StageResult
 
@@ -391,7 +392,7 @@ def embedded_dataset(run: RunDir, slices: list[dict], cfg: FeaturesConfig, plan:
             "seed": cfg.seed,
             "vlm": vlm_spec(cfg),
         },
-        compute=ray.data.ActorPoolStrategy(size=plan.size),
+        compute=elastic_actor_pool(plan.size),
         num_cpus=plan.resources.num_cpus,
         num_gpus=plan.resources.num_gpus or None,
         **({"memory": plan.resources.memory} if plan.resources.memory else {}),
