@@ -84,10 +84,12 @@ def storage_path(run: RunDir, *parts: str) -> str:
     return run.url(*parts)
 
 
-def loop_config(cfg: TrainConfig, encoder: str, train_rows: int) -> dict:
-    """The settings every worker gets; steps per epoch follow from the equal split over workers."""
+def loop_config(cfg: TrainConfig, encoder: str, train_rows: int, checkpoint_root: str | None = None) -> dict:
+    """The settings every worker gets; steps per epoch follow from the equal split over workers;
+    `checkpoint_root`: Ray Train's run folder, where a restarted worker group also looks for an
+    epoch checkpoint Ray Train had not registered when a node was lost (loop.newest_stored_epoch)."""
     per_worker = train_rows // cfg.num_workers
-    return {**dataclasses.asdict(cfg), "encoder": encoder, "steps_per_epoch": max(1, math.ceil(per_worker / cfg.batch_size))}
+    return {**dataclasses.asdict(cfg), "encoder": encoder, "steps_per_epoch": max(1, math.ceil(per_worker / cfg.batch_size)), "checkpoint_root": checkpoint_root}
 
 
 VAL_METRIC = "val_mR"
@@ -120,7 +122,7 @@ def make_trainer(run: RunDir, cfg: TrainConfig, encoder: str, datasets: dict, tr
         storage, filesystem = run.path(FOLDER, "ray"), PyFileSystem(FSSpecHandler(run.fs))
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(cfg, encoder, train_rows),
+        train_loop_config=loop_config(cfg, encoder, train_rows, run.url(FOLDER, "ray", "train")),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=res.num_gpus > 0, resources_per_worker=res.bundle()),
         run_config=RunConfig(
             storage_path=storage,
