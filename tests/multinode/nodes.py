@@ -3,7 +3,8 @@
 
 Every node is one `ray start --block` process in its own process group, so a node is killed (a
 lost machine) or stopped by its process group alone: never `ray stop`, which ends every Ray on
-the machine. Ports are picked free, and each cluster has its own short temporary folder.
+the machine. Ports are picked free, and each cluster has its own short temporary folder (removed when the
+cluster stops; RSDIST_KEEP_CLUSTER_TMP=1 keeps it, with the nodes' and the jobs' logs).
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ class LocalCluster:
         for node in reversed(self.nodes):
             self.kill(node)
         self._kill_leftovers()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if not os.environ.get("RSDIST_KEEP_CLUSTER_TMP"):
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     def _kill_leftovers(self) -> None:
         """Processes of this cluster that left their node's process group (e.g. nodes the fake
