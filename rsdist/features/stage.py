@@ -38,7 +38,9 @@ images); a write task one result block (one batch); a commit task one row group 
 Resources (`plan_pool`): per node, from `ray.nodes()`. `features.device` decides GPUs (cuda asks
 for them even before a GPU node exists, so an autoscaler adds one). With GPUs: one actor per
 `gpus_per_actor` GPUs of each node. Without: about CPUs / threads_per_actor actors per node, each
-asking at most what leaves every node a reserve (half a CPU on small hosts) for reads and decodes.
+asking at most what leaves every node a reserve (half a CPU on small hosts) for reads and decodes,
+and a share at which no node can be filled with actors, however Ray places them
+(`fill_proof_share`), so a lost node's actors starting again elsewhere never take the reads' room.
 """
 
 from __future__ import annotations
@@ -113,10 +115,35 @@ def plan_pool(cfg: FeaturesConfig, nodes: list[dict[str, float]], use_gpu: bool)
         return PoolPlan(size, Resources(num_cpus=round(per_cpu, 3), num_gpus=cfg.gpus_per_actor, memory=memory), threads=2, use_gpu=True)
     threads = cfg.threads_per_actor
     hosts = [float(n.get("CPU", 0.0)) for n in nodes if float(n.get("CPU", 0.0)) >= 1.0] or [max(1.0, sum(float(n.get("CPU", 0.0)) for n in nodes))]
-    per_cpu = cfg.cpus_per_actor or min(float(threads), min((c - read_reserve(c)) / max(1, round(c / threads)) for c in hosts))
-    per_cpu = max(0.1, math.floor(per_cpu * 1000) / 1000)
+    if cfg.cpus_per_actor:
+        per_cpu = max(0.1, math.floor(cfg.cpus_per_actor * 1000) / 1000)
+    else:
+        planned = min(float(threads), min((c - read_reserve(c)) / max(1, round(c / threads)) for c in hosts))
+        per_cpu = fill_proof_share([float(n.get("CPU", 0.0)) for n in nodes] or hosts, planned)
     size = cfg.num_actors or max(1, sum(int((c - read_reserve(c)) / per_cpu + 1e-9) for c in hosts))
     return PoolPlan(size, Resources(num_cpus=per_cpu, memory=memory), threads=threads, use_gpu=False)
+
+
+def packing_leftover(cpus: float, share: float) -> float:
+    """The CPUs a node of `cpus` keeps free when Ray places on it as many actors of `share` as fit."""
+    return cpus - math.floor(cpus / share + 1e-9) * share
+
+
+def fill_proof_share(node_cpus: list[float], most: float) -> float:
+    """The largest CPU share per model actor, at most `most` (in thousandths), at which every node
+    keeps room for a read task however many actors Ray places on it.
+
+    The plan puts fewer actors on a node than fit, but Ray places an actor wherever it fits: when a
+    node is lost, its actors start again on the nodes left (or, planned before the loss was seen,
+    start there in the first place). At a share that divides a node's CPUs (0.5 on a 1-CPU node)
+    they fill it, no read task can run, no actor gets input, and the pass stops for good.
+    """
+    read = CPU_STAGE.num_cpus
+    sizes = sorted({c for c in node_cpus if c >= read})
+    share = math.floor(most * 1000) / 1000
+    while share > 0.1 and not all(packing_leftover(c, share) >= read - 1e-9 for c in sizes):
+        share = round(share - 0.001, 3)
+    return max(0.1, share)
 
 
 def pool_demand(cfg: FeaturesConfig, use_gpu: bool) -> Demand:
