@@ -47,6 +47,10 @@ class LocalCluster:
             "RAY_USAGE_STATS_ENABLED": "0",
             # a busy test machine starts Ray Train's workers slowly (torch imports): allow it
             "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
+            # a SIGKILLed node is found dead after 5 failed health checks a second apart (Ray's
+            # default: 3 s apart, ~15-30 s); a live node that is slow to answer still has 10 s a check
+            "RAY_health_check_period_ms": "1000",
+            "RAY_health_check_failure_threshold": "5",
             "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
             "PATH": BIN + os.pathsep + os.environ.get("PATH", ""),
         }
@@ -143,6 +147,17 @@ class LocalCluster:
 
     def alive_nodes(self) -> int:
         return len(self.node_resources())
+
+    def alive_node_ids(self) -> set[str]:
+        """The ids of the live nodes (empty when the state API does not answer)."""
+        with open(self.token_path) as f:
+            request = urllib.request.Request(f"{self.dashboard}/api/v0/nodes", headers={"Authorization": f"Bearer {f.read().strip()}"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                nodes = json.loads(r.read())["data"]["result"]["result"]
+        except (OSError, ValueError, KeyError):
+            return set()
+        return {n["node_id"] for n in nodes if n["state"] == "ALIVE"}
 
     @staticmethod
     def wait_for(condition, timeout: float, what: str, every: float = 1.0) -> None:
