@@ -84,7 +84,11 @@ class LocalCluster:
 
     def add_worker(self, num_cpus: float, resources: dict | None = None, wait: bool = True) -> subprocess.Popen:
         before = self.alive_nodes()
-        args = [f"--address={self.address}", f"--num-cpus={num_cpus}", f"--dashboard-agent-listen-port={free_port()}", f"--object-store-memory={self.object_store}", "--disable-usage-stats"]
+        # its own temporary folder, as on a machine of its own: nodes sharing one set up a job's
+        # working directory in the same place, and each new node deletes and unpacks it again
+        # while the other nodes' workers import from it (`No module named 'rsdist.cluster.engine'`)
+        args = [f"--address={self.address}", f"--num-cpus={num_cpus}", f"--dashboard-agent-listen-port={free_port()}", f"--object-store-memory={self.object_store}",
+                "--disable-usage-stats", f"--temp-dir={self.tmp}/n{len(self.nodes)}"]
         if resources:
             args.append(f"--resources={json.dumps(resources)}")
         p = self._start(args)
