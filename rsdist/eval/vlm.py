@@ -157,10 +157,11 @@ def generator_resources(cfg: VlmEvalConfig) -> Resources:
 
 
 def generator_demand(cfg: VlmEvalConfig, res: Resources) -> "Demand":
-    """The generator actors' demand for `ensure_demand` (the autoscaler), each resource named by its setting."""
+    """The generator actors' demand: up to `num_actors` (an elastic pool: it starts with one)."""
     from rsdist.core.raycluster import Demand
 
-    return Demand(res.bundle(), {"CPU": "eval.vlm.cpus_per_actor", "GPU": GPU_SETTING}, count=cfg.num_actors)
+    return Demand(res.bundle(), {"CPU": "eval.vlm.cpus_per_actor", "GPU": GPU_SETTING}, count=cfg.num_actors, count_setting="eval.vlm.num_actors",
+                  what="generator actors", all_at_once=False)
 
 
 def driver_uses_gpu(cfg: VlmEvalConfig) -> bool:
@@ -175,13 +176,12 @@ def driver_uses_gpu(cfg: VlmEvalConfig) -> bool:
 def check_generator_placement(cfg: VlmEvalConfig) -> None:
     """Refuse, naming the setting, generators that can never run: actors no node can place, or
     cuda in a driver without a CUDA device."""
-    from rsdist.core.raycluster import check_placement
+    from rsdist.core.raycluster import check_demand
 
     if cfg.num_actors == 0:
         driver_uses_gpu(cfg)
         return
-    res = generator_resources(cfg)
-    check_placement("eval.vlm.num_actors", cfg.num_actors, "eval.vlm.cpus_per_actor", res.num_cpus, res.num_gpus, GPU_SETTING, what="generator actors")
+    check_demand(generator_demand(cfg, generator_resources(cfg)))
 
 
 def generate_all(inputs: pa.Table, cfg: VlmEvalConfig, model: str, seed: int, adapter_files: dict[str, bytes] | None, max_new_tokens: int) -> list[str]:

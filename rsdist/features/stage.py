@@ -62,7 +62,7 @@ from rsdist.config import VLM_FEATURES, FeaturesConfig
 from rsdist.features.embed import EmbedModel
 from rsdist.features.preprocess import preprocess_batch, split_perturbations
 from rsdist.features.vlm_embed import VlmSpec
-from rsdist.core.raycluster import Demand, alive_nodes, elastic_actor_pool, ensure_demand, use_gpus
+from rsdist.core.raycluster import Demand, alive_nodes, check_demand, elastic_actor_pool, ensure_demand, use_gpus
 from rsdist.core.rundir import RunDir, compression
 from rsdist.stage import Resources, Stage, StageResult
 
@@ -147,10 +147,16 @@ def fill_proof_share(node_cpus: list[float], most: float) -> float:
 
 
 def pool_demand(cfg: FeaturesConfig, use_gpu: bool) -> Demand:
-    """What one model actor needs of a node, for `ensure_demand` (the autoscaler) before planning."""
+    """What one model actor needs of a node (the pool is elastic: it starts with one), checked
+    before any stage runs (`check_resources`) and before the pool is planned (`ensure_demand`)."""
     bundle = {"CPU": cfg.cpus_per_actor or (0.25 if use_gpu else 0.5), "GPU": cfg.gpus_per_actor if use_gpu else 0.0, "memory": cfg.memory_per_actor_gb * 1e9}
     settings = {"CPU": "features.cpus_per_actor", "GPU": "features.device=cuda with features.gpus_per_actor", "memory": "features.memory_per_actor_gb"}
-    return Demand(bundle, settings, count=cfg.num_actors or 1)
+    return Demand(bundle, settings, count=cfg.num_actors or 1, count_setting="features.num_actors", what="model actors", all_at_once=False)
+
+
+def check_resources(cfg: FeaturesConfig) -> None:
+    """Refuse, naming the setting, model actors the cluster can never place."""
+    check_demand(pool_demand(cfg, use_gpus(cfg.device)))
 
 
 def plan_slices(shard_rows: dict[str, int], rows_per_slice: int) -> list[dict]:
@@ -608,4 +614,4 @@ def resources(cfg: FeaturesConfig) -> Resources:
     return plan_pool(cfg, alive_nodes(), use_gpus(cfg.device)).resources
 
 
-STAGE = Stage(name="features", folder="features", reads=("shards",), section="features", resources=resources, run=run, resumable=True)
+STAGE = Stage(name="features", folder="features", reads=("shards",), section="features", resources=resources, run=run, resumable=True, placement=check_resources)

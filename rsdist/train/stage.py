@@ -35,7 +35,7 @@ import tempfile
 import time
 
 from rsdist.config import TrainConfig
-from rsdist.core.raycluster import Demand, ensure_demand, use_gpus
+from rsdist.core.raycluster import Demand, check_demand, ensure_demand, use_gpus
 from rsdist.core.rundir import RunDir
 from rsdist.stage import Resources, Stage, StageResult
 from rsdist.core.rows import MANIFEST, count_wanted, features_encoder, manifest_summary, rank_items, worker_dataset
@@ -59,16 +59,14 @@ def resources(cfg: TrainConfig) -> Resources:
 
 
 def worker_demand(cfg: TrainConfig, res: Resources) -> Demand:
+    """The training workers' demand: `num_workers` of them, all placed at once (Ray Train)."""
     settings = {"CPU": "train.cpus_per_worker", "GPU": "train.device / train.gpus_per_worker", "memory": "train.memory_per_worker_gb"}
-    return Demand(res.bundle(), settings, count=cfg.num_workers)
+    return Demand(res.bundle(), settings, count=cfg.num_workers, count_setting="train.num_workers")
 
 
 def check_resources(cfg: TrainConfig) -> None:
     """Refuse, naming the setting, workers the cluster can never place (Ray Train would wait forever)."""
-    from rsdist.core.raycluster import check_placement
-
-    res = resources(cfg)
-    check_placement("train.num_workers", cfg.num_workers, "train.cpus_per_worker", res.num_cpus, res.num_gpus)
+    check_demand(worker_demand(cfg, resources(cfg)))
 
 
 def storage_path(run: RunDir, *parts: str) -> str:

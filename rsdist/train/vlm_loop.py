@@ -49,7 +49,7 @@ import pyarrow.compute as pc
 import torch
 
 from rsdist.core.rundir import RunDir
-from rsdist.core.raycluster import Demand, check_placement, ensure_demand, use_gpus
+from rsdist.core.raycluster import Demand, check_demand, ensure_demand, use_gpus
 from rsdist.models.safe_files import check_adapter_folder, load_torch_state, read_json_file, save_torch_state
 from rsdist.stage import Resources, StageResult
 from rsdist.train.loop import warmup_then_linear
@@ -314,13 +314,13 @@ GPU_SETTING = "train.vlm.device=cuda with train.vlm.gpus_per_worker"
 
 
 def worker_demand(cfg: VlmTrainConfig, res: Resources) -> Demand:
-    """The workers' demand for `ensure_demand` (the autoscaler), each resource named by its setting."""
-    return Demand(res.bundle(), {"CPU": "train.vlm.cpus_per_worker", "GPU": GPU_SETTING}, count=cfg.num_workers)
+    """The training workers' demand: `num_workers` of them, all placed at once (Ray Train)."""
+    return Demand(res.bundle(), {"CPU": "train.vlm.cpus_per_worker", "GPU": GPU_SETTING}, count=cfg.num_workers, count_setting="train.vlm.num_workers")
 
 
 def check_worker_placement(cfg: VlmTrainConfig, res: Resources) -> None:
     """Refuse, naming the setting, training workers the cluster can never place."""
-    check_placement("train.vlm.num_workers", cfg.num_workers, "train.vlm.cpus_per_worker", res.num_cpus, res.num_gpus, GPU_SETTING)
+    check_demand(worker_demand(cfg, res))
 
 
 def optimizer_steps_per_epoch(rows_per_worker: int, batch_size: int, grad_accum: int) -> int:
