@@ -17,8 +17,8 @@ After each epoch every worker calls `ray.train.report` once; only rank 0 attache
 (epoch, history, the schedule's state, parameter counts). On start, `ray.train.get_checkpoint()`
 gives the last finished epoch of an earlier run (or of this run's worker group before a failure)
 with the same storage path and name; training continues after it, or after a newer complete epoch
-checkpoint in the run folder that Ray Train had not yet registered when a node was lost
-(`newest_stored_epoch`; rank 0 decides, every rank follows).
+checkpoints in the run folder that Ray Train had not yet registered when a node was lost
+(`newer_stored_epochs`; rank 0 decides, every rank follows, and those epochs are reported again).
 
 A resumed run trains exactly as an uninterrupted one: every random draw of an epoch (dropout in
 the text tower, LoRA dropout) comes from a generator seeded at the start of that epoch from
@@ -152,57 +152,87 @@ def complete_epoch(folder: str, method: str) -> int:
         return 0
 
 
-def newest_stored_epoch(root: str, method: str, after: int) -> int:
-    """The newest complete epoch checkpoint in Ray Train's run folder `root` that is newer than
-    epoch `after`, or 0.
+def newer_stored_epochs(root: str, method: str, after: int) -> list[int]:
+    """The epoch checkpoints in Ray Train's run folder `root` after epoch `after` that are
+    complete, in order, as long as they follow one another (rank 0 uploads them one by one).
 
     Ray Train counts a checkpoint once its controller has collected every worker's report of that
-    epoch (it polls every few seconds); a node lost between rank 0's upload and that poll leaves a
-    complete checkpoint Ray Train does not offer (`get_checkpoint` gives the one before, or none),
-    and the restarted workers would redo that epoch."""
+    epoch (it polls every few seconds); a node lost between rank 0's upload and that poll leaves
+    complete checkpoints Ray Train does not offer (`get_checkpoint` gives the one before, or none),
+    and the restarted workers would redo those epochs."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(root)
     try:
         names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
     except FileNotFoundError:
-        return 0
-    for epoch in sorted({folder_epoch(n) for n in names if folder_epoch(n) > after}, reverse=True):
+        return []
+    found, epochs = {folder_epoch(n) for n in names}, []
+    epoch = after + 1
+    while epoch in found:
         with stored_folder(root, epoch_folder(epoch)) as folder:
-            if complete_epoch(folder, method) == epoch:
-                return epoch
-    return 0
+            if complete_epoch(folder, method) != epoch:
+                break
+        epochs.append(epoch)
+        epoch += 1
+    return epochs
 
 
-def agreed(value: int) -> int:
-    """Rank 0's `value`, on every rank (the ranks must resume from the same epoch)."""
+def agreed(value):
+    """Rank 0's `value` (any picklable object), on every rank."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
-    return int(box[0])
+    return box[0]
 
 
-def resume_epoch(config: dict, checkpoint, rank: int) -> tuple[int, bool]:
-    """(the epoch to resume after, whether its checkpoint is one Ray Train had not registered):
-    Ray Train's latest checkpoint, or a newer complete one in the run folder (newest_stored_epoch)."""
-    registered = folder_epoch(checkpoint.path) if checkpoint is not None else 0
-    stored = newest_stored_epoch(config["checkpoint_root"], config.get("method", "lora"), registered) if rank == 0 and config.get("checkpoint_root") else 0
-    stored = agreed(stored)
-    return (stored, True) if stored else (registered, False)
+COUNTS = ("trainable_params", "total_params", "full_finetune_params")
+
+
+def missed_reports(config: dict, registered: int, rank: int) -> list[dict]:
+    """The reports Ray Train did not register: for each complete epoch checkpoint in the run folder
+    after the last one it registered (newer_stored_epochs), the metrics rank 0 reported with it,
+    read back from its state.json; every rank gets rank 0's list."""
+    reports = []
+    root = config.get("checkpoint_root")
+    if rank == 0 and root:
+        for epoch in newer_stored_epochs(root, config.get("method", "lora"), registered):
+            with stored_folder(root, epoch_folder(epoch)) as folder:
+                state = read_json_file(os.path.join(folder, STATE_FILE))
+            reports.append({**state["history"][-1], **{k: state[k] for k in COUNTS}})
+    return agreed(reports)
+
+
+def report_again(config: dict, record: dict, rank: int) -> None:
+    """Report an epoch whose checkpoint Ray Train had not registered, with the metrics and the
+    checkpoint of the first time (rank 0 sends a copy of the stored folder), so Ray Train keeps
+    and scores the epochs of a resumed run as those of a run never interrupted."""
+    import shutil
+
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(record)
+        return
+    name = epoch_folder(record["epoch"])
+    with stored_folder(config["checkpoint_root"], name) as folder, tempfile.TemporaryDirectory() as tmp:
+        copy = shutil.copytree(folder, os.path.join(tmp, name))
+        ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(copy), checkpoint_dir_name=name)
 
 
 def restore_checkpoint(encoder, optimizer, scheduler, config: dict, rank: int) -> tuple[int, list[dict]]:
-    """Load the checkpoint training resumes from (resume_epoch) into the model, optimizer and
-    schedule; (0, []) when there is none."""
+    """Load the checkpoint training resumes from into the model, optimizer and schedule: Ray
+    Train's latest, or the newest complete one after it in the run folder, whose epochs are then
+    reported again (report_again). (0, []) when there is none; else (epochs done, history)."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
-    epoch, unregistered = resume_epoch(config, checkpoint, rank)
-    if unregistered:
-        with stored_folder(config["checkpoint_root"], epoch_folder(epoch)) as folder:
+    missed = missed_reports(config, folder_epoch(checkpoint.path) if checkpoint is not None else 0, rank)
+    if missed:
+        with stored_folder(config["checkpoint_root"], epoch_folder(missed[-1]["epoch"])) as folder:
             done = _restore(encoder, optimizer, scheduler, folder)
     elif checkpoint is not None:
         with checkpoint.as_directory() as folder:
@@ -210,8 +240,10 @@ def restore_checkpoint(encoder, optimizer, scheduler, config: dict, rank: int) -
     else:
         return 0, []
     if rank == 0:
-        note = " (a checkpoint written before its node was lost, not yet registered by Ray Train)" if unregistered else ""
+        note = f" (epochs {missed[0]['epoch']}-{missed[-1]['epoch']} written before a node was lost, not yet registered by Ray Train)" if missed else ""
         print(f"train: resuming after epoch {done[0]}/{config['epochs']}{note}", flush=True)
+    for record in missed:
+        report_again(config, record, rank)
     return done
 
 

@@ -13,7 +13,7 @@ import torch
 from rsdist.config import TrainConfig
 from rsdist.models.encoders import build_encoder
 from rsdist.models.tuned import make_tunable
-from rsdist.train.loop import complete_epoch, epoch_folder, newest_stored_epoch, write_epoch_checkpoint
+from rsdist.train.loop import complete_epoch, epoch_folder, newer_stored_epochs, write_epoch_checkpoint
 
 
 def write_epochs(root: str, epochs: int, method: str = "lora") -> None:
@@ -28,17 +28,17 @@ def write_epochs(root: str, epochs: int, method: str = "lora") -> None:
         write_epoch_checkpoint(folder, encoder, optimizer, scheduler, {"epoch": epoch, "history": [], "method": method})
 
 
-def test_the_newest_complete_epoch_newer_than_ray_trains_own_is_found(tmp_path):
+def test_the_complete_epochs_after_ray_trains_own_are_found(tmp_path):
     root = str(tmp_path / "train")
     write_epochs(root, 3)
-    assert newest_stored_epoch(root, "lora", after=0) == 3
-    assert newest_stored_epoch("file://" + root, "lora", after=1) == 3  # the run folder's URI, as the stage passes it
-    assert newest_stored_epoch(root, "lora", after=3) == 0  # Ray Train's own is the newest: nothing to add
+    assert newer_stored_epochs(root, "lora", after=0) == [1, 2, 3]
+    assert newer_stored_epochs("file://" + root, "lora", after=1) == [2, 3]  # the run folder's URI, as the stage passes it
+    assert newer_stored_epochs(root, "lora", after=3) == []  # Ray Train's own is the newest: nothing to add
     # an upload cut short: a truncated optimizer state, then a missing adapter folder
     with open(os.path.join(root, epoch_folder(3), "optimizer.pt"), "r+b") as f:
         f.truncate(100)
     assert complete_epoch(os.path.join(root, epoch_folder(3)), "lora") == 0
-    assert newest_stored_epoch(root, "lora", after=0) == 2
+    assert newer_stored_epochs(root, "lora", after=0) == [1, 2]
     shutil.rmtree(os.path.join(root, epoch_folder(2), "text_adapter"))  # would pass for a heads-only checkpoint
-    assert newest_stored_epoch(root, "lora", after=0) == 1
-    assert newest_stored_epoch(str(tmp_path / "none"), "lora", after=0) == 0
+    assert newer_stored_epochs(root, "lora", after=0) == [1]
+    assert newer_stored_epochs(str(tmp_path / "none"), "lora", after=0) == []
