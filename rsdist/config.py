@@ -369,6 +369,8 @@ class VlmTrainConfig(LoraFields):
     checkpoints_to_keep: int = _help("Step checkpoints kept (oldest removed).", default=2)
     num_workers: int = _help("Ray Train workers (data parallel, see strategy).", default=1)
     cpus_per_worker: float = _help("CPUs each worker asks Ray for.", default=1.0)
+    device: str = _help(DEVICE_HELP, default="auto")
+    gpus_per_worker: float = _help("GPUs each worker asks Ray for when the device is cuda.", default=1.0)
     bf16: bool = _help("bf16 autocast of the forward pass on GPU (ignored on CPU).", default=True)
     gradient_checkpointing: bool = _help("Recompute each layer's activations in the backward pass (saves memory, same loss).", default=False)
     strategy: str = _help(f"Data parallelism, one of {VLM_STRATEGIES}: 'ddp' (every worker holds the whole model) or 'fsdp' (torch FSDP2: parameters, "
@@ -386,6 +388,8 @@ class VlmTrainConfig(LoraFields):
         self.check_lora("train.vlm")
         for name in ("max_pixels", "min_pixels", "max_tokens", "batch_size", "grad_accum", "epochs", "checkpoint_every", "checkpoints_to_keep", "num_workers", "cpus_per_worker", "lr"):
             _positive(f"train.vlm.{name}", getattr(self, name))
+        _choice("train.vlm.device", self.device, DEVICES)
+        _positive("train.vlm.gpus_per_worker", self.gpus_per_worker)
         _positive("train.vlm.weight_decay", self.weight_decay, allow_zero=True)
         _positive("train.vlm.max_failures", self.max_failures, allow_zero=True)
         _positive("train.vlm.max_steps", self.max_steps, allow_zero=True)
@@ -410,6 +414,8 @@ class VlmEvalConfig:
     min_pixels: int = _help("Images smaller than this many pixels are upscaled to reach it.", default=28 * 28)
     num_actors: int = _help("Ray Data actor pool size of generators (0 = generate in this process, no Ray).", default=1)
     cpus_per_actor: float = _help("CPUs each generator actor asks Ray for.", default=1.0)
+    device: str = _help(DEVICE_HELP + " With num_actors 0 generation runs in the driver: 'cuda' needs a CUDA device there, 'auto' uses one when present.", default="auto")
+    gpus_per_actor: float = _help("GPUs each generator actor asks Ray for when the device is cuda.", default=1.0)
     bf16: bool = _help("bf16 weights on GPU (ignored on CPU).", default=True)
 
     def __post_init__(self) -> None:
@@ -421,6 +427,8 @@ class VlmEvalConfig:
             _positive(f"eval.vlm.{name}", getattr(self, name))
         _positive("eval.vlm.max_rows", self.max_rows, allow_zero=True)
         _positive("eval.vlm.num_actors", self.num_actors, allow_zero=True)
+        _choice("eval.vlm.device", self.device, DEVICES)
+        _positive("eval.vlm.gpus_per_actor", self.gpus_per_actor)
         if self.min_pixels > self.max_pixels:
             raise ConfigError(f"eval.vlm.min_pixels: {self.min_pixels} must be <= eval.vlm.max_pixels={self.max_pixels}")
 

@@ -66,7 +66,7 @@ class Stage:
     resources: Callable[[Any], Resources]  # settings -> what one worker (task, actor, Train worker) asks for
     run: Callable[[RunDir, Any], StageResult]  # (run directory, settings) -> counts; writes `folder`
     resumable: bool = False  # keeps the partial output of an interrupted run with the same fingerprint
-    placement: Callable[[Any], None] | None = None  # settings -> ConfigError naming a request of workers the Ray cluster can never place
+    placement: Callable[[Any], None] | None = None  # settings -> DemandError naming a request of workers the Ray cluster can never place (raycluster.check_demand)
 
 
 def _default(f: dataclasses.Field) -> Any:

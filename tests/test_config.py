@@ -136,9 +136,13 @@ def test_direct_construction_refuses_non_finite_and_boolean_numbers():
         (["train", "--set", "train.cpus_per_worker=8"], "train.cpus_per_worker: 8 CPUs for each of the workers, but the largest node of the Ray cluster has 2 (1 node, 2 CPUs)"),
         (["cluster", "--set", "cluster.num_actors=5", "--set", "cluster.cpus_per_actor=1"],
          "cluster.num_actors: 5 shard actors of 1 CPU each, but the Ray cluster can hold 2 (1 node, 2 CPUs)"),
-        (["cluster", "--set", "cluster.device=cuda", "--set", "cluster.gpus_per_actor=1"], "cluster.gpus_per_actor: each of the shard actors needs 1 GPU on one node; no node of the Ray cluster has that (1 node, 2 CPUs)"),
+        (["cluster", "--set", "cluster.device=cuda", "--set", "cluster.gpus_per_actor=1"], "cluster.device / cluster.gpus_per_actor: each of the shard actors needs 1 GPU on one node; no node of the Ray cluster has that (1 node, 2 CPUs)"),
         (["run", "--set", "train.num_workers=100"], "train.num_workers: 100 workers of 0.5 CPUs each, but the Ray cluster can hold 4 (1 node, 2 CPUs)"),
         (["vlm", "train", "--set", "train.vlm.num_workers=3"], "train.vlm.num_workers: 3 workers of 1 CPU each, but the Ray cluster can hold 2 (1 node, 2 CPUs)"),
+        (["vlm", "train", "--set", "train.vlm.device=cuda"],
+         "train.vlm.device=cuda with train.vlm.gpus_per_worker: each of the workers needs 1 GPU on one node; no node of the Ray cluster has that (1 node, 2 CPUs)"),
+        (["vlm", "eval", "--set", "eval.vlm.device=cuda"],
+         "eval.vlm.device=cuda with eval.vlm.gpus_per_actor: each of the generator actors needs 1 GPU on one node; no node of the Ray cluster has that (1 node, 2 CPUs)"),
     ],
 )
 def test_requests_the_cluster_can_never_meet_are_refused_before_any_stage(ray_session, argv, line, tmp_path, capsys):

@@ -50,17 +50,18 @@ def actor_resources(cfg: ClusterConfig) -> Resources:
 
 def check_resources(cfg: ClusterConfig) -> None:
     """Refuse, naming the setting, shard actors the cluster can never place."""
-    from rsdist.core.raycluster import check_placement
+    from rsdist.core.raycluster import check_demand
 
-    res = actor_resources(cfg)
-    check_placement("cluster.num_actors", max(1, cfg.num_actors), "cluster.cpus_per_actor", res.num_cpus, res.num_gpus, "cluster.gpus_per_actor", what="shard actors")
+    check_demand(actor_demand(cfg, actor_resources(cfg)))
 
 
 def actor_demand(cfg: ClusterConfig, res: Resources) -> Demand:
+    """The shard actors' demand: `num_actors` of them (one when decided from the nodes), all
+    started before the fit begins."""
     from rsdist.core.raycluster import Demand
 
     settings = {"CPU": "cluster.cpus_per_actor", "GPU": "cluster.device / cluster.gpus_per_actor", "memory": "cluster.memory_per_actor_gb"}
-    return Demand(res.bundle(), settings, count=cfg.num_actors or 1)
+    return Demand(res.bundle(), settings, count=cfg.num_actors or 1, count_setting="cluster.num_actors", what="shard actors")
 
 
 def actor_count(cfg: ClusterConfig, res: Resources, units: int, nodes: list[dict[str, float]]) -> int:

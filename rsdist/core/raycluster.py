@@ -2,10 +2,13 @@
 
 Placement is planned per node: `alive_nodes()` lists what each node offers, `use_gpus` turns a
 stage's `device` setting into GPUs or not (a stage may ask for GPUs that no node has yet: the
-autoscaler adds them), and `ensure_demand` makes sure a worker's request can be met before a
-stage starts its workers: now, by a node that joins within `ray.demand_timeout_s`, or never (no
-node and no node type of the autoscaler can hold it), which ends the run with one line naming
-the setting.
+autoscaler adds them). Each stage states what its workers ask for as one `Demand` (the bundle of
+one worker, the setting behind each resource, how many workers, whether they must all be placed
+at once), checked twice: `check_demand` before any stage runs refuses a demand the cluster can
+never meet (no node type of the autoscaler can hold a worker; without an autoscaler, no live node
+can, or the live nodes cannot hold the workers together), and `ensure_demand` when the stage
+starts waits until the live nodes can hold them, asking the autoscaler, up to
+`ray.demand_timeout_s`. Either ends the run with one line naming the setting.
 """
 
 from __future__ import annotations
@@ -32,11 +35,24 @@ class DemandError(RuntimeError):
 @dataclass(frozen=True)
 class Demand:
     """What one worker of a stage asks for (a Ray resource bundle), the setting behind each
-    resource (named in errors), and how many workers the stage wants."""
+    resource (named in errors), how many workers the stage starts and the setting behind that
+    number, what they are (in errors), and whether all of them must be placed at once (Ray Train's
+    workers, k-means actors) or the stage starts with one (an elastic actor pool)."""
 
     bundle: dict
     settings: dict
     count: int = 1
+    count_setting: str | None = None
+    what: str = "workers"
+    all_at_once: bool = True
+
+    def positive(self) -> dict[str, float]:
+        """The bundle without the resources it does not ask for."""
+        return {k: float(v) for k, v in self.bundle.items() if v > 0}
+
+    def needed(self) -> int:
+        """How many workers the nodes must hold before the stage starts them."""
+        return max(1, self.count) if self.all_at_once else 1
 
     def blamed(self, candidates: list[dict]) -> str:
         """The settings of the resources no candidate node has enough of (all when only their
@@ -199,12 +215,75 @@ def _describe(bundle: dict) -> str:
     return ", ".join(f"{k} {v / 1e9:g} GB" if k == "memory" else f"{k} {v:g}" for k, v in bundle.items() if v > 0)
 
 
+def worker_room(bundle: dict, node: dict) -> int:
+    """How many workers asking `bundle` one node of these resources holds (when it is empty)."""
+    room = [math.floor(float(node.get(k, 0.0)) / v + EPS) for k, v in bundle.items() if v > 0]
+    return min(min(room), 10**9) if room else 10**9
+
+
+def nodes_hold(bundle: dict, nodes: list[dict[str, float]]) -> int:
+    """How many workers asking `bundle` the nodes hold together."""
+    return min(sum(worker_room(bundle, n) for n in nodes), 10**9)
+
+
+def _describe_nodes(nodes: list[dict[str, float]]) -> str:
+    cpus, gpus = sum(float(n.get("CPU", 0.0)) for n in nodes), sum(float(n.get("GPU", 0.0)) for n in nodes)
+    return f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}, {cpus:g} CPUs" + (f", {gpus:g} GPUs" if gpus else "")
+
+
+def _shape(bundle: dict) -> str:
+    cpus, gpus = bundle.get("CPU", 0.0), bundle.get("GPU", 0.0)
+    return f"{cpus:g} CPU{'s' if cpus != 1 else ''}" + (f" and {gpus:g} GPU{'s' if gpus != 1 else ''}" if gpus else "")
+
+
+def never_placed(demand: Demand, nodes: list[dict[str, float]]) -> str | None:
+    """Why a cluster of exactly these nodes can never place the demand's workers (the setting
+    first), or None when it can."""
+    bundle, where = demand.positive(), _describe_nodes(nodes)
+    if not any(fits(bundle, n) for n in nodes):
+        gpus, cpus = bundle.get("GPU", 0.0), bundle.get("CPU", 0.0)
+        count_setting = demand.count_setting or demand.blamed(nodes)
+        if gpus and not any(fits({"GPU": gpus}, n) for n in nodes):
+            return f"{demand.settings.get('GPU', count_setting)}: each of the {demand.what} needs {gpus:g} GPU{'s' if gpus != 1 else ''} on one node; no node of the Ray cluster has that ({where})"
+        if cpus and not any(fits({"CPU": cpus}, n) for n in nodes):
+            largest = max((float(n.get("CPU", 0.0)) for n in nodes), default=0.0)
+            return f"{demand.settings.get('CPU', count_setting)}: {cpus:g} CPUs for each of the {demand.what}, but the largest node of the Ray cluster has {largest:g} ({where})"
+        return f"{demand.blamed(nodes)}: each of the {demand.what} asks for {_describe(bundle)}; no node of the Ray cluster can hold that ({where})"
+    held = nodes_hold(bundle, nodes)
+    if demand.needed() > held:
+        return f"{demand.count_setting or demand.blamed(nodes)}: {demand.count} {demand.what} of {_shape(bundle)} each, but the Ray cluster can hold {held} ({where})"
+    return None
+
+
+def check_demand(demand: Demand, nodes: list[dict[str, float]] | None = None) -> None:
+    """Before any stage runs: refuse, naming the setting, a demand the cluster can never meet
+    (Ray would wait for its workers forever). With the autoscaler's node types known: a worker no
+    node type can hold (the autoscaler adds nodes for the rest; `ensure_demand` waits for them).
+    Without them (a cluster of fixed nodes, or `nodes` given): a worker no node can hold, or more
+    workers that must start together than the nodes hold together."""
+    types = node_types() if nodes is None else None
+    if types is not None:
+        if not any(fits(demand.positive(), t) for t in types):
+            raise DemandError(f"{demand.blamed(alive_nodes() + types)}: each worker asks for {_describe(demand.positive())}; no node of the cluster and no node type of its autoscaler can hold that")
+        return
+    reason = never_placed(demand, alive_nodes() if nodes is None else nodes)
+    if reason is not None:
+        raise DemandError(reason)
+
+
 def ensure_demand(demand: Demand, timeout_s: float | None = None) -> list[dict[str, float]]:
-    """The live nodes that can each hold one worker of `demand`, waiting for the autoscaler when
-    none can yet. Raises DemandError naming the setting when no node type can ever hold one, or
-    when nothing that can arrives within the timeout (`ray.demand_timeout_s`)."""
-    bundle = {k: float(v) for k, v in demand.bundle.items() if v > 0}
-    nodes = [n for n in alive_nodes() if fits(bundle, n)]
+    """When a stage starts its workers: the live nodes that can each hold one, once together they
+    hold the workers that must start at once (`Demand.needed`), waiting for the autoscaler (asked
+    with `request_resources`) when they do not yet. Raises DemandError naming the setting when no
+    node type can ever hold a worker, or when the nodes to hold them have not joined within the
+    timeout (`ray.demand_timeout_s`)."""
+    bundle = demand.positive()
+
+    def ready() -> list[dict[str, float]]:
+        nodes = [n for n in alive_nodes() if fits(bundle, n)]
+        return nodes if nodes and nodes_hold(bundle, nodes) >= demand.needed() else []
+
+    nodes = ready()
     if nodes:
         return nodes
     types = node_types()
@@ -213,57 +292,32 @@ def ensure_demand(demand: Demand, timeout_s: float | None = None) -> list[dict[s
     timeout_s = _settings["demand_timeout_s"] if timeout_s is None else timeout_s
     from ray.autoscaler.sdk import request_resources
 
-    log.info("waiting up to %.0f s for a node that can hold %s (%s)", timeout_s, _describe(bundle), demand.blamed(alive_nodes()))
+    wanted = f"a node that can hold {_describe(bundle)}" if demand.needed() == 1 else f"nodes that can hold {demand.needed()} x {_describe(bundle)}"
+    log.info("waiting up to %.0f s for %s (%s)", timeout_s, wanted, demand.blamed(alive_nodes()))
     request_resources(bundles=[bundle] * max(1, demand.count))
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:
-            nodes = [n for n in alive_nodes() if fits(bundle, n)]
+            nodes = ready()
             if nodes:
                 return nodes
             time.sleep(1.0)
     finally:
         request_resources(bundles=[])
-    raise DemandError(f"{demand.blamed(alive_nodes())}: each worker asks for {_describe(bundle)}; no node that can hold that joined within ray.demand_timeout_s={timeout_s:g}")
+    live = alive_nodes()
+    if any(fits(bundle, n) for n in live):
+        held = nodes_hold(bundle, [n for n in live if fits(bundle, n)])
+        raise DemandError(f"{demand.count_setting or demand.blamed(live)}: {demand.count} {demand.what} of {_describe(bundle)} each must start together; the nodes hold {held} and no node that can hold more joined within ray.demand_timeout_s={timeout_s:g}")
+    raise DemandError(f"{demand.blamed(live)}: each worker asks for {_describe(bundle)}; no node that can hold that joined within ray.demand_timeout_s={timeout_s:g}")
 
 
-def node_resources() -> list[dict[str, float]]:
-    """The resources of each live node of the Ray cluster."""
-    import ray
+def elastic_actor_pool(size: int):
+    """A Ray Data actor pool that starts with `size` actors (the stage's plan) and may shrink to
+    one: when a node is lost with some of the actors, the pool goes on with the actors on the
+    nodes left and gives back the room of those it cannot place (the read and write tasks need
+    it), instead of waiting, as a fixed-size pool does, for room for all of them; forever when no
+    node replaces the lost one."""
+    import ray.data
 
-    return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
-
-
-def _fits(node: dict[str, float], cpus: float, gpus: float) -> int:
-    """How many bundles of (cpus, gpus) one node holds."""
-    room = math.inf
-    if cpus > 0:
-        room = min(room, math.floor(node.get("CPU", 0.0) / cpus + 1e-9))
-    if gpus > 0:
-        room = min(room, math.floor(node.get("GPU", 0.0) / gpus + 1e-9))
-    return min(room, 10**9)
-
-
-def check_placement(count_field: str, count: int, cpus_field: str, cpus: float, gpus: float = 0.0, gpus_field: str | None = None,
-                    nodes: list[dict[str, float]] | None = None, what: str = "workers") -> None:
-    """Refuse, naming the setting, `count` actors or workers of `cpus` CPUs and `gpus` GPUs each
-    that the cluster's nodes (as they are now) can never hold: Ray would wait for them forever.
-    Each one must fit on a single node; the count is checked against what all nodes hold together."""
-    from rsdist.config import ConfigError
-
-    if nodes is None and node_types() is not None:
-        return  # an autoscaler may add nodes: ensure_demand waits for them, or names the setting
-    nodes = node_resources() if nodes is None else nodes
-    total_cpus = sum(n.get("CPU", 0.0) for n in nodes)
-    total_gpus = sum(n.get("GPU", 0.0) for n in nodes)
-    shape = f"{cpus:g} CPU{'s' if cpus != 1 else ''}" + (f" and {gpus:g} GPU{'s' if gpus != 1 else ''}" if gpus else "")
-    where = f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}, {total_cpus:g} CPUs" + (f", {total_gpus:g} GPUs" if total_gpus else "")
-    per_node = [_fits(n, cpus, gpus) for n in nodes]
-    if not any(per_node):
-        largest = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
-        if gpus and not any(_fits(n, 0.0, gpus) for n in nodes):
-            raise ConfigError(f"{gpus_field or count_field}: each of the {what} needs {gpus:g} GPU{'s' if gpus != 1 else ''} on one node; no node of the Ray cluster has that ({where})")
-        raise ConfigError(f"{cpus_field}: {cpus:g} CPUs for each of the {what}, but the largest node of the Ray cluster has {largest:g} ({where})")
-    room = min(sum(per_node), 10**9)
-    if count > room:
-        raise ConfigError(f"{count_field}: {count} {what} of {shape} each, but the Ray cluster can hold {room} ({where})")
+    size = max(1, int(size))
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=size, initial_size=size)

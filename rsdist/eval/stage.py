@@ -219,6 +219,7 @@ def project_on_workers(run: RunDir, cfg: EvalConfig, counts: list[tuple[str, int
     import pyarrow.fs as pafs
     import ray
 
+    from rsdist.core.raycluster import elastic_actor_pool
     from rsdist.core.rows import worker_dataset
 
     items = [{"file": f, "skip": 0, "take": n} for f, n in counts if n]
@@ -227,7 +228,7 @@ def project_on_workers(run: RunDir, cfg: EvalConfig, counts: list[tuple[str, int
     ds = ds.map_batches(
         ProjectRows, batch_size=None, batch_format="pyarrow",
         fn_constructor_kwargs={"run": run, "encoder": encoder, "embed_dim": meta["embed_dim"], "seed": meta.get("seed", 0), "trained": trained, "frozen_text": frozen_text, "cfg": cfg},
-        compute=ray.data.ActorPoolStrategy(size=max(1, min(len(items), int(cpus // 2)))), num_cpus=0.5)
+        compute=elastic_actor_pool(min(len(items), int(cpus // 2))), num_cpus=0.5)
     run.remove(FOLDER, EMBEDDINGS, name)
     ds.write_parquet(run.path(FOLDER, EMBEDDINGS, name), filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(run.fs)))
 

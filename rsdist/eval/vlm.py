@@ -15,8 +15,9 @@ split is left out.
 Model: a name ('qwen2-vl-tiny', ..., 'hf:<folder>') with optional LoRA adapter files, merged
 before generation. Generation: batched, greedy, left-padded, the family's training template with
 its generation prompt (`rsdist.models.vlm`). Large sets run on Ray: a Ray Data
-`map_batches` over the rows with an actor pool of `num_actors` generators (one GPU each when the
-cluster has GPUs, bf16 there); `num_actors: 0` runs in-process.
+`map_batches` over the rows with an elastic actor pool of up to `num_actors` generators
+(`gpus_per_actor` GPUs each when `device` means GPUs, bf16 there; the pool goes on with fewer
+when a node is lost); `num_actors: 0` runs in-process (on the driver's GPU with device cuda or auto).
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from rsdist.config import VlmEvalConfig
+from rsdist.config import ConfigError, VlmEvalConfig
 from rsdist.eval.vlm_metrics import caption_metrics, classification_metrics, match_class, vqa_matches, vqa_metrics
 from rsdist.core.rundir import RunDir
 from rsdist.models.instructions import CAPTION_PROMPT, SCENE_PROMPT, VQA_PROMPT, question_type, readable_label, scene_prompt, vqa_prompt
 from rsdist.models.safe_files import CheckpointError, check_adapter_folder
+from rsdist.stage import Resources
 
 __all__ = ["VlmEvalConfig", "SCENE_PROMPT", "VQA_PROMPT", "CAPTION_PROMPT", "eval_rows", "task_inputs", "generate_answers", "evaluate_model"]
 
@@ -142,24 +144,65 @@ class VlmGenerator:
         return pa.table({"sample_id": batch.column("sample_id"), "prediction": pa.array(answers, pa.string())})
 
 
+GPU_SETTING = "eval.vlm.device=cuda with eval.vlm.gpus_per_actor"
+
+
+def generator_resources(cfg: VlmEvalConfig) -> Resources:
+    """What each generator actor asks for: `gpus_per_actor` GPUs when `eval.vlm.device` means
+    them (cuda, present or not, so an autoscaler adds GPU nodes; auto on a cluster that has or can
+    add GPU nodes), else CPUs only."""
+    from rsdist.core.raycluster import use_gpus
+
+    return Resources(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor if use_gpus(cfg.device) else 0.0)
+
+
+def generator_demand(cfg: VlmEvalConfig, res: Resources) -> "Demand":
+    """The generator actors' demand: up to `num_actors` (an elastic pool: it starts with one)."""
+    from rsdist.core.raycluster import Demand
+
+    return Demand(res.bundle(), {"CPU": "eval.vlm.cpus_per_actor", "GPU": GPU_SETTING}, count=cfg.num_actors, count_setting="eval.vlm.num_actors",
+                  what="generator actors", all_at_once=False)
+
+
+def driver_uses_gpu(cfg: VlmEvalConfig) -> bool:
+    """With num_actors 0 generation runs in the driver: on its GPU with device cuda (which needs
+    one) or auto (when it has one), on its CPU otherwise."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("eval.vlm.device: 'cuda' with eval.vlm.num_actors 0 generates in the driver, which has no CUDA device; "
+                          "set eval.vlm.num_actors to 1 or more to generate on GPU workers")
+    return cfg.device != "cpu" and torch.cuda.is_available()
+
+
+def check_generator_placement(cfg: VlmEvalConfig) -> None:
+    """Refuse, naming the setting, generators that can never run: actors no node can place, or
+    cuda in a driver without a CUDA device."""
+    from rsdist.core.raycluster import check_demand
+
+    if cfg.num_actors == 0:
+        driver_uses_gpu(cfg)
+        return
+    check_demand(generator_demand(cfg, generator_resources(cfg)))
+
+
 def generate_all(inputs: pa.Table, cfg: VlmEvalConfig, model: str, seed: int, adapter_files: dict[str, bytes] | None, max_new_tokens: int) -> list[str]:
     """Answers for every input row, in input order: in-process with num_actors 0, else a Ray Data actor pool."""
     kwargs = dict(model=model, seed=seed, adapter_files=adapter_files, max_pixels=cfg.max_pixels, min_pixels=cfg.min_pixels,
                   max_new_tokens=max_new_tokens, bf16=cfg.bf16)
     if cfg.num_actors == 0:
-        generator = VlmGenerator(**kwargs, use_gpu=torch.cuda.is_available())
+        generator = VlmGenerator(**kwargs, use_gpu=driver_uses_gpu(cfg))
         parts = [generator(inputs.slice(i, cfg.batch_size)) for i in range(0, inputs.num_rows, cfg.batch_size)]
         out = pa.concat_tables(parts)
     else:
         import ray
 
-        from rsdist.core.raycluster import check_placement, cluster_gpus
+        from rsdist.core.raycluster import elastic_actor_pool, ensure_demand
 
-        gpus = cluster_gpus() > 0
-        check_placement("eval.vlm.num_actors", cfg.num_actors, "eval.vlm.cpus_per_actor", cfg.cpus_per_actor, 1.0 if gpus else 0.0, what="generator actors")
+        res = generator_resources(cfg)
+        check_generator_placement(cfg)
+        ensure_demand(generator_demand(cfg, res))
         ds = ray.data.from_arrow(inputs).map_batches(VlmGenerator, batch_size=cfg.batch_size, batch_format="pyarrow",
-                                                      fn_constructor_kwargs={**kwargs, "use_gpu": gpus}, compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-                                                      num_cpus=cfg.cpus_per_actor, num_gpus=1 if gpus else None)
+                                                      fn_constructor_kwargs={**kwargs, "use_gpu": res.num_gpus > 0}, compute=elastic_actor_pool(cfg.num_actors),
+                                                      num_cpus=res.num_cpus, num_gpus=res.num_gpus or None)
         out = pa.Table.from_pylist(ds.take_all())
     answers = dict(zip(out.column("sample_id").to_pylist(), out.column("prediction").to_pylist()))
     return [answers[s] for s in inputs.column("sample_id").to_pylist()]

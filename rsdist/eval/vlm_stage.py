@@ -6,7 +6,8 @@ Input: `<run>/vlm_checkpoints/final/` (`train_meta.json` names the base model an
 Output, `<run>/vlm_eval/` (this stage's own folder): `metrics.json` ({"tuned": {task: ...},
 "untuned": {task: ...}, "flat": the summary's metrics, "settings"}) and
 `<tuned|untuned>_<task>_predictions.parquet` (one row per sample: prompt, answer, target).
-Resources: the driver, or `eval.vlm.num_actors` Ray Data generator actors.
+Resources: the driver, or up to `eval.vlm.num_actors` Ray Data generator actors of
+`cpus_per_actor` CPUs and, when `eval.vlm.device` means GPUs, `gpus_per_actor` GPUs each.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import os
 import tempfile
 
 from rsdist.config import EvalConfig
-from rsdist.eval.vlm import evaluate_model
-from rsdist.core.raycluster import cluster_gpus
+from rsdist.eval.vlm import check_generator_placement, evaluate_model, generator_resources
 from rsdist.core.rundir import RunDir
 from rsdist.models.instructions import pool_classes
 from rsdist.models.safe_files import CheckpointError, check_adapter_folder
@@ -87,7 +87,12 @@ def run(run: RunDir, cfg: EvalConfig) -> StageResult:
 
 def resources(cfg: EvalConfig) -> Resources:
     """What each generator actor asks for (the driver alone with eval.vlm.num_actors 0)."""
-    return Resources(num_cpus=cfg.vlm.cpus_per_actor if cfg.vlm.num_actors else 1.0, num_gpus=1.0 if cfg.vlm.num_actors and cluster_gpus() > 0 else 0.0)
+    return generator_resources(cfg.vlm) if cfg.vlm.num_actors else Resources(num_cpus=1.0)
 
 
-STAGE = Stage(name="eval", folder=FOLDER, reads=("vlm_checkpoints", "shards"), section="eval", resources=resources, run=run)
+def check_resources(cfg: EvalConfig) -> None:
+    """Refuse, naming the setting, generators that can never run (check_generator_placement)."""
+    check_generator_placement(cfg.vlm)
+
+
+STAGE = Stage(name="eval", folder=FOLDER, reads=("vlm_checkpoints", "shards"), section="eval", resources=resources, run=run, placement=check_resources)

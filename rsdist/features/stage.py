@@ -13,8 +13,9 @@ the VLM-internal features of rsdist/features/vlm.py, computed in the same actors
 
 The pass: shards cut, in order, into row slices of one model batch (one block each) -> read through
 the run's fsspec filesystem (so any run URI works), fused with the CPU stage (decode, resize, text
-perturbations; a quarter CPU per task) -> model actor pool (`EmbedModel`, ActorPoolStrategy of fixed
-size, fractional CPUs, one GPU each when the cluster has GPUs; the image perturbations are made in
+perturbations; a quarter CPU per task) -> model actor pool (`EmbedModel`, an elastic ActorPoolStrategy:
+it starts at the planned size and shrinks to the nodes left when a node is lost; fractional CPUs,
+`gpus_per_actor` GPUs each when `features.device` means GPUs; the image perturbations are made in
 the actor on CPU pools, in the CPU stage for GPU actors) -> write step (`write_parts`, tasks of a
 quarter CPU): each result block's rows are written, on the worker, as parts named by the rows they
 hold, `features/_parts/<shard>/<start>-<stop>.parquet` (temporary name, then rename). The driver
@@ -37,7 +38,9 @@ images); a write task one result block (one batch); a commit task one row group 
 Resources (`plan_pool`): per node, from `ray.nodes()`. `features.device` decides GPUs (cuda asks
 for them even before a GPU node exists, so an autoscaler adds one). With GPUs: one actor per
 `gpus_per_actor` GPUs of each node. Without: about CPUs / threads_per_actor actors per node, each
-asking at most what leaves every node a reserve (half a CPU on small hosts) for reads and decodes.
+asking at most what leaves every node a reserve (half a CPU on small hosts) for reads and decodes,
+and a share at which no node can be filled with actors, however Ray places them
+(`fill_proof_share`), so a lost node's actors starting again elsewhere never take the reads' room.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ from rsdist.config import VLM_FEATURES, FeaturesConfig
 from rsdist.features.embed import EmbedModel
 from rsdist.features.preprocess import preprocess_batch, split_perturbations
 from rsdist.features.vlm_embed import VlmSpec
-from rsdist.core.raycluster import Demand, alive_nodes, ensure_demand, use_gpus
+from rsdist.core.raycluster import Demand, alive_nodes, check_demand, elastic_actor_pool, ensure_demand, use_gpus
 from rsdist.core.rundir import RunDir, compression
 from rsdist.stage import Resources, Stage, StageResult
 
@@ -112,17 +115,48 @@ def plan_pool(cfg: FeaturesConfig, nodes: list[dict[str, float]], use_gpu: bool)
         return PoolPlan(size, Resources(num_cpus=round(per_cpu, 3), num_gpus=cfg.gpus_per_actor, memory=memory), threads=2, use_gpu=True)
     threads = cfg.threads_per_actor
     hosts = [float(n.get("CPU", 0.0)) for n in nodes if float(n.get("CPU", 0.0)) >= 1.0] or [max(1.0, sum(float(n.get("CPU", 0.0)) for n in nodes))]
-    per_cpu = cfg.cpus_per_actor or min(float(threads), min((c - read_reserve(c)) / max(1, round(c / threads)) for c in hosts))
-    per_cpu = max(0.1, math.floor(per_cpu * 1000) / 1000)
+    if cfg.cpus_per_actor:
+        per_cpu = max(0.1, math.floor(cfg.cpus_per_actor * 1000) / 1000)
+    else:
+        planned = min(float(threads), min((c - read_reserve(c)) / max(1, round(c / threads)) for c in hosts))
+        per_cpu = fill_proof_share([float(n.get("CPU", 0.0)) for n in nodes] or hosts, planned)
     size = cfg.num_actors or max(1, sum(int((c - read_reserve(c)) / per_cpu + 1e-9) for c in hosts))
     return PoolPlan(size, Resources(num_cpus=per_cpu, memory=memory), threads=threads, use_gpu=False)
 
 
+def packing_leftover(cpus: float, share: float) -> float:
+    """The CPUs a node of `cpus` keeps free when Ray places on it as many actors of `share` as fit."""
+    return cpus - math.floor(cpus / share + 1e-9) * share
+
+
+def fill_proof_share(node_cpus: list[float], most: float) -> float:
+    """The largest CPU share per model actor, at most `most` (in thousandths), at which every node
+    keeps room for a read task however many actors Ray places on it.
+
+    The plan puts fewer actors on a node than fit, but Ray places an actor wherever it fits: when a
+    node is lost, its actors start again on the nodes left (or, planned before the loss was seen,
+    start there in the first place). At a share that divides a node's CPUs (0.5 on a 1-CPU node)
+    they fill it, no read task can run, no actor gets input, and the pass stops for good.
+    """
+    read = CPU_STAGE.num_cpus
+    sizes = sorted({c for c in node_cpus if c >= read})
+    share = math.floor(most * 1000) / 1000
+    while share > 0.1 and not all(packing_leftover(c, share) >= read - 1e-9 for c in sizes):
+        share = round(share - 0.001, 3)
+    return max(0.1, share)
+
+
 def pool_demand(cfg: FeaturesConfig, use_gpu: bool) -> Demand:
-    """What one model actor needs of a node, for `ensure_demand` (the autoscaler) before planning."""
+    """What one model actor needs of a node (the pool is elastic: it starts with one), checked
+    before any stage runs (`check_resources`) and before the pool is planned (`ensure_demand`)."""
     bundle = {"CPU": cfg.cpus_per_actor or (0.25 if use_gpu else 0.5), "GPU": cfg.gpus_per_actor if use_gpu else 0.0, "memory": cfg.memory_per_actor_gb * 1e9}
     settings = {"CPU": "features.cpus_per_actor", "GPU": "features.device=cuda with features.gpus_per_actor", "memory": "features.memory_per_actor_gb"}
-    return Demand(bundle, settings, count=cfg.num_actors or 1)
+    return Demand(bundle, settings, count=cfg.num_actors or 1, count_setting="features.num_actors", what="model actors", all_at_once=False)
+
+
+def check_resources(cfg: FeaturesConfig) -> None:
+    """Refuse, naming the setting, model actors the cluster can never place."""
+    check_demand(pool_demand(cfg, use_gpus(cfg.device)))
 
 
 def plan_slices(shard_rows: dict[str, int], rows_per_slice: int) -> list[dict]:
@@ -391,7 +425,7 @@ def embedded_dataset(run: RunDir, slices: list[dict], cfg: FeaturesConfig, plan:
             "seed": cfg.seed,
             "vlm": vlm_spec(cfg),
         },
-        compute=ray.data.ActorPoolStrategy(size=plan.size),
+        compute=elastic_actor_pool(plan.size),
         num_cpus=plan.resources.num_cpus,
         num_gpus=plan.resources.num_gpus or None,
         **({"memory": plan.resources.memory} if plan.resources.memory else {}),
@@ -580,4 +614,4 @@ def resources(cfg: FeaturesConfig) -> Resources:
     return plan_pool(cfg, alive_nodes(), use_gpus(cfg.device)).resources
 
 
-STAGE = Stage(name="features", folder="features", reads=("shards",), section="features", resources=resources, run=run, resumable=True)
+STAGE = Stage(name="features", folder="features", reads=("shards",), section="features", resources=resources, run=run, resumable=True, placement=check_resources)

@@ -15,8 +15,10 @@ After each epoch every worker calls `ray.train.report` once; only rank 0 attache
 `text_adapter/` or `harma.safetensors`, `heads.safetensors` (heads, logit_scale), `optimizer.pt`
 (AdamW state: tensors and numbers only, read back with `weights_only=True`) and `state.json`
 (epoch, history, the schedule's state, parameter counts). On start, `ray.train.get_checkpoint()`
-gives the last finished epoch of an earlier run with the same storage path and name; training
-continues after it.
+gives the last finished epoch of an earlier run (or of this run's worker group before a failure)
+with the same storage path and name; training continues after it, or after a newer complete epoch
+checkpoints in the run folder that Ray Train had not yet registered when a node was lost
+(`newer_stored_epochs`; rank 0 decides, every rank follows, and those epochs are reported again).
 
 A resumed run trains exactly as an uninterrupted one: every random draw of an epoch (dropout in
 the text tower, LoRA dropout) comes from a generator seeded at the start of that epoch from
@@ -26,8 +28,10 @@ optimizer and schedule state are restored; so no random state needs to be saved.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import posixpath
 import tempfile
 import time
 
@@ -84,17 +88,163 @@ def check_epoch_checkpoint(folder: str) -> dict:
     return state
 
 
-def _restore(encoder, optimizer, scheduler, checkpoint) -> tuple[int, list[dict]]:
-    """Load an epoch checkpoint into the model and optimizer; return (epochs done, history)."""
-    with checkpoint.as_directory() as folder:
-        state = read_json_file(os.path.join(folder, STATE_FILE))
-        heads, _ = load_heads(folder)
-        load_adapter_weights(encoder, folder)
-        saved = load_torch_state(os.path.join(folder, OPTIMIZER_FILE))
+def write_epoch_checkpoint(folder: str, encoder, optimizer, scheduler, state: dict) -> None:
+    """An epoch checkpoint: the adapter and heads (save_trained), optimizer.pt and state.json
+    (`state`: epoch, history, method, parameter counts; plus the schedule's state)."""
+    save_trained(encoder, folder, {"epoch": state["epoch"]})
+    save_torch_state({"optimizer": optimizer.state_dict()}, os.path.join(folder, OPTIMIZER_FILE))
+    with open(os.path.join(folder, STATE_FILE), "w") as f:
+        json.dump({**state, "scheduler": scheduler.state_dict()}, f, indent=2)
+
+
+def _restore(encoder, optimizer, scheduler, folder: str) -> tuple[int, list[dict]]:
+    """Load an epoch checkpoint folder into the model and optimizer; return (epochs done, history)."""
+    state = read_json_file(os.path.join(folder, STATE_FILE))
+    heads, _ = load_heads(folder)
+    load_adapter_weights(encoder, folder)
+    saved = load_torch_state(os.path.join(folder, OPTIMIZER_FILE))
     encoder.load_head_state(heads)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return int(state["epoch"]), list(state["history"])
+
+
+def epoch_folder(epoch: int) -> str:
+    """The name of the checkpoint folder of `epoch` (1-based) in Ray Train's run folder."""
+    return f"epoch_{epoch:04d}"
+
+
+def folder_epoch(name: str) -> int:
+    """The epoch an `epoch_NNNN` checkpoint folder holds (0 for any other name)."""
+    head, _, number = os.path.basename(name.rstrip("/")).partition("_")
+    return int(number) if head == "epoch" and number.isdigit() else 0
+
+
+@contextlib.contextmanager
+def stored_folder(root: str, name: str):
+    """A checkpoint folder of Ray Train's run folder `root` (any fsspec URI) as a local folder:
+    itself on a file system, a downloaded copy on an object store."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(root)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        yield os.path.join(path, name)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        fs.get(posixpath.join(path, name), os.path.join(tmp, name), recursive=True)
+        yield os.path.join(tmp, name)
+
+
+def complete_epoch(folder: str, method: str) -> int:
+    """The epoch of a checkpoint folder when every file of it is there and reads the safe way
+    (a folder whose upload was cut short by a lost node is not), else 0."""
+    from rsdist.models.safe_files import CheckpointError
+    from rsdist.models.tuned import check_checkpoint
+
+    try:
+        state = read_json_file(os.path.join(folder, STATE_FILE))
+        if check_checkpoint(folder) != method or state.get("method", "lora") != method:
+            return 0  # e.g. the adapter folder is missing: it would pass for a heads-only checkpoint
+        load_torch_state(os.path.join(folder, OPTIMIZER_FILE))
+        return int(state["epoch"])
+    except (CheckpointError, OSError, KeyError, TypeError, ValueError):
+        return 0
+
+
+def newer_stored_epochs(root: str, method: str, after: int) -> list[int]:
+    """The epoch checkpoints in Ray Train's run folder `root` after epoch `after` that are
+    complete, in order, as long as they follow one another (rank 0 uploads them one by one).
+
+    Ray Train counts a checkpoint once its controller has collected every worker's report of that
+    epoch (it polls every few seconds); a node lost between rank 0's upload and that poll leaves
+    complete checkpoints Ray Train does not offer (`get_checkpoint` gives the one before, or none),
+    and the restarted workers would redo those epochs."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(root)
+    try:
+        names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
+    except FileNotFoundError:
+        return []
+    found, epochs = {folder_epoch(n) for n in names}, []
+    epoch = after + 1
+    while epoch in found:
+        with stored_folder(root, epoch_folder(epoch)) as folder:
+            if complete_epoch(folder, method) != epoch:
+                break
+        epochs.append(epoch)
+        epoch += 1
+    return epochs
+
+
+def agreed(value):
+    """Rank 0's `value` (any picklable object), on every rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+COUNTS = ("trainable_params", "total_params", "full_finetune_params")
+
+
+def missed_reports(config: dict, registered: int, rank: int) -> list[dict]:
+    """The reports Ray Train did not register: for each complete epoch checkpoint in the run folder
+    after the last one it registered (newer_stored_epochs), the metrics rank 0 reported with it,
+    read back from its state.json; every rank gets rank 0's list."""
+    reports = []
+    root = config.get("checkpoint_root")
+    if rank == 0 and root:
+        for epoch in newer_stored_epochs(root, config.get("method", "lora"), registered):
+            with stored_folder(root, epoch_folder(epoch)) as folder:
+                state = read_json_file(os.path.join(folder, STATE_FILE))
+            reports.append({**state["history"][-1], **{k: state[k] for k in COUNTS}})
+    return agreed(reports)
+
+
+def report_again(config: dict, record: dict, rank: int) -> None:
+    """Report an epoch whose checkpoint Ray Train had not registered, with the metrics and the
+    checkpoint of the first time (rank 0 sends a copy of the stored folder), so Ray Train keeps
+    and scores the epochs of a resumed run as those of a run never interrupted."""
+    import shutil
+
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(record)
+        return
+    name = epoch_folder(record["epoch"])
+    with stored_folder(config["checkpoint_root"], name) as folder, tempfile.TemporaryDirectory() as tmp:
+        copy = shutil.copytree(folder, os.path.join(tmp, name))
+        ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(copy), checkpoint_dir_name=name)
+
+
+def restore_checkpoint(encoder, optimizer, scheduler, config: dict, rank: int) -> tuple[int, list[dict]]:
+    """Load the checkpoint training resumes from into the model, optimizer and schedule: Ray
+    Train's latest, or the newest complete one after it in the run folder, whose epochs are then
+    reported again (report_again). (0, []) when there is none; else (epochs done, history)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    missed = missed_reports(config, folder_epoch(checkpoint.path) if checkpoint is not None else 0, rank)
+    if missed:
+        with stored_folder(config["checkpoint_root"], epoch_folder(missed[-1]["epoch"])) as folder:
+            done = _restore(encoder, optimizer, scheduler, folder)
+    elif checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            done = _restore(encoder, optimizer, scheduler, folder)
+    else:
+        return 0, []
+    if rank == 0:
+        note = f" (epochs {missed[0]['epoch']}-{missed[-1]['epoch']} written before a node was lost, not yet registered by Ray Train)" if missed else ""
+        print(f"train: resuming after epoch {done[0]}/{config['epochs']}{note}", flush=True)
+    for record in missed:
+        report_again(config, record, rank)
+    return done
 
 
 def loss_function(config: dict):
@@ -180,12 +330,7 @@ def train_loop_per_worker(config: dict) -> None:
     total_steps = config["steps_per_epoch"] * config["epochs"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear(total_steps, int(config["warmup_fraction"] * total_steps)))
 
-    start_epoch, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        start_epoch, history = _restore(encoder, optimizer, scheduler, checkpoint)
-        if rank == 0:
-            print(f"train: resuming after epoch {start_epoch}/{config['epochs']}", flush=True)
+    start_epoch, history = restore_checkpoint(encoder, optimizer, scheduler, config, rank)
     # DDP wraps after the restore, so all ranks start from the same (restored) weights.
     model = ray.train.torch.prepare_model(ContrastivePair(encoder))
 
@@ -233,10 +378,7 @@ def train_loop_per_worker(config: dict) -> None:
             print(f"train: epoch {epoch + 1}/{config['epochs']} loss {record['loss']:.4f} on {record['rows']} rows, {record['seconds']:.1f}s{val_note}", flush=True)
             with tempfile.TemporaryDirectory() as folder:
                 state = {"epoch": epoch + 1, "history": history, "method": config.get("method", "lora"), "trainable_params": trainable, "total_params": total, "full_finetune_params": full}
-                save_trained(encoder, folder, {"epoch": epoch + 1})
-                save_torch_state({"optimizer": optimizer.state_dict()}, os.path.join(folder, OPTIMIZER_FILE))
-                with open(os.path.join(folder, STATE_FILE), "w") as f:
-                    json.dump({**state, "scheduler": scheduler.state_dict()}, f, indent=2)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
+                write_epoch_checkpoint(folder, encoder, optimizer, scheduler, state)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=epoch_folder(epoch + 1))
         else:
             ray.train.report(metrics)

@@ -35,7 +35,7 @@ import tempfile
 import time
 
 from rsdist.config import TrainConfig
-from rsdist.core.raycluster import Demand, ensure_demand, use_gpus
+from rsdist.core.raycluster import Demand, check_demand, ensure_demand, use_gpus
 from rsdist.core.rundir import RunDir
 from rsdist.stage import Resources, Stage, StageResult
 from rsdist.core.rows import MANIFEST, count_wanted, features_encoder, manifest_summary, rank_items, worker_dataset
@@ -59,16 +59,14 @@ def resources(cfg: TrainConfig) -> Resources:
 
 
 def worker_demand(cfg: TrainConfig, res: Resources) -> Demand:
+    """The training workers' demand: `num_workers` of them, all placed at once (Ray Train)."""
     settings = {"CPU": "train.cpus_per_worker", "GPU": "train.device / train.gpus_per_worker", "memory": "train.memory_per_worker_gb"}
-    return Demand(res.bundle(), settings, count=cfg.num_workers)
+    return Demand(res.bundle(), settings, count=cfg.num_workers, count_setting="train.num_workers")
 
 
 def check_resources(cfg: TrainConfig) -> None:
     """Refuse, naming the setting, workers the cluster can never place (Ray Train would wait forever)."""
-    from rsdist.core.raycluster import check_placement
-
-    res = resources(cfg)
-    check_placement("train.num_workers", cfg.num_workers, "train.cpus_per_worker", res.num_cpus, res.num_gpus)
+    check_demand(worker_demand(cfg, resources(cfg)))
 
 
 def storage_path(run: RunDir, *parts: str) -> str:
@@ -84,10 +82,12 @@ def storage_path(run: RunDir, *parts: str) -> str:
     return run.url(*parts)
 
 
-def loop_config(cfg: TrainConfig, encoder: str, train_rows: int) -> dict:
-    """The settings every worker gets; steps per epoch follow from the equal split over workers."""
+def loop_config(cfg: TrainConfig, encoder: str, train_rows: int, checkpoint_root: str | None = None) -> dict:
+    """The settings every worker gets; steps per epoch follow from the equal split over workers;
+    `checkpoint_root`: Ray Train's run folder, where a restarted worker group also looks for an
+    epoch checkpoint Ray Train had not registered when a node was lost (loop.newer_stored_epochs)."""
     per_worker = train_rows // cfg.num_workers
-    return {**dataclasses.asdict(cfg), "encoder": encoder, "steps_per_epoch": max(1, math.ceil(per_worker / cfg.batch_size))}
+    return {**dataclasses.asdict(cfg), "encoder": encoder, "steps_per_epoch": max(1, math.ceil(per_worker / cfg.batch_size)), "checkpoint_root": checkpoint_root}
 
 
 VAL_METRIC = "val_mR"
@@ -120,7 +120,7 @@ def make_trainer(run: RunDir, cfg: TrainConfig, encoder: str, datasets: dict, tr
         storage, filesystem = run.path(FOLDER, "ray"), PyFileSystem(FSSpecHandler(run.fs))
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(cfg, encoder, train_rows),
+        train_loop_config=loop_config(cfg, encoder, train_rows, run.url(FOLDER, "ray", "train")),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=res.num_gpus > 0, resources_per_worker=res.bundle()),
         run_config=RunConfig(
             storage_path=storage,

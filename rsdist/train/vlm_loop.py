@@ -29,7 +29,8 @@ Output: `<run>/vlm_checkpoints/final/adapter/` + `train_meta.json` (parameter co
 the loss of every optimizer step, the training loss curve of the report).
 Rows become conversations by `rsdist.models.instructions.row_turns`, with the pool's scene classes
 (`pool_classes`, read once by the driver from the shards' label column) in the classification prompt.
-Resources: `num_workers` workers of `cpus_per_worker` CPUs, one GPU each when the cluster has GPUs.
+Resources: `num_workers` workers of `cpus_per_worker` CPUs and, when `device` means GPUs (cuda, or
+auto on a cluster that has or can add GPU nodes), `gpus_per_worker` GPUs each (worker_resources).
 """
 
 from __future__ import annotations
@@ -48,9 +49,9 @@ import pyarrow.compute as pc
 import torch
 
 from rsdist.core.rundir import RunDir
-from rsdist.core.raycluster import cluster_gpus
+from rsdist.core.raycluster import Demand, check_demand, ensure_demand, use_gpus
 from rsdist.models.safe_files import check_adapter_folder, load_torch_state, read_json_file, save_torch_state
-from rsdist.stage import StageResult
+from rsdist.stage import Resources, StageResult
 from rsdist.train.loop import warmup_then_linear
 from rsdist.train.stage import check_resume_checkpoints, storage_path
 from rsdist.train.vlm import VlmTrainConfig, accumulate_gradients, apply_lora, enable_gradient_checkpointing, encode_batch, parameter_counts
@@ -301,6 +302,27 @@ def vlm_train_loop(config: dict) -> None:
     report(final=True)
 
 
+def worker_resources(cfg: VlmTrainConfig) -> Resources:
+    """What each training worker asks for: `gpus_per_worker` GPUs when `train.vlm.device` means
+    them (cuda, present or not, so an autoscaler adds GPU nodes; auto on a cluster that has or can
+    add GPU nodes), else CPUs only."""
+    gpus = cfg.gpus_per_worker if use_gpus(cfg.device) else 0.0
+    return Resources(num_cpus=cfg.cpus_per_worker, num_gpus=gpus)
+
+
+GPU_SETTING = "train.vlm.device=cuda with train.vlm.gpus_per_worker"
+
+
+def worker_demand(cfg: VlmTrainConfig, res: Resources) -> Demand:
+    """The training workers' demand: `num_workers` of them, all placed at once (Ray Train)."""
+    return Demand(res.bundle(), {"CPU": "train.vlm.cpus_per_worker", "GPU": GPU_SETTING}, count=cfg.num_workers, count_setting="train.vlm.num_workers")
+
+
+def check_worker_placement(cfg: VlmTrainConfig, res: Resources) -> None:
+    """Refuse, naming the setting, training workers the cluster can never place."""
+    check_demand(worker_demand(cfg, res))
+
+
 def optimizer_steps_per_epoch(rows_per_worker: int, batch_size: int, grad_accum: int) -> int:
     """The loop's steps per epoch: the last micro-batch may be partial, leftover micro-batches
     (fewer than grad_accum) are dropped."""
@@ -315,9 +337,9 @@ def run_vlm(run: RunDir, cfg: VlmTrainConfig) -> StageResult:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from rsdist.core.raycluster import check_placement
-
-    check_placement("train.vlm.num_workers", cfg.num_workers, "train.vlm.cpus_per_worker", cfg.cpus_per_worker, 1.0 if cluster_gpus() > 0 else 0.0)
+    res = worker_resources(cfg)
+    check_worker_placement(cfg, res)
+    ensure_demand(worker_demand(cfg, res))
     check_resume_checkpoints(run, (*FOLDER, "ray"), "step_", check_step_checkpoint)
     ids = vlm_training_ids(run)
     per_worker = len(ids) // cfg.num_workers
@@ -330,7 +352,7 @@ def run_vlm(run: RunDir, cfg: VlmTrainConfig) -> StageResult:
     trainer = TorchTrainer(
         vlm_train_loop,
         train_loop_config={**dataclasses.asdict(cfg), "steps_per_epoch": steps_per_epoch, "classes": pool_classes(run)},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cluster_gpus() > 0, resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=res.num_gpus > 0, resources_per_worker=res.bundle()),
         run_config=RunConfig(storage_path=storage, name="train", failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep)),
         datasets={"train": vlm_training_dataset(run, ids)},

@@ -7,32 +7,30 @@ Output, `<run>/vlm_checkpoints/` (this stage's own folder; the dual encoder's tr
 `checkpoints/`): `ray/train/` (step checkpoints; a re-run with the same settings resumes at the
 last one) and `final/` (`adapter/`, peft LoRA with the projector when trainable; `train_meta.json`:
 parameter counts, the loss of every step, rows, seconds, settings).
-Resources: `train.vlm.num_workers` Ray Train workers of `cpus_per_worker` CPUs, one GPU each when
-the cluster has GPUs.
+Resources: `train.vlm.num_workers` Ray Train workers of `cpus_per_worker` CPUs and, when
+`train.vlm.device` means GPUs (cuda, present or not, so an autoscaler adds GPU nodes; auto on a
+cluster that has or can add them), `gpus_per_worker` GPUs each.
 """
 
 from __future__ import annotations
 
 from rsdist.config import TrainConfig
-from rsdist.core.raycluster import cluster_gpus
 from rsdist.core.rundir import RunDir
 from rsdist.stage import Resources, Stage, StageResult
 from rsdist.train.vlm_loop import FOLDER as _FOLDER
+from rsdist.train.vlm_loop import check_worker_placement, worker_resources
 
 FOLDER = _FOLDER[0]
 
 
 def resources(cfg: TrainConfig) -> Resources:
     """What each training worker asks for."""
-    return Resources(num_cpus=cfg.vlm.cpus_per_worker, num_gpus=1.0 if cluster_gpus() > 0 else 0.0)
+    return worker_resources(cfg.vlm)
 
 
 def check_resources(cfg: TrainConfig) -> None:
     """Refuse, naming the setting, training workers the cluster can never place."""
-    from rsdist.core.raycluster import check_placement
-
-    res = resources(cfg)
-    check_placement("train.vlm.num_workers", cfg.vlm.num_workers, "train.vlm.cpus_per_worker", res.num_cpus, res.num_gpus)
+    check_worker_placement(cfg.vlm, resources(cfg))
 
 
 def run(run: RunDir, cfg: TrainConfig) -> StageResult:

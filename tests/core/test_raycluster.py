@@ -1,5 +1,6 @@
-"""Demands checked before a stage starts its workers: met now, met by a node that joins, or a
-one-line error naming the setting (no node type can hold it, or nothing arrived in time)."""
+"""Demands checked before any stage runs (`check_demand`: never placeable, refused at once) and
+when a stage starts its workers (`ensure_demand`: met now, met by nodes that join, or a one-line
+error naming the setting: no node type can hold a worker, or nothing arrived in time)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import yaml
 
 from rsdist.core import raycluster
-from rsdist.core.raycluster import Demand, DemandError, ensure_demand, fits
+from rsdist.core.raycluster import Demand, DemandError, check_demand, ensure_demand, fits
 
 GPU_DEMAND = Demand({"CPU": 0.25, "GPU": 1.0}, {"CPU": "features.cpus_per_actor", "GPU": "features.device=cuda with features.gpus_per_actor"})
 
@@ -51,3 +52,26 @@ def test_relative_run_dir_in_a_working_dir_job_is_refused(monkeypatch):
     raycluster.check_job_run_dir("s3://bucket/run")
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
     raycluster.check_job_run_dir("runs/demo")  # outside a job, relative paths are the user's own
+
+
+def test_workers_that_start_together_are_counted(ray_session):
+    """Ray Train's workers must all be placed at once: the session's one 2-CPU node holds two of
+    one CPU, not five; an elastic pool's actors need only one to start."""
+    five = Demand({"CPU": 1.0}, {"CPU": "train.cpus_per_worker"}, count=5, count_setting="train.num_workers")
+    with pytest.raises(DemandError, match=r"^train.num_workers: 5 workers of 1 CPU each, but the Ray cluster can hold 2 \(1 node, 2 CPUs\)$"):
+        check_demand(five)
+    with pytest.raises(DemandError, match=r"^train.num_workers: 5 workers of CPU 1 each must start together; the nodes hold 2 and no node that can hold more joined within ray.demand_timeout_s=1$"):
+        ensure_demand(five, timeout_s=1)
+    elastic = Demand({"CPU": 1.0}, {"CPU": "features.cpus_per_actor"}, count=5, count_setting="features.num_actors", all_at_once=False)
+    check_demand(elastic)
+    assert ensure_demand(elastic, timeout_s=1)
+
+
+def test_before_any_stage_a_worker_no_node_type_can_hold_is_refused(ray_session, tmp_path, monkeypatch):
+    config = tmp_path / "autoscaler.yaml"
+    config.write_text(yaml.safe_dump({"available_node_types": {"head": {"resources": {"CPU": 0}}, "gpu_worker": {"resources": {"CPU": 8, "GPU": 1}}}}))
+    monkeypatch.setitem(raycluster._settings, "autoscaler_config", str(config))
+    check_demand(GPU_DEMAND)  # no GPU node yet: the autoscaler adds one when the stage asks
+    check_demand(Demand({"CPU": 1.0}, {}, count=100))  # and as many as the stage wants
+    with pytest.raises(DemandError, match=r"^features.device=cuda with features.gpus_per_actor: each worker asks for CPU 0.25, GPU 2; no node of the cluster and no node type"):
+        check_demand(Demand({"CPU": 0.25, "GPU": 2.0}, GPU_DEMAND.settings))

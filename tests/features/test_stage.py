@@ -133,11 +133,24 @@ def test_every_node_hosting_actors_keeps_room_for_reads():
     assert plan.size == 3
     assert 1.0 - plan.resources.num_cpus >= features.CPU_STAGE.num_cpus
     mixed = features.plan_pool(_cfg(), [{"CPU": 1.0}, {"CPU": 2.0}], use_gpu=False)
-    assert mixed.resources.num_cpus <= 0.5 and mixed.size == 4  # 1 on the small node, 3 on the other
+    assert mixed.resources.num_cpus <= 0.5 and mixed.size == 5  # 1 on the small node, 4 on the other
     # GPUs asked for before any GPU node exists (the autoscaler adds them): one actor to start with
     ahead = features.plan_pool(_cfg(device="cuda"), [{"CPU": 4.0}], use_gpu=True)
     assert (ahead.size, ahead.resources.num_gpus) == (1, 1.0)
     assert features.plan_pool(_cfg(memory_per_actor_gb=2.0), [{"CPU": 2.0}], use_gpu=False).resources.memory == 2e9
+
+
+def test_no_node_can_be_filled_with_actors_however_ray_places_them():
+    """The planned share leaves every node a read task's room even when Ray puts more actors on it
+    than planned (a lost node's actors starting again on the nodes left): at 0.5 CPU a 1-CPU node
+    held two actors and nothing else, the reads never ran and the pass stopped for good."""
+    for nodes in ([{"CPU": 0.0}, {"CPU": 2.0}, {"CPU": 1.0}], [{"CPU": 1.0}] * 3, [{"CPU": 8.0}], [{"CPU": 3.0}, {"CPU": 4.0}]):
+        share = features.plan_pool(_cfg(), nodes, use_gpu=False).resources.num_cpus
+        for n in nodes:
+            if n["CPU"]:
+                assert features.packing_leftover(n["CPU"], share) >= features.CPU_STAGE.num_cpus, (nodes, share)
+    assert features.fill_proof_share([2.0, 1.0], 0.5) == 0.35
+    assert features.fill_proof_share([2.0], 0.75) == 0.75  # already leaves room: unchanged
 
 
 def test_config_errors_name_the_field():

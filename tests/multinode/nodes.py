@@ -3,7 +3,8 @@
 
 Every node is one `ray start --block` process in its own process group, so a node is killed (a
 lost machine) or stopped by its process group alone: never `ray stop`, which ends every Ray on
-the machine. Ports are picked free, and each cluster has its own short temporary folder.
+the machine. Ports are picked free, and each cluster has its own short temporary folder (removed when the
+cluster stops; RSDIST_KEEP_CLUSTER_TMP=1 keeps it, with the nodes' and the jobs' logs).
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ class LocalCluster:
             "RAY_USAGE_STATS_ENABLED": "0",
             # a busy test machine starts Ray Train's workers slowly (torch imports): allow it
             "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
+            # a SIGKILLed node is found dead after 5 failed health checks a second apart (Ray's
+            # default: 3 s apart, ~15-30 s); a live node that is slow to answer still has 10 s a check
+            "RAY_health_check_period_ms": "1000",
+            "RAY_health_check_failure_threshold": "5",
             "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
             "PATH": BIN + os.pathsep + os.environ.get("PATH", ""),
         }
@@ -79,7 +84,11 @@ class LocalCluster:
 
     def add_worker(self, num_cpus: float, resources: dict | None = None, wait: bool = True) -> subprocess.Popen:
         before = self.alive_nodes()
-        args = [f"--address={self.address}", f"--num-cpus={num_cpus}", f"--dashboard-agent-listen-port={free_port()}", f"--object-store-memory={self.object_store}", "--disable-usage-stats"]
+        # its own temporary folder, as on a machine of its own: nodes sharing one set up a job's
+        # working directory in the same place, and each new node deletes and unpacks it again
+        # while the other nodes' workers import from it (`No module named 'rsdist.cluster.engine'`)
+        args = [f"--address={self.address}", f"--num-cpus={num_cpus}", f"--dashboard-agent-listen-port={free_port()}", f"--object-store-memory={self.object_store}",
+                "--disable-usage-stats", f"--temp-dir={self.tmp}/n{len(self.nodes)}"]
         if resources:
             args.append(f"--resources={json.dumps(resources)}")
         p = self._start(args)
@@ -103,7 +112,8 @@ class LocalCluster:
         for node in reversed(self.nodes):
             self.kill(node)
         self._kill_leftovers()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if not os.environ.get("RSDIST_KEEP_CLUSTER_TMP"):
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     def _kill_leftovers(self) -> None:
         """Processes of this cluster that left their node's process group (e.g. nodes the fake
@@ -141,6 +151,17 @@ class LocalCluster:
 
     def alive_nodes(self) -> int:
         return len(self.node_resources())
+
+    def alive_node_ids(self) -> set[str]:
+        """The ids of the live nodes (empty when the state API does not answer)."""
+        with open(self.token_path) as f:
+            request = urllib.request.Request(f"{self.dashboard}/api/v0/nodes", headers={"Authorization": f"Bearer {f.read().strip()}"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                nodes = json.loads(r.read())["data"]["result"]["result"]
+        except (OSError, ValueError, KeyError):
+            return set()
+        return {n["node_id"] for n in nodes if n["state"] == "ALIVE"}
 
     @staticmethod
     def wait_for(condition, timeout: float, what: str, every: float = 1.0) -> None:

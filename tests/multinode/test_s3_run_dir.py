@@ -1,5 +1,5 @@
 """Run directories on S3: an S3-compatible server (moto's standalone server) on 127.0.0.1, the
-whole job with `run_dir: s3://...`, killed and resumed; writes that fail leave no object."""
+demo (the whole job) with `--out s3://...`, killed and resumed; writes that fail leave no object."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-import yaml
 
 from tests.multinode.nodes import REPO, free_port
 
@@ -64,13 +63,18 @@ def test_a_failed_write_leaves_no_object(s3_env):
 
 
 SETTINGS = {
-    "data": {"source": "synthetic", "synthetic_per_class": 6, "test_fraction": 0.2},
+    "data": {"synthetic_per_class": 6, "test_fraction": 0.2},
     "features": {"encoder": "tiny", "image_size": 32, "batch_size": 16},
     "cluster": {"k": 4, "max_iter": 20},
-    "select": {"method": "shift", "budget": 0.34},
     "train": {"num_workers": 2, "epochs": 2, "batch_size": 8, "embed_dim": 16},
     "ray": {"num_cpus": 2},
 }
+
+
+def demo_args(run: str) -> list[str]:
+    """`rsdist demo --out RUN` with the small settings above (the demo's data: the synthetic set)."""
+    sets = [f"{section}.{k}={v}" for section, fields in SETTINGS.items() for k, v in fields.items()]
+    return ["demo", "--out", run, "--method", "shift", "--budget", "0.34", *[a for s in sets for a in ("--set", s)]]
 
 
 def rsdist(args: list[str], env: dict) -> subprocess.Popen:
@@ -80,12 +84,14 @@ def rsdist(args: list[str], env: dict) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_whole_job_on_s3_killed_and_resumed(s3_env, tmp_path):
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(SETTINGS))
+def test_demo_on_s3_killed_and_resumed(s3_env):
+    """`rsdist demo --out s3://...` on a fresh run directory (its demo set generated there and
+    committed by a marker: a folder rename once failed with `The specified key does not exist.`
+    and left synthetic_source and synthetic_source.partial behind), SIGKILLed with its local Ray
+    right after features, then run again: ingest and features skipped, the rest completes."""
     run = "s3://rsdist-runs/run"
     fs = s3()
-    first = rsdist(["run", str(config), "--out", run], s3_env)
+    first = rsdist(demo_args(run), s3_env)
     deadline = time.monotonic() + 900
     while not fs.exists("rsdist-runs/run/features/_SUCCESS.json") and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -93,16 +99,17 @@ def test_whole_job_on_s3_killed_and_resumed(s3_env, tmp_path):
     assert first.poll() is None, first.stdout.read()[-3000:]
     os.killpg(first.pid, signal.SIGKILL)  # the job dies with its local Ray, right after features
     first.wait()
-    second = rsdist(["run", str(config), "--out", run], s3_env)
+    second = rsdist(demo_args(run), s3_env)
     out, _ = second.communicate(timeout=900)
     assert second.returncode == 0, out[-3000:]
     assert "stage shards: complete for these inputs, skipped" in out
     assert "stage features: complete for these inputs, skipped" in out
     fs.invalidate_cache()
-    for stage in ("shards", "features", "clusters", "selection", "checkpoints", "eval"):
+    for stage in ("synthetic_source", "shards", "features", "clusters", "selection", "checkpoints", "eval"):
         assert fs.exists(f"rsdist-runs/run/{stage}/_SUCCESS.json"), stage
     assert fs.exists("rsdist-runs/run/checkpoints/final/heads.safetensors")
-    assert not [p for p in fs.find("rsdist-runs/run") if "/.tmp-" in p or p.endswith(".partial")]
+    assert not [p for p in fs.find("rsdist-runs/run") if "/.tmp-" in p or ".partial" in p]
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("rsdist-runs")) == ["run"]  # no synthetic_source* beside the run directory
     import json
 
     summary = json.loads(fs.cat("rsdist-runs/run/summary.json"))
