@@ -36,7 +36,7 @@ def test_failures_are_the_images_with_a_missed_query_weighted_by_the_share_misse
 def test_eval_writes_the_validation_failures_error_driven_reads(ray_session, run_dir):
     ids = make_run(run_dir, n_train=40, n_test=12, n_val=15)
     write_checkpoint(run_dir, steps=0)
-    evaluate.run(run_dir, EvalConfig(batch_size=8, failure_rank=3))
+    evaluate.run(run_dir, EvalConfig(batch_size=8, failure_rank=3, baseline=False))  # the untrained model writes no failures
     report = run_dir.read_json("eval", "metrics.json")
     table = pq.read_table(run_dir.path("eval", "failures.parquet"))
     # The same failures as scoring the validation rows directly with the checkpoint's model.
@@ -57,14 +57,14 @@ def test_eval_writes_the_validation_failures_error_driven_reads(ray_session, run
 def test_no_validation_rows_or_rank_zero_write_no_failures_and_remove_earlier_ones(ray_session, run_dir):
     make_run(run_dir, n_train=40, n_test=12)
     write_checkpoint(run_dir, steps=0)
-    evaluate.run(run_dir, EvalConfig(batch_size=8))
+    evaluate.run(run_dir, EvalConfig(batch_size=8, baseline=False))
     assert not run_dir.exists("eval", "failures.parquet") and "validation" not in run_dir.read_json("eval", "metrics.json")
     make_run(run_dir, n_train=40, n_test=12, n_val=6)
-    run_eval_stage(run_dir, EvalConfig(batch_size=8))
+    run_eval_stage(run_dir, EvalConfig(batch_size=8, baseline=False))
     assert run_dir.exists("eval", "failures.parquet")
     # Evaluated again (as the pipeline does, through run_stage) with no failures asked for: the
     # earlier file goes, error-driven cannot read it.
-    run_eval_stage(run_dir, EvalConfig(batch_size=8, failure_rank=0))
+    run_eval_stage(run_dir, EvalConfig(batch_size=8, failure_rank=0, baseline=False))
     assert not run_dir.exists("eval", "failures.parquet")
 
 
