@@ -1,5 +1,6 @@
 import dataclasses
 import statistics
+from types import SimpleNamespace
 
 import pyarrow.compute as pc
 import pytest
@@ -111,29 +112,40 @@ def test_test_offsets_are_checked():
             ExperimentConfig(**bad)
 
 
-@pytest.mark.slow
-def test_experiment_runs_cells_on_shared_bases_of_two_splits_and_resumes(ray_session, tmp_path):
+@pytest.fixture(scope="module")
+def experiment(ray_session, tmp_path_factory):
+    """One experiment on two development splits: per split a full-data cell and an error-driven cell
+    at budget 0.5 whose pilot is that split's full-data cell (its validation failures at rank 1).
+    Read by the tests below, which check the shared bases and resume, and the error-driven cells."""
+    tmp_path = tmp_path_factory.mktemp("experiment")
     settings = tiny_settings(str(tmp_path / "exp"))
+    settings["data"].update(synthetic_per_class=10, val_fraction=0.25)
     settings["train"].update(epochs=1, num_workers=1)  # one Ray Train worker: four cells start quicker
-    settings["eval"] = {"baseline": False}
-    settings["experiment"] = {"methods": ["random"], "budgets": [0.5], "seeds": [0], "test_offsets": [0.0, 0.5]}
+    settings["eval"] = {"baseline": False, "failure_rank": 1}
+    pilot = "cells/full_b1_s{seed}/eval/failures.parquet"
+    settings["experiment"] = {"methods": [{"label": "errors", "method": "error-driven", "failures": pilot}], "budgets": [0.5], "seeds": [0], "test_offsets": [0.0, 0.5]}
     cfg, exp = load_experiment(write_yaml(tmp_path / "exp.yaml", settings))
-    report = run_experiment(cfg, exp)
-    assert [(c["method"], c["budget"], c["test_offset"]) for c in report["cells"]] == [("full", 1.0, 0.0), ("random", 0.5, 0.0), ("full", 1.0, 0.5), ("random", 0.5, 0.5)]
+    return SimpleNamespace(tmp_path=tmp_path, cfg=cfg, exp=exp, report=run_experiment(cfg, exp))
+
+
+@pytest.mark.slow
+def test_experiment_runs_cells_on_shared_bases_of_two_splits_and_resumes(experiment):
+    cfg, exp, report, tmp_path = experiment.cfg, experiment.exp, experiment.report, experiment.tmp_path
+    assert [(c["method"], c["budget"], c["test_offset"]) for c in report["cells"]] == [("full", 1.0, 0.0), ("errors", 0.5, 0.0), ("full", 1.0, 0.5), ("errors", 0.5, 0.5)]
     for full, half in (report["cells"][:2], report["cells"][2:]):
         assert full["selected"] == full["pool"] and half["selected"] == budget_count(0.5, half["pool"])
     out = RunDir(cfg.run_dir)
     assert out.exists("results.json") and out.exists("experiment.md") and out.exists("budget_curve.png")
     first, second = (RunDir(f"{cfg.run_dir}/splits/{name}/base") for name in ("o0", "o0.5"))
-    assert not out.exists("splits", "o0.5", "cells", "random_b0.5_s0", "features")  # cells inherit their base's upstream folders
-    assert out.exists("splits", "o0.5", "cells", "random_b0.5_s0", "eval")
+    assert not out.exists("splits", "o0.5", "cells", "errors_b0.5_s0", "features")  # cells inherit their base's upstream folders
+    assert out.exists("splits", "o0.5", "cells", "errors_b0.5_s0", "eval")
     assert not first.exists("summary.json")  # the base run's own summary is left alone
     assert "taken_from" not in first.read_json("features", "_SUCCESS.json")
     assert second.read_json("features", "_SUCCESS.json")["taken_from"] == first.url("features")
     held_out = [set(r.read_table("features", columns=["sample_id", "split"]).filter(pc.field("split") == "test").column("sample_id").to_pylist())
                 for r in (first, second)]
     assert held_out[0] and held_out[1] and not held_out[0] & held_out[1]  # disjoint held-out windows
-    assert report["vs_random_by_split"] == []  # random alone: nothing to pair (pairing: the tests above)
+    assert report["vs_random_by_split"] == []  # no random cells: nothing to pair (pairing: the tests above)
     again = run_experiment(cfg, exp)
     assert again["cells"] == report["cells"]  # finished cells are not recomputed
     # another experiment's base (experiment.features_from) takes its features from a finished base
@@ -142,29 +154,23 @@ def test_experiment_runs_cells_on_shared_bases_of_two_splits_and_resumes(ray_ses
     assert RunDir(other).exists("clusters", "_SUCCESS.json")
 
 
-def test_error_driven_cell_spends_its_budget_near_the_failures_of_its_pilot_cell(ray_session, tmp_path):
+@pytest.mark.slow
+def test_error_driven_cell_spends_its_budget_near_the_failures_of_its_pilot_cell(experiment):
     import pyarrow.parquet as pq
 
-    settings = tiny_settings(str(tmp_path / "exp"))
-    settings["data"].update(synthetic_per_class=10, val_fraction=0.25)
-    settings["train"].update(epochs=1, num_workers=1)
-    settings["eval"] = {"baseline": False, "failure_rank": 1}
-    pilot = "cells/random_b0.5_s{seed}/eval/failures.parquet"
-    settings["experiment"] = {"methods": ["random", {"label": "errors", "method": "error-driven", "failures": pilot}], "budgets": [0.5], "seeds": [0], "include_full": False}
-    cfg, exp = load_experiment(write_yaml(tmp_path / "exp.yaml", settings))
-    report = run_experiment(cfg, exp)
-    assert [c["method"] for c in report["cells"]] == ["random", "errors"]
-    out = RunDir(cfg.run_dir)
-    failures = pq.read_table(out.path("cells", "random_b0.5_s0", "eval", "failures.parquet"))
-    assert failures.num_rows > 0  # the pilot (trained on random half, one epoch) misses some validation images at rank 1
-    manifest = out.read_table("cells", "errors_b0.5_s0", "selection", "manifest.parquet").to_pylist()
-    kept = [r for r in manifest if r["selected"]]
-    assert len(kept) == report["cells"][1]["selected"] == budget_count(0.5, len(manifest))
-    # every kept row names the pilot's failure it was retrieved for
-    named = {r["reason"].split("near ")[1].split(" (cosine")[0] for r in kept}
-    assert named <= set(failures.column("sample_id").to_pylist())
-    validation = out.read_json("cells", "random_b0.5_s0", "eval", "metrics.json")["validation"]
-    assert validation["failures"] == failures.num_rows and validation["failure_rank"] == 1
+    for split, (pilot, errors) in (("o0", experiment.report["cells"][:2]), ("o0.5", experiment.report["cells"][2:])):
+        assert (pilot["method"], errors["method"]) == ("full", "errors")
+        out = RunDir(f"{experiment.cfg.run_dir}/splits/{split}")
+        failures = pq.read_table(out.path("cells", "full_b1_s0", "eval", "failures.parquet"))
+        assert failures.num_rows > 0  # the pilot (trained on the split's whole pool, one epoch) misses some validation images at rank 1
+        manifest = out.read_table("cells", "errors_b0.5_s0", "selection", "manifest.parquet").to_pylist()
+        kept = [r for r in manifest if r["selected"]]
+        assert len(kept) == errors["selected"] == budget_count(0.5, len(manifest))
+        # every kept row names the pilot's failure it was retrieved for
+        named = {r["reason"].split("near ")[1].split(" (cosine")[0] for r in kept}
+        assert named <= set(failures.column("sample_id").to_pylist())
+        validation = out.read_json("cells", "full_b1_s0", "eval", "metrics.json")["validation"]
+        assert validation["failures"] == failures.num_rows and validation["failure_rank"] == 1
 
 
 def write_yaml(path, settings: dict) -> str:

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -28,11 +29,41 @@ def tiny_settings(run_dir: str) -> dict:
     }
 
 
-def test_whole_pipeline_counts_add_up(ray_session, tmp_path):
-    summary = run_pipeline(config_from_dict(tiny_settings(str(tmp_path / "run"))))
+@pytest.fixture(scope="module")
+def resumed_job(ray_session, tmp_path_factory):
+    """The whole job on the tiny settings, killed once its features stage is committed and run again
+    to the end: one run of every stage that the resume test, the counts test and the changed-setting
+    test all read (what they read is taken here, before the changed-setting test reruns select)."""
+    tmp_path = tmp_path_factory.mktemp("resumed")
+    run_uri = str(tmp_path / "run")
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_settings(run_uri)))
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-m", "rsdist.cli", "-q", "run", str(cfg_path)], env=env, start_new_session=True)
+    marker = tmp_path / "run" / "features" / "_SUCCESS.json"
+    deadline = time.time() + 240
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    killed_after_features = marker.exists()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert killed_after_features, "the job did not get through the features stage"
+    features_mtime = marker.stat().st_mtime
+    summary = run_pipeline(config_from_dict(tiny_settings(run_uri)))
+    run = RunDir(run_uri)
+    return SimpleNamespace(
+        uri=run_uri, summary=summary, features_mtime=features_mtime, features_mtime_after=marker.stat().st_mtime,
+        wrote_report=run.exists("report.md") and run.exists("summary.json"),
+        manifest=run.read_table("selection", "manifest.parquet").to_pandas(),
+        features=run.read_table("features", columns=["sample_id", "split"]).to_pandas(),
+    )
+
+
+def test_whole_pipeline_counts_add_up(resumed_job):
+    summary = resumed_job.summary
     st = summary["stages"]
     assert list(st) == ["ingest", "features", "cluster", "select", "train", "eval"]
-    run = RunDir(str(tmp_path / "run"))
+    run = RunDir(resumed_job.uri)
     images = len(run.fs.cat(run.path("synthetic_source", "captions", "train_filename.txt")).split())
     assert st["ingest"]["rows_in"] == images == st["ingest"]["rows_out"] + st["ingest"].get("quarantined", 0)
     assert st["features"]["rows_in"] == st["features"]["rows_out"] == st["ingest"]["rows_out"]
@@ -44,10 +75,9 @@ def test_whole_pipeline_counts_add_up(ray_session, tmp_path):
     metrics = summary["metrics"]
     for key in ("i2t_r1", "t2i_r10", "mR"):
         assert 0.0 <= metrics[key] <= 100.0, key
-    assert run.exists("report.md") and run.exists("summary.json")
+    assert resumed_job.wrote_report
     # test rows are never selected
-    manifest = run.read_table("selection", "manifest.parquet").to_pandas()
-    feats = run.read_table("features", columns=["sample_id", "split"]).to_pandas()
+    manifest, feats = resumed_job.manifest, resumed_job.features
     test_ids = set(feats.loc[feats.split == "test", "sample_id"])
     assert test_ids and not test_ids & set(manifest.sample_id)
 
@@ -71,30 +101,16 @@ def test_bad_rows_are_quarantined_and_counted(ray_session, tmp_path):
     assert len(q) == 2 and set(q.reason) == {"unreadable-image", "missing-image"}
 
 
-def test_run_killed_after_features_resumes_without_redoing_it(ray_session, tmp_path):
-    run_uri = str(tmp_path / "run")
-    cfg_path = tmp_path / "cfg.yaml"
-    cfg_path.write_text(yaml.safe_dump(tiny_settings(run_uri)))
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    proc = subprocess.Popen([sys.executable, "-m", "rsdist.cli", "-q", "run", str(cfg_path)], env=env, start_new_session=True)
-    marker = tmp_path / "run" / "features" / "_SUCCESS.json"
-    deadline = time.time() + 240
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert marker.exists(), "the job did not get through the features stage"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    features_mtime = marker.stat().st_mtime
-    summary = run_pipeline(config_from_dict(tiny_settings(run_uri)))
+def test_run_killed_after_features_resumes_without_redoing_it(resumed_job):
+    summary = resumed_job.summary
     assert summary["stages"]["ingest"]["skipped"] and summary["stages"]["features"]["skipped"]
-    assert marker.stat().st_mtime == features_mtime
+    assert resumed_job.features_mtime_after == resumed_job.features_mtime
     assert not summary["stages"]["eval"]["skipped"]
     assert "mR" in summary["metrics"]
 
 
-def test_changed_selection_setting_reruns_from_select_only(ray_session, tmp_path):
-    settings = tiny_settings(str(tmp_path / "run"))
-    run_pipeline(config_from_dict(settings), only=["ingest", "features", "cluster", "select"])
+def test_changed_selection_setting_reruns_from_select_only(resumed_job):
+    settings = tiny_settings(resumed_job.uri)  # the settings the shared run was made with, then another method
     settings["select"]["method"] = "random"
     summary = run_pipeline(config_from_dict(settings), only=["ingest", "features", "cluster", "select"])
     st = summary["stages"]

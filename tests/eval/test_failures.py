@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
+from types import SimpleNamespace
+
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from rsdist.config import EvalConfig
+from rsdist.core.rundir import RunDir
 from rsdist.eval import stage as evaluate
 from rsdist.eval.failures import SCHEMA, failure_table
 from rsdist.stage import fingerprint, run_stage
@@ -33,10 +38,20 @@ def test_failures_are_the_images_with_a_missed_query_weighted_by_the_share_misse
     assert failure_table(["a", "b", "c"], SIM, TEXT_IMAGE, rank=2).num_rows == 0  # every match within the first two
 
 
-def test_eval_writes_the_validation_failures_error_driven_reads(ray_session, run_dir):
-    ids = make_run(run_dir, n_train=40, n_test=12, n_val=15)
-    write_checkpoint(run_dir, steps=0)
-    evaluate.run(run_dir, EvalConfig(batch_size=8, failure_rank=3))
+@pytest.fixture(scope="module")
+def evaluated(ray_session, tmp_path_factory):
+    """A constructed run with 15 validation rows, evaluated through run_stage (as the pipeline does)
+    with failures at rank 3: the failures test reads it, the removal test evaluates a copy again."""
+    root = tmp_path_factory.mktemp("evaluated") / "run"
+    run = RunDir(str(root))
+    ids = make_run(run, n_train=40, n_test=12, n_val=15)
+    write_checkpoint(run, steps=0)
+    run_eval_stage(run, EvalConfig(batch_size=8, failure_rank=3, baseline=False))  # the untrained model writes no failures
+    return SimpleNamespace(root=root, run=run, ids=ids)
+
+
+def test_eval_writes_the_validation_failures_error_driven_reads(evaluated):
+    run_dir, ids = evaluated.run, evaluated.ids
     report = run_dir.read_json("eval", "metrics.json")
     table = pq.read_table(run_dir.path("eval", "failures.parquet"))
     # The same failures as scoring the validation rows directly with the checkpoint's model.
@@ -54,18 +69,18 @@ def test_eval_writes_the_validation_failures_error_driven_reads(ray_session, run
     assert 0.0 <= report["validation"]["mR"] <= 100.0
 
 
-def test_no_validation_rows_or_rank_zero_write_no_failures_and_remove_earlier_ones(ray_session, run_dir):
+def test_no_validation_rows_or_rank_zero_write_no_failures_and_remove_earlier_ones(evaluated, run_dir, tmp_path):
     make_run(run_dir, n_train=40, n_test=12)
     write_checkpoint(run_dir, steps=0)
-    evaluate.run(run_dir, EvalConfig(batch_size=8))
+    evaluate.run(run_dir, EvalConfig(batch_size=8, baseline=False))
     assert not run_dir.exists("eval", "failures.parquet") and "validation" not in run_dir.read_json("eval", "metrics.json")
-    make_run(run_dir, n_train=40, n_test=12, n_val=6)
-    run_eval_stage(run_dir, EvalConfig(batch_size=8))
-    assert run_dir.exists("eval", "failures.parquet")
+    shutil.copytree(evaluated.root, tmp_path / "with-failures")  # a run evaluated with validation rows
+    earlier = RunDir(str(tmp_path / "with-failures"))
+    assert earlier.exists("eval", "failures.parquet")
     # Evaluated again (as the pipeline does, through run_stage) with no failures asked for: the
     # earlier file goes, error-driven cannot read it.
-    run_eval_stage(run_dir, EvalConfig(batch_size=8, failure_rank=0))
-    assert not run_dir.exists("eval", "failures.parquet")
+    run_eval_stage(earlier, EvalConfig(batch_size=8, failure_rank=0, baseline=False))
+    assert not earlier.exists("eval", "failures.parquet")
 
 
 def run_eval_stage(run_dir, cfg: EvalConfig) -> dict:

@@ -4,6 +4,9 @@ never iterates result rows."""
 
 from __future__ import annotations
 
+import shutil
+from types import SimpleNamespace
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -59,18 +62,48 @@ def driver_collected_tables(run, cfg: FeaturesConfig) -> dict[str, pa.Table]:
     return tables
 
 
-def test_worker_written_output_equals_the_driver_collected_one(ray_session, run_dir, tmp_path):
-    write_shards(run_dir, n_shards=3, rows_per_shard=8, seed=5)  # whole batches: the same model batches both ways
+@pytest.fixture(scope="module")
+def written(ray_session, tmp_path_factory):
+    """Features written on the workers for three shards of whole batches (the same model batches
+    both ways), with the driver's loop watched: the columns of every batch it got. The tests below
+    read it; the resume test works on a copy."""
+    from rsdist.core.rundir import RunDir
+
+    root = tmp_path_factory.mktemp("written") / "run"
+    run = RunDir(str(root))
+    write_shards(run, n_shards=3, rows_per_shard=8, seed=5)
     cfg = _cfg(dtype="float16")
-    result = features.run(run_dir, cfg)
+    seen_columns: set[str] = set()
+    real = features.build_dataset
+
+    def spy(*args, **kw):
+        ds = real(*args, **kw)
+        original = ds.iter_batches
+
+        def iter_batches(*a, **k):
+            for batch in original(*a, **k):
+                seen_columns.update(batch)
+                yield batch
+
+        ds.iter_batches = iter_batches
+        return ds
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(features, "build_dataset", spy)
+        result = features.run(run, cfg)
+    return SimpleNamespace(root=root, run=run, cfg=cfg, result=result, seen_columns=seen_columns)
+
+
+def test_worker_written_output_equals_the_driver_collected_one(written):
+    run_dir, cfg, result = written.run, written.cfg, written.result
     assert result.rows_out == result.rows_in == 24
     reference = driver_collected_tables(run_dir, cfg)
     names = [p.rsplit("/", 1)[1] for p in run_dir.parquet_files("features")]
     assert names == sorted(reference) == [f"part-{i:05d}.parquet" for i in range(3)]
     for name in names:
-        written = run_dir.read_table("features", name)
-        assert written.schema == reference[name].schema
-        assert written.equals(reference[name]), name  # same columns, same values, bit for bit
+        written_table = run_dir.read_table("features", name)
+        assert written_table.schema == reference[name].schema
+        assert written_table.equals(reference[name]), name  # same columns, same values, bit for bit
         # one row group per shard, as the in-driver writer made (k-means units are row groups)
         assert features.pq.ParquetFile(run_dir.path("features", name)).metadata.num_row_groups == 1
     assert not run_dir.exists("features", features.PARTS)  # the parts are gone once committed
@@ -89,10 +122,11 @@ def test_a_write_task_that_dies_is_retried_exactly_once(ray_session, run_dir, tm
     assert leftovers == []
 
 
-def test_resume_skips_committed_shards_and_redoes_parts(ray_session, run_dir):
-    write_shards(run_dir, n_shards=3, rows_per_shard=8, seed=7)
-    cfg = _cfg()
-    features.run(run_dir, cfg)
+def test_resume_skips_committed_shards_and_redoes_parts(written, tmp_path):
+    from rsdist.core.rundir import RunDir
+
+    shutil.copytree(written.root, tmp_path / "run")  # a finished run (file times kept)
+    run_dir, cfg = RunDir(str(tmp_path / "run")), written.cfg
     kept = {n: run_dir.fs.info(run_dir.path("features", n))["mtime"] for n in ("part-00000.parquet", "part-00002.parquet")}
     before = run_dir.read_table("features", "part-00001.parquet")
     run_dir.remove("features", "part-00001.parquet")
@@ -120,27 +154,9 @@ def test_commit_merges_overlapping_parts_and_refuses_gaps(run_dir):
     assert not run_dir.exists("features", "part-00001.parquet")
 
 
-def test_driver_sees_part_bounds_not_rows(ray_session, run_dir, monkeypatch):
+def test_driver_sees_part_bounds_not_rows(written):
     """The driver's loop gets only (shard, start, stop) per part; no features column reaches it."""
-    write_shards(run_dir, n_shards=2, rows_per_shard=8, seed=8)
-    seen_columns: set[str] = set()
-    real = features.build_dataset
-
-    def spy(*args, **kw):
-        ds = real(*args, **kw)
-        original = ds.iter_batches
-
-        def iter_batches(*a, **k):
-            for batch in original(*a, **k):
-                seen_columns.update(batch)
-                yield batch
-
-        ds.iter_batches = iter_batches
-        return ds
-
-    monkeypatch.setattr(features, "build_dataset", spy)
-    features.run(run_dir, _cfg())
-    assert seen_columns == {"shard", "start", "stop"}
+    assert written.seen_columns == {"shard", "start", "stop"}
 
 
 def test_progress_merges_intervals():

@@ -12,7 +12,7 @@ import torch
 from rsdist.config import TrainConfig
 from rsdist.train import stage as train
 from rsdist.core.rows import pick_caption, training_rows
-from rsdist.models.tuned import load_heads, load_trained
+from rsdist.models.tuned import load_trained
 from tests.train.runs import make_run
 
 
@@ -114,56 +114,41 @@ def test_caption_features_match_the_text_tower_per_caption(run_dir):
         assert torch.allclose(per_caption, expected, atol=1e-5)
 
 
-def test_heads_method_trains_only_the_heads_and_saves_no_adapter(ray_session, run_dir):
-    make_run(run_dir, n_train=40, n_test=8, select=32)
-    result = train.run(run_dir, small_config(method="heads", epochs=2))
-    meta = run_dir.read_json("checkpoints", "final", "train_meta.json")
+def test_heads_method_trains_only_the_heads_and_saves_no_adapter(heads_best_val):
+    first = heads_best_val.first  # heads, two epochs (tests/train/conftest.py)
     encoder = load_trained("tiny", 16, None)
     heads = sum(p.numel() for m in (encoder.image_head, encoder.text_head) for p in m.parameters()) + 1
-    assert result.extra["trainable_params"] == heads
-    assert meta["method"] == "heads" and meta["history"][1]["loss"] < meta["history"][0]["loss"]
-    assert not run_dir.exists("checkpoints", "final", "text_adapter")
-    trained = load_trained("tiny", 16, run_dir.path("checkpoints", "final"))
+    assert first.result.extra["trainable_params"] == heads
+    assert first.meta["method"] == "heads" and first.meta["history"][1]["loss"] < first.meta["history"][0]["loss"]
+    assert not first.has_adapter
+    trained = first.model
     assert not torch.equal(trained.text_head.weight, encoder.text_head.weight)
     assert all(torch.equal(a, b) for a, b in zip(trained.text_tower.parameters(), encoder.text_tower.parameters()))
 
 
-def test_best_val_keeps_the_epoch_with_the_best_validation_mR(ray_session, run_dir):
-    from rsdist.config import EvalConfig
-    from rsdist.eval.stage import evaluate_model
-    from rsdist.models.text_cache import frozen_text_features
-    from rsdist.core.rows import feature_rows, join_captions
-
-    make_run(run_dir, n_train=40, n_test=8, select=32, n_val=12)
-    cfg = small_config(method="heads", epochs=4, lr=5e-2, keep_epoch="best-val", checkpoints_to_keep=1)
-    result = train.run(run_dir, cfg)
-    meta = run_dir.read_json("checkpoints", "final", "train_meta.json")
-    scores = [h["val_mR"] for h in meta["history"]]
-    assert len(scores) == 4 and meta["epochs"] == 4
-    assert scores[meta["kept_epoch"] - 1] == max(scores) and result.extra["kept_epoch"] == meta["kept_epoch"]
-    # final/ holds the kept epoch's heads: scored on the validation rows again, they give its mR.
-    assert load_heads(run_dir.path("checkpoints", "final"))[1]["epoch"] == meta["kept_epoch"]
-    model = load_trained("tiny", 16, run_dir.path("checkpoints", "final"))
-    again = evaluate_model(model, join_captions(run_dir, feature_rows(run_dir, split="val")), [], EvalConfig(), frozen_text_features("tiny", 0, cfg.max_text_tokens))
-    assert again["mR"] == pytest.approx(max(scores), abs=1e-6)
+def test_best_val_keeps_the_epoch_with_the_best_validation_mR(heads_best_val):
+    for record, epochs in ((heads_best_val.first, 2), (heads_best_val.resumed, 4)):
+        meta = record.meta
+        scores = [h["val_mR"] for h in meta["history"]]
+        assert len(scores) == epochs and meta["epochs"] == epochs
+        assert scores[meta["kept_epoch"] - 1] == max(scores) and record.result.extra["kept_epoch"] == meta["kept_epoch"]
+        # final/ holds the kept epoch's heads: scored on the validation rows again, they give its mR.
+        assert record.heads_epoch == meta["kept_epoch"]
+        assert record.rescored_mR == pytest.approx(max(scores), abs=1e-6)
 
 
-def test_resumed_best_val_run_still_weighs_the_epochs_before_the_resume(ray_session, run_dir):
+def test_resumed_best_val_run_still_weighs_the_epochs_before_the_resume(heads_best_val):
     """Two epochs, then the same run asked for four: it resumes after epoch 2, and the kept epoch is
     the best of all four validation scores, here one measured before the resume (Ray's checkpoint
     manager must remember the scores of the checkpoints it kept before)."""
-    make_run(run_dir, n_train=40, n_test=8, select=32, n_val=12)
-    cfg = dict(method="heads", lr=0.3, keep_epoch="best-val", checkpoints_to_keep=1)
-    train.run(run_dir, small_config(epochs=2, **cfg))
-    before = [h["val_mR"] for h in run_dir.read_json("checkpoints", "final", "train_meta.json")["history"]]
-    result = train.run(run_dir, small_config(epochs=4, **cfg))
-    meta = run_dir.read_json("checkpoints", "final", "train_meta.json")
+    before = [h["val_mR"] for h in heads_best_val.first.meta["history"]]
+    result, meta = heads_best_val.resumed.result, heads_best_val.resumed.meta
     scores = [h["val_mR"] for h in meta["history"]]
     assert scores[:2] == before and len(scores) == 4
     assert max(before) > max(scores[2:])  # at this learning rate the best epoch is one before the resume
     assert meta["kept_epoch"] <= 2 and scores[meta["kept_epoch"] - 1] == max(scores)
     assert result.extra["kept_epoch"] == meta["kept_epoch"]
-    assert load_heads(run_dir.path("checkpoints", "final"))[1]["epoch"] == meta["kept_epoch"]
+    assert heads_best_val.resumed.heads_epoch == meta["kept_epoch"]
 
 
 def test_best_val_without_validation_rows_names_the_setting(ray_session, run_dir):
