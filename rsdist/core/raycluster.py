@@ -159,12 +159,6 @@ def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 1.0))
 
 
-def cluster_gpus() -> float:
-    import ray
-
-    return float(ray.cluster_resources().get("GPU", 0.0))
-
-
 def alive_nodes() -> list[dict[str, float]]:
     """The resources of every live node (CPU, GPU, memory, custom ones), one dict per node."""
     import ray
