@@ -159,12 +159,6 @@ def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 1.0))
 
 
-def cluster_gpus() -> float:
-    import ray
-
-    return float(ray.cluster_resources().get("GPU", 0.0))
-
-
 def alive_nodes() -> list[dict[str, float]]:
     """The resources of every live node (CPU, GPU, memory, custom ones), one dict per node."""
     import ray
@@ -313,10 +307,10 @@ def ensure_demand(demand: Demand, timeout_s: float | None = None) -> list[dict[s
 
 def elastic_actor_pool(size: int):
     """A Ray Data actor pool that starts with `size` actors (the stage's plan) and may shrink to
-    one: when a node is lost with some of the actors, the pool goes on with the actors on the
-    nodes left and gives back the room of those it cannot place (the read and write tasks need
-    it), instead of waiting, as a fixed-size pool does, for room for all of them; forever when no
-    node replaces the lost one."""
+    one: when a node is lost with some of the actors, the pool goes on with the actors the nodes
+    left can hold, where a fixed-size pool waits for room for all of them (forever when no node
+    replaces the lost one). The read and write tasks next to it need room of their own on some
+    node: the features stage sizes its actors so that every node keeps it (fill_proof_share)."""
     import ray.data
 
     size = max(1, int(size))

@@ -16,8 +16,8 @@ After each epoch every worker calls `ray.train.report` once; only rank 0 attache
 (AdamW state: tensors and numbers only, read back with `weights_only=True`) and `state.json`
 (epoch, history, the schedule's state, parameter counts). On start, `ray.train.get_checkpoint()`
 gives the last finished epoch of an earlier run (or of this run's worker group before a failure)
-with the same storage path and name; training continues after it, or after a newer complete epoch
-checkpoints in the run folder that Ray Train had not yet registered when a node was lost
+with the same storage path and name; training continues after it, or after the newer complete
+epoch checkpoints in the run folder that Ray Train had not yet registered when a node was lost
 (`newer_stored_epochs`; rank 0 decides, every rank follows, and those epochs are reported again).
 
 A resumed run trains exactly as an uninterrupted one: every random draw of an epoch (dropout in
@@ -240,7 +240,8 @@ def restore_checkpoint(encoder, optimizer, scheduler, config: dict, rank: int) -
     else:
         return 0, []
     if rank == 0:
-        note = f" (epochs {missed[0]['epoch']}-{missed[-1]['epoch']} written before a node was lost, not yet registered by Ray Train)" if missed else ""
+        epochs = f"epoch {missed[0]['epoch']}" if len(missed) == 1 else f"epochs {missed[0]['epoch']}-{missed[-1]['epoch']}"
+        note = f" ({epochs} written before a node was lost, not yet registered by Ray Train)" if missed else ""
         print(f"train: resuming after epoch {done[0]}/{config['epochs']}{note}", flush=True)
     for record in missed:
         report_again(config, record, rank)
