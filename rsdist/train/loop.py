@@ -240,12 +240,17 @@ def restore_checkpoint(encoder, optimizer, scheduler, config: dict, rank: int) -
     else:
         return 0, []
     if rank == 0:
-        epochs = f"epoch {missed[0]['epoch']}" if len(missed) == 1 else f"epochs {missed[0]['epoch']}-{missed[-1]['epoch']}"
-        note = f" ({epochs} written before a node was lost, not yet registered by Ray Train)" if missed else ""
+        note = f" ({unregistered_epochs(missed)} written before a node was lost, not yet registered by Ray Train)" if missed else ""
         print(f"train: resuming after epoch {done[0]}/{config['epochs']}{note}", flush=True)
     for record in missed:
         report_again(config, record, rank)
     return done
+
+
+def unregistered_epochs(missed: list[dict]) -> str:
+    """'epoch 3' or 'epochs 2-3': the epochs of `missed` records, for the resume line."""
+    first, last = missed[0]["epoch"], missed[-1]["epoch"]
+    return f"epoch {first}" if first == last else f"epochs {first}-{last}"
 
 
 def loss_function(config: dict):
