@@ -138,8 +138,8 @@ class LocalCluster:
         env = {**self.env, "RAY_API_SERVER_ADDRESS": self.dashboard, "RAY_ADDRESS": self.dashboard}
         return subprocess.run([os.path.join(BIN, "ray"), *args], env=env, capture_output=True, text=True, timeout=timeout)
 
-    def node_resources(self) -> list[dict]:
-        """The resources of each live node, from the dashboard's state API (token in the header)."""
+    def live_nodes(self) -> list[dict]:
+        """The live nodes, from the dashboard's state API (token in the header); empty when it does not answer."""
         with open(self.token_path) as f:
             request = urllib.request.Request(f"{self.dashboard}/api/v0/nodes", headers={"Authorization": f"Bearer {f.read().strip()}"})
         try:
@@ -147,21 +147,18 @@ class LocalCluster:
                 nodes = json.loads(r.read())["data"]["result"]["result"]
         except (OSError, ValueError, KeyError):
             return []
-        return [n["resources_total"] for n in nodes if n["state"] == "ALIVE"]
+        return [n for n in nodes if n["state"] == "ALIVE"]
+
+    def node_resources(self) -> list[dict]:
+        """The resources of each live node."""
+        return [n["resources_total"] for n in self.live_nodes()]
 
     def alive_nodes(self) -> int:
         return len(self.node_resources())
 
     def alive_node_ids(self) -> set[str]:
         """The ids of the live nodes (empty when the state API does not answer)."""
-        with open(self.token_path) as f:
-            request = urllib.request.Request(f"{self.dashboard}/api/v0/nodes", headers={"Authorization": f"Bearer {f.read().strip()}"})
-        try:
-            with urllib.request.urlopen(request, timeout=30) as r:
-                nodes = json.loads(r.read())["data"]["result"]["result"]
-        except (OSError, ValueError, KeyError):
-            return set()
-        return {n["node_id"] for n in nodes if n["state"] == "ALIVE"}
+        return {n["node_id"] for n in self.live_nodes()}
 
     @staticmethod
     def wait_for(condition, timeout: float, what: str, every: float = 1.0) -> None:

@@ -7,23 +7,13 @@ from __future__ import annotations
 import logging
 
 import pytest
-import yaml
 
 from rsdist.config import TrainConfig
-from rsdist.core import raycluster
 from rsdist.core.raycluster import DemandError
 from rsdist.train import vlm_stage
 from rsdist.train.vlm import VlmTrainConfig
 from rsdist.train.vlm_loop import run_vlm
 
-
-@pytest.fixture
-def gpu_node_type(tmp_path, monkeypatch):
-    """An autoscaler that may start a GPU node (and has none running), with a 1 s demand timeout."""
-    config = tmp_path / "autoscaler.yaml"
-    config.write_text(yaml.safe_dump({"available_node_types": {"head": {"resources": {"CPU": 2}}, "gpu_worker": {"resources": {"CPU": 8, "GPU": 1}, "max_workers": 1}}}))
-    monkeypatch.setitem(raycluster._settings, "autoscaler_config", str(config))
-    monkeypatch.setitem(raycluster._settings, "demand_timeout_s", 1.0)
 
 
 def test_the_workers_ask_for_gpus_by_the_device_setting(ray_session, gpu_node_type):
