@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,6 +37,9 @@ from rsdist.core.rundir import RunDir
 from rsdist.models.instructions import CAPTION_PROMPT, SCENE_PROMPT, VQA_PROMPT, question_type, readable_label, scene_prompt, vqa_prompt
 from rsdist.models.safe_files import CheckpointError, check_adapter_folder
 from rsdist.stage import Resources
+
+if TYPE_CHECKING:
+    from rsdist.core.raycluster import Demand
 
 __all__ = ["VlmEvalConfig", "SCENE_PROMPT", "VQA_PROMPT", "CAPTION_PROMPT", "eval_rows", "task_inputs", "generate_answers", "evaluate_model"]
 
@@ -156,7 +160,7 @@ def generator_resources(cfg: VlmEvalConfig) -> Resources:
     return Resources(num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor if use_gpus(cfg.device) else 0.0)
 
 
-def generator_demand(cfg: VlmEvalConfig, res: Resources) -> "Demand":
+def generator_demand(cfg: VlmEvalConfig, res: Resources) -> Demand:
     """The generator actors' demand: up to `num_actors` (an elastic pool: it starts with one)."""
     from rsdist.core.raycluster import Demand
 

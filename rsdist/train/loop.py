@@ -18,7 +18,7 @@ After each epoch every worker calls `ray.train.report` once; only rank 0 attache
 gives the last finished epoch of an earlier run (or of this run's worker group before a failure)
 with the same storage path and name; training continues after it, or after the newer complete
 epoch checkpoints in the run folder that Ray Train had not yet registered when a node was lost
-(`newer_stored_epochs`; rank 0 decides, every rank follows, and those epochs are reported again).
+(`newer_stored_states`; rank 0 decides, every rank follows, and those epochs are reported again).
 
 A resumed run trains exactly as an uninterrupted one: every random draw of an epoch (dropout in
 the text tower, LoRA dropout) comes from a generator seeded at the start of that epoch from
@@ -136,25 +136,27 @@ def stored_folder(root: str, name: str):
         yield os.path.join(tmp, name)
 
 
-def complete_epoch(folder: str, method: str) -> int:
-    """The epoch of a checkpoint folder when every file of it is there and reads the safe way
-    (a folder whose upload was cut short by a lost node is not), else 0."""
+def complete_state(folder: str, method: str) -> dict | None:
+    """The state.json of a checkpoint folder when every file of it is there and reads the safe way
+    (a folder whose upload was cut short by a lost node is not), else None."""
     from rsdist.models.safe_files import CheckpointError
     from rsdist.models.tuned import check_checkpoint
 
     try:
         state = read_json_file(os.path.join(folder, STATE_FILE))
         if check_checkpoint(folder) != method or state.get("method", "lora") != method:
-            return 0  # e.g. the adapter folder is missing: it would pass for a heads-only checkpoint
+            return None  # e.g. the adapter folder is missing: it would pass for a heads-only checkpoint
         load_torch_state(os.path.join(folder, OPTIMIZER_FILE))
-        return int(state["epoch"])
+        int(state["epoch"])
+        return state
     except (CheckpointError, OSError, KeyError, TypeError, ValueError):
-        return 0
+        return None
 
 
-def newer_stored_epochs(root: str, method: str, after: int) -> list[int]:
-    """The epoch checkpoints in Ray Train's run folder `root` after epoch `after` that are
-    complete, in order, as long as they follow one another (rank 0 uploads them one by one).
+def newer_stored_states(root: str, method: str, after: int) -> list[dict]:
+    """The state.json of each complete epoch checkpoint in Ray Train's run folder `root` after
+    epoch `after`, in order, as long as they follow one another (rank 0 uploads them one by one);
+    each folder is fetched once.
 
     Ray Train counts a checkpoint once its controller has collected every worker's report of that
     epoch (it polls every few seconds); a node lost between rank 0's upload and that poll leaves
@@ -167,15 +169,16 @@ def newer_stored_epochs(root: str, method: str, after: int) -> list[int]:
         names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
     except FileNotFoundError:
         return []
-    found, epochs = {folder_epoch(n) for n in names}, []
+    found, states = {folder_epoch(n) for n in names}, []
     epoch = after + 1
     while epoch in found:
         with stored_folder(root, epoch_folder(epoch)) as folder:
-            if complete_epoch(folder, method) != epoch:
-                break
-        epochs.append(epoch)
+            state = complete_state(folder, method)
+        if state is None or int(state["epoch"]) != epoch:
+            break
+        states.append(state)
         epoch += 1
-    return epochs
+    return states
 
 
 def agreed(value):
@@ -194,14 +197,12 @@ COUNTS = ("trainable_params", "total_params", "full_finetune_params")
 
 def missed_reports(config: dict, registered: int, rank: int) -> list[dict]:
     """The reports Ray Train did not register: for each complete epoch checkpoint in the run folder
-    after the last one it registered (newer_stored_epochs), the metrics rank 0 reported with it,
+    after the last one it registered (newer_stored_states), the metrics rank 0 reported with it,
     read back from its state.json; every rank gets rank 0's list."""
     reports = []
     root = config.get("checkpoint_root")
     if rank == 0 and root:
-        for epoch in newer_stored_epochs(root, config.get("method", "lora"), registered):
-            with stored_folder(root, epoch_folder(epoch)) as folder:
-                state = read_json_file(os.path.join(folder, STATE_FILE))
+        for state in newer_stored_states(root, config.get("method", "lora"), registered):
             reports.append({**state["history"][-1], **{k: state[k] for k in COUNTS}})
     return agreed(reports)
 

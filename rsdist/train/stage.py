@@ -85,7 +85,7 @@ def storage_path(run: RunDir, *parts: str) -> str:
 def loop_config(cfg: TrainConfig, encoder: str, train_rows: int, checkpoint_root: str | None = None) -> dict:
     """The settings every worker gets; steps per epoch follow from the equal split over workers;
     `checkpoint_root`: Ray Train's run folder, where a restarted worker group also looks for an
-    epoch checkpoint Ray Train had not registered when a node was lost (loop.newer_stored_epochs)."""
+    epoch checkpoint Ray Train had not registered when a node was lost (loop.newer_stored_states)."""
     per_worker = train_rows // cfg.num_workers
     return {**dataclasses.asdict(cfg), "encoder": encoder, "steps_per_epoch": max(1, math.ceil(per_worker / cfg.batch_size)), "checkpoint_root": checkpoint_root}
 

@@ -13,7 +13,7 @@ import torch
 from rsdist.config import TrainConfig
 from rsdist.models.encoders import build_encoder
 from rsdist.models.tuned import make_tunable
-from rsdist.train.loop import complete_epoch, epoch_folder, newer_stored_epochs, write_epoch_checkpoint
+from rsdist.train.loop import complete_state, epoch_folder, newer_stored_states, write_epoch_checkpoint
 
 
 def write_epochs(root: str, epochs: int, method: str = "lora") -> None:
@@ -28,6 +28,10 @@ def write_epochs(root: str, epochs: int, method: str = "lora") -> None:
         write_epoch_checkpoint(folder, encoder, optimizer, scheduler, {"epoch": epoch, "history": [], "method": method})
 
 
+def newer_stored_epochs(root: str, method: str, after: int) -> list[int]:
+    return [state["epoch"] for state in newer_stored_states(root, method, after)]
+
+
 def test_the_complete_epochs_after_ray_trains_own_are_found(tmp_path):
     root = str(tmp_path / "train")
     write_epochs(root, 3)
@@ -37,7 +41,7 @@ def test_the_complete_epochs_after_ray_trains_own_are_found(tmp_path):
     # an upload cut short: a truncated optimizer state, then a missing adapter folder
     with open(os.path.join(root, epoch_folder(3), "optimizer.pt"), "r+b") as f:
         f.truncate(100)
-    assert complete_epoch(os.path.join(root, epoch_folder(3)), "lora") == 0
+    assert complete_state(os.path.join(root, epoch_folder(3)), "lora") is None
     assert newer_stored_epochs(root, "lora", after=0) == [1, 2]
     shutil.rmtree(os.path.join(root, epoch_folder(2), "text_adapter"))  # would pass for a heads-only checkpoint
     assert newer_stored_epochs(root, "lora", after=0) == [1]
