@@ -62,15 +62,22 @@ class Group:
         return [(int(self.index[r[0]]), r) for r in np.split(rows, cuts) if len(r)]
 
     def x(self, space: str, rows: np.ndarray | None = None) -> np.ndarray:
-        t = self.table if rows is None else self.table.take(pa.array(rows))
+        t = self.table.select([c for c in embedding_columns(space) if c in self.table.column_names])
+        if rows is not None:
+            t = t.slice(int(rows[0]), len(rows)) if is_range(rows) else t.take(pa.array(rows))
         return embedding_of(t, space, "features")
+
+
+def is_range(rows: np.ndarray) -> bool:
+    """Whether `rows` are consecutive ascending positions (read as a zero-copy slice, not a take)."""
+    return len(rows) > 0 and int(rows[-1]) - int(rows[0]) == len(rows) - 1 and bool((np.diff(rows) == 1).all())
 
 
 def load_group(run: RunDir, number: int, labels: np.ndarray, columns: list[str] | None = None, threshold: float | None = None, with_red: bool = False) -> Group:
     """A group's rows with `columns` (all when None); with a filter `threshold` (or `with_red`)
     also each row's redundancy from red/."""
     cols = None if columns is None else list(dict.fromkeys(["sample_id", "pos", "cluster", *columns]))
-    table = blocks.read_group(run, number, cols)
+    table = blocks.read_group(run, number, cols).combine_chunks()  # one chunk per column: cheap slices and takes
     index = np.searchsorted(labels, table.column("cluster").to_numpy()).astype(np.int64)
     eligible = np.ones(table.num_rows, dtype=bool)
     red = None
