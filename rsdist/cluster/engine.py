@@ -43,6 +43,11 @@ log = logging.getLogger("rsdist")
 
 KMEANS_PAR_ROUNDS = 5
 KMEANS_PP_MAX_K = 1000
+# k-means|| runs on a uniform sample of at least this many rows (cluster.init_pool): each of its
+# rounds is a pass over its rows against ~2k new candidates, and its weighting pass one against
+# all ~10k of them; on a whole 1e7-row pool at k = 2,236 the rounds alone took 7.6 min.
+KMEANS_PAR_MIN_POOL = 200_000
+KMEANS_PAR_POOL_PER_K = 50
 # k-means++ multiplies its whole sample by itself once when the product fits in this many bytes
 # (12,288 rows in bf16: 302 MB), so each of its k steps gathers rows of it instead of reading the
 # sample again: 867 -> 356 ms at k = 1,000 on 6,144 rows (`rsdist bench kmeans --micro`,
@@ -250,6 +255,9 @@ class KMeansDriver:
         """k-means||: oversample ~2k rows per round by distance to the candidates, weight, recluster."""
         import ray
 
+        m = min(self.n, self.cfg.init_pool or max(KMEANS_PAR_MIN_POOL, KMEANS_PAR_POOL_PER_K * self.k))
+        self._get([a.kpar_begin.remote(s, self._key(i, 0, 6)) for i, (a, s) in enumerate(zip(self.actors, share(m, self.sizes)))])
+        log.info("k-means||: on %d of %d rows", m, self.n)
         first = self.sample(1, what=2)
         cands = [first]
         new = first

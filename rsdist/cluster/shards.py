@@ -172,6 +172,7 @@ class ShardActor:
         x, self.ids, self.spans = self._load(units)
         self.x = torch.from_numpy(x).to(self.device)
         self.d2: torch.Tensor | None = None
+        self.kpar_x: torch.Tensor | None = None  # the rows k-means|| works on (kpar_begin)
         self.shared: tuple | None = None  # same-node exchange buffers, while a fit uses them
         self.load_seconds = time.perf_counter() - t0
 
@@ -267,9 +268,19 @@ class ShardActor:
         best = torch.topk(dists, m).indices
         return self.x[best].cpu().numpy(), dists[best].cpu().numpy()
 
+    def kpar_begin(self, m: int, seed: list[int]) -> None:
+        """k-means||: work on `m` of this actor's rows drawn uniformly (all of them when m covers them)."""
+        n = self.x.shape[0]
+        if m >= n:
+            self.kpar_x = self.x
+        else:
+            idx = np.sort(np.random.default_rng(seed).choice(n, size=m, replace=False))
+            self.kpar_x = self.x.index_select(0, torch.from_numpy(idx).to(self.device))
+        self.d2 = None
+
     def kpar_update(self, centers: np.ndarray) -> float:
         """k-means||: fold new centers into each row's distance to the candidate set; return the sum."""
-        _, dists = self.backend.assign(self.x, self._centroids(centers))
+        _, dists = self.backend.assign(self.kpar_x, self._centroids(centers))
         self.d2 = dists if self.d2 is None else torch.minimum(self.d2, dists)
         return float(self.d2.double().sum())
 
@@ -277,13 +288,13 @@ class ShardActor:
         """k-means||: keep each row with probability min(1, l * d(x) / phi)."""
         p = (oversampling * self.d2.double() / max(phi, 1e-30)).clamp_(max=1.0).cpu().numpy()
         keep = np.flatnonzero(np.random.default_rng(seed).random(len(p)) < p)
-        return self.x[torch.from_numpy(keep).to(self.device)].cpu().numpy()
+        return self.kpar_x[torch.from_numpy(keep).to(self.device)].cpu().numpy()
 
     def nearest_counts(self, centers: np.ndarray) -> np.ndarray:
-        """How many owned rows have each center as their nearest (the k-means|| weights)."""
-        self.d2 = None
+        """How many of the k-means|| rows have each center as their nearest (its weights)."""
         c = self._centroids(centers)
-        labels, _ = self.backend.assign(self.x, c)
+        labels, _ = self.backend.assign(self.kpar_x, c)
+        self.d2 = self.kpar_x = None
         return torch.bincount(labels, minlength=c.shape[0]).cpu().numpy()
 
     def label_unit(self, unit: Unit, centroids: np.ndarray, folder: str) -> dict:

@@ -14,7 +14,7 @@ from rsdist.bench.kmeans import write_blob_features
 from rsdist.cluster.engine import KMeansDriver, _glibc, auto_k, heap_reuse, kmeans_pp, share
 from rsdist.cluster.shards import ShardActor, plan_units, split_units
 from rsdist.core.tables import space_vectors, unit_rows
-from rsdist.config import ClusterConfig
+from rsdist.config import ClusterConfig, ConfigError
 from rsdist.core.rundir import RunDir
 
 K = 8
@@ -132,6 +132,18 @@ def test_kmeans_parallel_init(blobs):
     fit = KMeansDriver(actors, sizes, K, cfg).fit()
     assert fit.init == "k-means||"
     assert adjusted_rand_score(truth, labels_of(all_vectors(run), fit.centroids)) > 0.99
+
+
+def test_kmeans_parallel_init_on_a_sample_of_the_pool(blobs, ray_session):
+    run, truth, actors, sizes = blobs
+    ray_session.get([a.kpar_begin.remote(s, [0, i, 0, 6]) for i, (a, s) in enumerate(zip(actors, share(600, sizes)))])
+    counts = sum(ray_session.get([a.nearest_counts.remote(np.zeros((3, 16), dtype=np.float32)) for a in actors]))
+    assert counts.sum() == 600  # the weights count the sample's rows, not the pool's
+    cfg = ClusterConfig(k=K, init="k-means||", init_pool=600, mode="lloyd", max_iter=20, seed=4)
+    fit = KMeansDriver(actors, sizes, K, cfg).fit()
+    assert adjusted_rand_score(truth, labels_of(all_vectors(run), fit.centroids)) > 0.99
+    with pytest.raises(ConfigError, match="cluster.init_pool: -1 must be >= 0"):
+        ClusterConfig(init_pool=-1)
 
 
 def test_bf16_kmeans_pp_seeds_every_blob_once():
