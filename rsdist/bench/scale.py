@@ -140,7 +140,7 @@ def _mb(b: float) -> float:
     return round(b / 2**20, 1)
 
 
-def measure(root: str, rows: int, dim: int, k: int, methods: list[str], select_path: str, budget: float, shard_rows: int, rows_per_task: int, mmd_block_rows: int, seed: int) -> dict:
+def measure(root: str, rows: int, dim: int, k: int, methods: list[str], select_path: str, budget: float, shard_rows: int, rows_per_task: int, mmd_block_rows: int, seed: int, init_pool: int = 0) -> dict:
     """Generate `rows` rows under `root`, cluster them and run each select method; the figures."""
     from rsdist.cluster import stage as cluster_stage
     from rsdist.stage import fingerprint, run_stage
@@ -156,9 +156,10 @@ def measure(root: str, rows: int, dim: int, k: int, methods: list[str], select_p
         mem.stage = "cluster"
         _say(f"cluster {rows:,} rows")
         t0 = time.perf_counter()
-        res = run_stage(run, "clusters", fingerprint("bench", rows, k), lambda: cluster_stage.run(run, ClusterConfig(k=k, seed=seed)), force=True)
+        res = run_stage(run, "clusters", fingerprint("bench", rows, k), lambda: cluster_stage.run(run, ClusterConfig(k=k, seed=seed, init_pool=init_pool)), force=True)
         seconds["cluster"] = time.perf_counter() - t0
         figures["k"] = res.get("k")
+        figures.update({"cluster:init": res.get("init"), "cluster:init_seconds": res.get("init_seconds"), "cluster:inertia": res.get("inertia")})
         for method in methods:
             stage = f"select:{method}"
             mem.stage = stage
@@ -215,6 +216,7 @@ def bench(argv: list[str]) -> dict:
     ap.add_argument("--shard-rows", type=int, default=50_000)
     ap.add_argument("--rows-per-task", type=int, default=0, help="select.rows_per_task; 0 = its default")
     ap.add_argument("--mmd-block-rows", type=int, default=-1, help="select.mmd_block_rows; -1 = its default")
+    ap.add_argument("--init-pool", type=int, default=0, help="cluster.init_pool (rows k-means|| initialises on, above k = 1000); 0 = its default")
     ap.add_argument("--select", choices=("distributed", "inprocess"), default="distributed")
     ap.add_argument("--baseline-rows", type=int, default=0, help="also run a baseline pool of this many rows first, in the same process, and report per-row time ratios against it (0 = no baseline)")
     ap.add_argument("--baseline-select", choices=("distributed", "inprocess"), default="inprocess", help="the select path of the baseline run")
@@ -228,7 +230,7 @@ def bench(argv: list[str]) -> dict:
     init_ray()
     root = args.out or tempfile.mkdtemp(prefix="rsdist-scale-")
     methods = [m for m in args.methods.split(",") if m]
-    common = dict(dim=args.dim, k=args.k, methods=methods, budget=args.budget, shard_rows=args.shard_rows, rows_per_task=args.rows_per_task, mmd_block_rows=args.mmd_block_rows, seed=args.seed)
+    common = dict(dim=args.dim, k=args.k, methods=methods, budget=args.budget, shard_rows=args.shard_rows, rows_per_task=args.rows_per_task, mmd_block_rows=args.mmd_block_rows, seed=args.seed, init_pool=args.init_pool)
     figures: dict = {"date": time.strftime("%Y-%m-%d")}
     try:
         if args.baseline_rows:

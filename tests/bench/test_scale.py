@@ -16,6 +16,7 @@ def test_bench_scale_reports_every_stage_and_the_memory_of_driver_and_workers(ra
         assert fig[f"{stage}:driver_rss_mb"] > 0
     assert fig["worker_peak_rss_mb"] > 0 and fig["driver_peak_rss_mb"] >= fig["select:alignment-mmd:driver_rss_mb"] * 0.9
     assert set(fig["select:alignment-mmd:phases"]) >= {"move_seconds", "statistics_seconds", "decide_seconds", "manifest_seconds"}
+    assert fig["cluster:init"] == "k-means++" and fig["cluster:inertia"] > 0 and fig["cluster:init_seconds"] >= 0
 
 
 def test_bench_scale_measures_a_baseline_pool_in_the_same_run(ray_session, tmp_path):
