@@ -377,7 +377,7 @@ class VlmTrainConfig(LoraFields):
     gradient_checkpointing: bool = _help("Recompute each layer's activations in the backward pass (saves memory, same loss).", default=False)
     strategy: str = _help(f"Data parallelism, one of {VLM_STRATEGIES}: 'ddp' (every worker holds the whole model) or 'fsdp' (torch FSDP2: parameters, "
                           "gradients and optimizer state sharded per layer over the workers, for models that do not fit one GPU).", default="ddp")
-    max_failures: int = _help("Worker failures Ray Train recovers from (restarting at the last checkpoint).", default=0)
+    max_failures: int = _help("Worker or node failures Ray Train recovers from, restarting the workers at the last step checkpoint it registered; 0 = the first failure ends the stage.", default=3)
     seed: int = _help("Seed of initialisation and shuffling.", default=0)
     max_steps: int = _help("Stop after this many optimizer steps in all (0 = run every epoch); a later run resumes.", default=0)
 

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pyarrow as pa
@@ -115,6 +116,50 @@ def test_a_killed_vlm_run_resumes_from_its_last_checkpoint_at_the_same_step_and_
     assert all(0 < h["loss"] < float("inf") for h in meta["history"][saved:])
     assert 0 < meta["trainable_params"] < meta["total_params"]
     assert run_dir.exists("vlm_checkpoints", "final", "adapter", "adapter_config.json")
+
+
+def train_worker_pids() -> list[int]:
+    """Pids of the Ray Train worker actors of the test session's Ray (children of its raylet)."""
+    import psutil
+    import ray
+
+    raylet = psutil.Process(ray._private.worker._global_node.all_processes["raylet"][0].process.pid)
+    return [p.pid for p in raylet.children() if p.is_running() and "RayTrainWorker" in " ".join(p.cmdline())]
+
+
+@pytest.mark.slow
+def test_a_vlm_worker_lost_mid_run_restarts_at_the_registered_step_with_the_same_rows(ray_session, run_dir):
+    from pathlib import Path
+
+    ids = make_instruction_run(run_dir, n=10)
+    cfg = VlmTrainConfig(model="qwen2-vl-tiny", num_workers=1, cpus_per_worker=0.5, batch_size=2, grad_accum=1, epochs=1, lr=5e-3, lora_dropout=0.0,
+                         checkpoint_every=1, max_pixels=56 * 56, min_pixels=28 * 28, warmup_fraction=0.0)  # 5 steps of 2 rows; max_failures at its default
+    assert cfg.max_failures == 3  # with 0 the same kill ends the run ("Training failed due to worker errors")
+    snapshot = Path(run_dir.path("vlm_checkpoints", "ray", "train", "checkpoint_manager_snapshot.json"))
+    outcome: dict = {}
+
+    def train() -> None:
+        try:
+            outcome["result"] = run_vlm(run_dir, cfg)
+        except Exception as e:  # noqa: BLE001  reported by the assertion below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    deadline = time.time() + 240
+    while latest_registered_step(snapshot) == 0 and thread.is_alive() and time.time() < deadline:
+        time.sleep(0.1)
+    pids = train_worker_pids()
+    assert thread.is_alive() and len(pids) == 1, f"no single training worker to stop: {pids}, {outcome}"
+    os.kill(pids[0], signal.SIGKILL)  # the worker this test's run started
+    thread.join(timeout=300)
+    assert not thread.is_alive(), "the run did not end after its worker was lost"
+    assert "error" not in outcome, f"the run did not recover from a lost worker: {outcome.get('error')}"
+    meta = run_dir.read_json("vlm_checkpoints", "final", "train_meta.json")
+    assert outcome["result"].extra["steps"] == 5 and meta["epochs_done"] == 1
+    assert [h["step"] for h in meta["history"]] == [1, 2, 3, 4, 5]
+    assert [h["sample_ids"] for h in meta["history"]] == [ids[i:i + 2] for i in range(0, 10, 2)]  # one worker: the rows of an uninterrupted run
+    assert all(0 < h["loss"] < float("inf") for h in meta["history"])
 
 
 SELECTED = [True, False, True, True, False, True, True, True, False, True]
