@@ -1,7 +1,7 @@
 """Benchmark of the pool-sized stages at scale: generate, cluster and select N rows on Ray workers.
 
 `rsdist bench scale --rows N [--dim D] [--k K] [--methods a,b] [--budget B] [--shard-rows S]
-[--rows-per-task R] [--mmd-block-rows M] [--select distributed|inprocess] [--baseline-rows N0 [--baseline-select
+[--rows-per-task R] [--mmd-block-rows M] [--init-pool P] [--select distributed|inprocess] [--baseline-rows N0 [--baseline-select
 distributed|inprocess]] [--out DIR] [--keep]`
 
 1. generate: Ray tasks write N rows of synthetic features (features/: sample_id, split, image_emb
@@ -194,14 +194,16 @@ def measure(root: str, rows: int, dim: int, k: int, methods: list[str], select_p
 def per_row_ratios(main: dict, baseline: dict) -> dict:
     """Seconds per row of the main run over those of the baseline run, per stage and in all
     (1.0: the same time per row; below 1: faster per row than the baseline)."""
+    def ratio(secs: float, base_secs: float) -> float:
+        return round((secs / main["rows"]) / max(base_secs / baseline["rows"], 1e-12), 3)
+
     out = {}
     for key, secs in main.items():
         if key.endswith(":seconds") and key in baseline:
-            out[f"{key[: -len(':seconds')]}:per_row_vs_baseline"] = round((secs / main["rows"]) / max(baseline[key] / baseline["rows"], 1e-12), 3)
+            out[f"{key[: -len(':seconds')]}:per_row_vs_baseline"] = ratio(secs, baseline[key])
         if key.endswith(":phases") and key in baseline:
-            for phase, secs_ in main[key].items():
-                if phase in baseline[key]:
-                    out[f"{key[: -len(':phases')]}:{phase[: -len('_seconds')]}:per_row_vs_baseline"] = round((secs_ / main["rows"]) / max(baseline[key][phase] / baseline["rows"], 1e-12), 3)
+            for phase in main[key].keys() & baseline[key].keys():
+                out[f"{key[: -len(':phases')]}:{phase[: -len('_seconds')]}:per_row_vs_baseline"] = ratio(main[key][phase], baseline[key][phase])
     out["total:per_row_vs_baseline"] = round(main["seconds_per_million_rows"] / max(baseline["seconds_per_million_rows"], 1e-12), 3)
     return out
 

@@ -202,8 +202,7 @@ def generate_all(inputs: pa.Table, cfg: VlmEvalConfig, model: str, seed: int, ad
         from rsdist.core.raycluster import elastic_actor_pool, ensure_demand
 
         res = generator_resources(cfg)
-        check_generator_placement(cfg)
-        ensure_demand(generator_demand(cfg, res))
+        ensure_demand(generator_demand(cfg, res))  # check_demand ran before any stage (vlm_stage.check_resources)
         ds = ray.data.from_arrow(inputs).map_batches(VlmGenerator, batch_size=cfg.batch_size, batch_format="pyarrow",
                                                       fn_constructor_kwargs={**kwargs, "use_gpu": res.num_gpus > 0}, compute=elastic_actor_pool(cfg.num_actors),
                                                       num_cpus=res.num_cpus, num_gpus=res.num_gpus or None)

@@ -49,7 +49,7 @@ import pyarrow.compute as pc
 import torch
 
 from rsdist.core.rundir import RunDir
-from rsdist.core.raycluster import Demand, check_demand, ensure_demand, use_gpus
+from rsdist.core.raycluster import Demand, ensure_demand, use_gpus
 from rsdist.models.safe_files import check_adapter_folder, load_torch_state, read_json_file, save_torch_state
 from rsdist.stage import Resources, StageResult
 from rsdist.train.loop import warmup_then_linear
@@ -318,11 +318,6 @@ def worker_demand(cfg: VlmTrainConfig, res: Resources) -> Demand:
     return Demand(res.bundle(), {"CPU": "train.vlm.cpus_per_worker", "GPU": GPU_SETTING}, count=cfg.num_workers, count_setting="train.vlm.num_workers")
 
 
-def check_worker_placement(cfg: VlmTrainConfig, res: Resources) -> None:
-    """Refuse, naming the setting, training workers the cluster can never place."""
-    check_demand(worker_demand(cfg, res))
-
-
 def optimizer_steps_per_epoch(rows_per_worker: int, batch_size: int, grad_accum: int) -> int:
     """The loop's steps per epoch: the last micro-batch may be partial, leftover micro-batches
     (fewer than grad_accum) are dropped."""
@@ -338,7 +333,6 @@ def run_vlm(run: RunDir, cfg: VlmTrainConfig) -> StageResult:
     from ray.train.torch import TorchTrainer
 
     res = worker_resources(cfg)
-    check_worker_placement(cfg, res)
     ensure_demand(worker_demand(cfg, res))
     check_resume_checkpoints(run, (*FOLDER, "ray"), "step_", check_step_checkpoint)
     ids = vlm_training_ids(run)

@@ -15,10 +15,11 @@ cluster that has or can add them), `gpus_per_worker` GPUs each.
 from __future__ import annotations
 
 from rsdist.config import TrainConfig
+from rsdist.core.raycluster import check_demand
 from rsdist.core.rundir import RunDir
 from rsdist.stage import Resources, Stage, StageResult
 from rsdist.train.vlm_loop import FOLDER as _FOLDER
-from rsdist.train.vlm_loop import check_worker_placement, worker_resources
+from rsdist.train.vlm_loop import worker_demand, worker_resources
 
 FOLDER = _FOLDER[0]
 
@@ -30,7 +31,7 @@ def resources(cfg: TrainConfig) -> Resources:
 
 def check_resources(cfg: TrainConfig) -> None:
     """Refuse, naming the setting, training workers the cluster can never place."""
-    check_worker_placement(cfg.vlm, resources(cfg))
+    check_demand(worker_demand(cfg.vlm, resources(cfg)))
 
 
 def run(run: RunDir, cfg: TrainConfig) -> StageResult:

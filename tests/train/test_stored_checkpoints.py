@@ -46,3 +46,21 @@ def test_the_complete_epochs_after_ray_trains_own_are_found(tmp_path):
     shutil.rmtree(os.path.join(root, epoch_folder(2), "text_adapter"))  # would pass for a heads-only checkpoint
     assert newer_stored_epochs(root, "lora", after=0) == [1]
     assert newer_stored_epochs(str(tmp_path / "none"), "lora", after=0) == []
+
+
+def test_a_run_folder_on_another_file_system_is_fetched_and_checked(tmp_path):
+    """The object-store branch of stored_folder: each folder is downloaded to a temporary one
+    (fsspec's in-memory file system stands in for the bucket)."""
+    import fsspec
+
+    root = str(tmp_path / "train")
+    write_epochs(root, 2)
+    with open(os.path.join(root, epoch_folder(2), "optimizer.pt"), "r+b") as f:
+        f.truncate(100)  # epoch 2's upload cut short
+    memory = fsspec.filesystem("memory")
+    memory.put(root, "/bucket/run/train", recursive=True)
+    try:
+        assert newer_stored_epochs("memory://bucket/run/train", "lora", after=0) == [1]
+        assert newer_stored_epochs("memory://bucket/run/train", "lora", after=1) == []
+    finally:
+        memory.rm("/bucket", recursive=True)
